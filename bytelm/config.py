@@ -1,0 +1,314 @@
+"""Run configuration: small typed dataclasses, YAML files and dotted command-line overrides.
+
+Every key in a YAML file or on the command line must name a field; a wrong key or a value of
+the wrong type is a one-line ConfigError naming it. `trainer` is passed through to Lightning's
+Trainer and is checked against its signature instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from bytelm.models.mamba_lm import MambaConfig
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or on the command line."""
+
+
+def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    kw = {"metadata": {"help": text}}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, **kw)
+    return field(default=default, **kw)
+
+
+@dataclass
+class DataConfig:
+    source: str = _help("corpus: stdlib | tinyshakespeare | enwik8 | text8 | hf:NAME[:CONFIG] | a "
+                        "file, directory or glob", "stdlib")
+    text_column: str = _help("text field of .jsonl/.parquet/HF sources", "text")
+    val_fraction: float = _help("fraction of the corpus held out for validation", 0.1)
+    prepared_dir: str | None = _help("where prepared shards go (default: data_cache/<source>)", None)
+    seq_len: int = _help("bytes of context per training window", 256)
+    batch_size: int = _help("windows per micro-batch (per device)", 16)
+    val_bytes: int | None = _help("bytes scored by each periodic validation (None: whole split)",
+                                  262144)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _help("peak learning rate", 2e-3)
+    min_lr_ratio: float = _help("final learning rate as a fraction of the peak (cosine)", 0.1)
+    warmup_steps: int = _help("linear warmup, in optimizer steps", 50)
+    decay_steps: int | None = _help("length of the cosine schedule in optimizer steps "
+                                    "(None: trainer.max_steps)", None)
+    weight_decay: float = _help("AdamW weight decay (never on norms, biases, A_log, D)", 0.1)
+    beta1: float = _help("AdamW beta1", 0.9)
+    beta2: float = _help("AdamW beta2", 0.95)
+    eps: float = _help("AdamW epsilon", 1e-8)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = _help("runs go to OUT_DIR/NAME", "runs")
+    eval_every: int = _help("validate every N optimizer steps (and always at the end)", 200)
+    ckpt_every: int = _help("checkpoint every N optimizer steps (and at the end)", 200)
+    loggers: list[str] = _help("any of csv, wandb, tensorboard (csv is always on)",
+                               factory=lambda: ["csv"])
+    wandb_project: str = _help("W&B project (offline unless WANDB_MODE is set)", "bytelm")
+    compile: bool = _help("torch.compile the model", False)
+    sample_bytes: int = _help("bytes generated after each validation", 256)
+    sample_prompt: str | None = _help("prompt of the sample (default: the start of the val split)",
+                                      None)
+    sample_temperature: float = _help("temperature of the sample", 0.8)
+
+
+@dataclass
+class RunConfig:
+    name: str = _help("run name: the run lives in train.out_dir/NAME", "default")
+    seed: int = _help("seed of initialisation and data order", 1337)
+    data: DataConfig = _help("data", factory=DataConfig)
+    model: MambaConfig = _help("model", factory=MambaConfig)
+    optim: OptimConfig = _help("optimizer and schedule", factory=OptimConfig)
+    train: TrainConfig = _help("loop, logging, checkpoints", factory=TrainConfig)
+    trainer: dict = _help("passed to lightning.Trainer (max_steps, accelerator, devices, ...)",
+                          factory=lambda: {"max_steps": 1000})
+
+
+SHORTCUTS = {"data": "data.source"}  # --data X means --data.source X
+
+
+# ---- type checking ------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """Return `value` as type `tp` or raise a ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _fields(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, known) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _trainer_keys() -> set[str]:
+    from lightning.pytorch import Trainer
+
+    return set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    types_ = _fields(cls)
+    kwargs = {}
+    for key, value in values.items():
+        where = prefix + key
+        if key not in types_:
+            raise _unknown(where, [prefix + k for k in types_])
+        tp = types_[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, where + ".")
+        elif where == "trainer":
+            value = _coerce(value, dict, where)
+            bad = set(value) - _trainer_keys()
+            if bad:
+                k = sorted(bad)[0]
+                raise _unknown(f"trainer.{k}", [f"trainer.{t}" for t in _trainer_keys()])
+            kwargs[key] = value
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+    return cls(**kwargs)
+
+
+# ---- merging, loading, dumping ----------------------------------------------------------
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value):
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "trainer":
+            out[k] = _merge(out[k], v)
+        elif isinstance(v, dict) and k == "trainer":
+            out[k] = {**out.get(k, {}), **v}
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--model.d_model', '512', '--data=x', ...] -> nested dict of parsed YAML scalars."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}' (options look like --model.d_model 512)")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            raw = args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"option --{key} needs a value")
+        key = SHORTCUTS.get(key, key).replace("-", "_")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+        i += 1
+    return tree
+
+
+def build_config(*layers: dict) -> RunConfig:
+    """Merge layers of nested dicts over the defaults and type-check the result."""
+    merged: dict = {}
+    for layer in layers:
+        merged = _merge(merged, layer)
+    defaults = to_dict(RunConfig())
+    merged_trainer = {**defaults["trainer"], **merged.get("trainer", {})}
+    cfg = _build(RunConfig, {**merged, "trainer": merged_trainer})
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: RunConfig):
+    positive = {"data.seq_len": cfg.data.seq_len, "data.batch_size": cfg.data.batch_size,
+                "model.d_model": cfg.model.d_model, "model.n_layer": cfg.model.n_layer,
+                "model.d_state": cfg.model.d_state, "train.eval_every": cfg.train.eval_every,
+                "train.ckpt_every": cfg.train.ckpt_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    for name in cfg.train.loggers:
+        if name not in ("csv", "wandb", "tensorboard"):
+            raise ConfigError(f"train.loggers: unknown logger {name!r} (csv, wandb, tensorboard)")
+    from bytelm.ops.selective_scan import BACKENDS
+
+    if cfg.model.scan_backend not in BACKENDS:
+        raise ConfigError(f"model.scan_backend: unknown backend {cfg.model.scan_backend!r} "
+                          f"({', '.join(BACKENDS)})")
+
+
+def dump_yaml(cfg: RunConfig, path: str | Path):
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_hash(cfg: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def help_text() -> str:
+    """Every option with its default and meaning, for --help."""
+    lines = []
+
+    def walk(cls, prefix):
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            tp = _fields(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                lines.append(f"\n  [{prefix}{f.name}] {f.metadata.get('help', '')}")
+                walk(tp, prefix + f.name + ".")
+                continue
+            default = getattr(defaults, f.name)
+            lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}, default {default!r})"
+                         f"  {f.metadata.get('help', '')}".rstrip())
+
+    walk(RunConfig, "")
+    return "\n".join(lines)

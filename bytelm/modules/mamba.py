@@ -1,0 +1,102 @@
+"""The Mamba-1 mixer: in_proj -> causal depthwise conv + SiLU -> selective scan -> out_proj."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bytelm.ops.selective_scan import selective_scan_fn, selective_state_update
+
+
+@dataclass
+class MambaState:
+    """Recurrent inference state of one mixer: O(1) in the generated length."""
+
+    conv: torch.Tensor  # (batch, d_inner, d_conv): the last d_conv inputs of the conv
+    ssm: torch.Tensor  # (batch, d_inner, d_state) fp32
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | None = None, dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                 scan_backend: str = "auto"):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.scan_backend = scan_backend
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+        # Standard Mamba initialisation: dt_proj keeps the initial dt in [dt_min, dt_max]
+        # (log-uniform) through its bias = softplus^-1(dt); A = -[1..N]; D = 1.
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+
+    def _ssm_params(self, x: torch.Tensor):
+        """x: (..., d_inner) -> dt (..., d_inner) without bias, B and C (..., d_state)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), B, C
+
+    def forward(self, hidden: torch.Tensor, return_state: bool = False):
+        """hidden: (batch, length, d_model) -> (batch, length, d_model) [, MambaState]."""
+        length = hidden.shape[1]
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, l) each
+        conv_in = x
+        x = F.silu(self.conv1d(x)[..., :length])
+        dt, B, C = self._ssm_params(x.transpose(1, 2))
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan_fn(
+            x, dt.transpose(1, 2), A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+            D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            return_final_state=return_state, backend=self.scan_backend)
+        if not return_state:
+            return self.out_proj(y.transpose(1, 2))
+        y, ssm_state = y
+        conv_state = F.pad(conv_in, (self.d_conv - length, 0))[..., -self.d_conv:]
+        return self.out_proj(y.transpose(1, 2)), MambaState(conv_state.contiguous(), ssm_state)
+
+    def init_state(self, batch: int, device=None, dtype=None) -> MambaState:
+        device = device or self.A_log.device
+        dtype = dtype or self.in_proj.weight.dtype
+        return MambaState(torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype),
+                          torch.zeros(batch, self.d_inner, self.d_state, device=device,
+                                      dtype=torch.float32))
+
+    def step(self, hidden: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One time step. hidden: (batch, d_model); `state` is updated in place."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        state.conv.copy_(torch.roll(state.conv, shifts=-1, dims=-1))
+        state.conv[..., -1] = x.to(state.conv.dtype)
+        x = (state.conv * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x).to(hidden.dtype)
+        dt, B, C = self._ssm_params(x)
+        y = selective_state_update(state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C,
+                                   D=self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(),
+                                   dt_softplus=True, backend=self.scan_backend)
+        return self.out_proj(y)
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token beyond the linear layers (counted by the model from params):
+        the depthwise conv and the scan's element-wise work (exp, discretise, update, C dot,
+        D skip, gate)."""
+        return 2 * self.d_inner * self.d_conv + self.d_inner * (9 * self.d_state + 8)

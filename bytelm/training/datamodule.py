@@ -1,0 +1,113 @@
+"""Lightning data module over a prepared byte corpus.
+
+Training batches are a pure function of (seed, micro-step, rank): the loader starts at the
+micro-step the trainer has reached, so a resumed run continues the exact byte sequence and
+ranks under DDP draw disjoint windows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from bytelm.config import DataConfig
+from bytelm.data.dataset import PreparedCorpus, iter_eval_windows, sample_batch
+from bytelm.data.prepare import ensure_prepared
+
+
+def default_prepared_dir(source: str) -> Path:
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.strip("/"))[-80:]
+    return Path("data_cache") / (slug or "corpus")
+
+
+class TrainWindows(IterableDataset):
+    """Endless micro-batches; `start()` tells where the run stands when iteration begins."""
+
+    def __init__(self, corpus: PreparedCorpus, cfg: DataConfig, seed: int, start, rank: int,
+                 world_size: int):
+        self.corpus, self.cfg, self.seed = corpus, cfg, seed
+        self.start, self.rank, self.world_size = start, rank, world_size
+
+    def __iter__(self):
+        step = self.start()
+        while True:
+            batch = sample_batch(self.corpus, "train", seq_len=self.cfg.seq_len,
+                                 batch_size=self.cfg.batch_size, seed=self.seed, step=step,
+                                 rank=self.rank, world_size=self.world_size)
+            yield torch.from_numpy(batch)
+            step += 1
+
+
+class EvalWindows(IterableDataset):
+    """Contiguous windows covering the validation split (or its first max_bytes), batched;
+    this rank's share only, so a distributed validation scores every window once."""
+
+    def __init__(self, corpus, seq_len, batch_size, max_bytes, rank, world_size):
+        self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
+        self.max_bytes, self.rank, self.world_size = max_bytes, rank, world_size
+
+    def __iter__(self):
+        rows = []
+        windows = iter_eval_windows(self.corpus, "val", self.seq_len, max_bytes=self.max_bytes)
+        for i, window in enumerate(windows):
+            if i % self.world_size != self.rank:
+                continue
+            rows.append(np.asarray(window, dtype=np.int64))
+            if len(rows) == self.batch_size or len(rows[0]) != len(rows[-1]):
+                yield from _stack_equal_lengths(rows)
+                rows = []
+        if rows:
+            yield from _stack_equal_lengths(rows)
+
+
+def _stack_equal_lengths(rows):
+    """The last window of a split can be shorter: batch it alone."""
+    same = [r for r in rows if len(r) == len(rows[0])]
+    if same:
+        yield torch.from_numpy(np.stack(same))
+    for r in rows[len(same):]:
+        yield torch.from_numpy(r[None])
+
+
+class ByteDataModule(L.LightningDataModule):
+    def __init__(self, cfg: DataConfig, seed: int, prepared_dir: str | None = None):
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self.prepared_dir = Path(prepared_dir or cfg.prepared_dir or default_prepared_dir(cfg.source))
+        self.corpus: PreparedCorpus | None = None
+
+    def prepare_data(self):
+        ensure_prepared(self.cfg.source, self.prepared_dir, val_fraction=self.cfg.val_fraction,
+                        text_column=self.cfg.text_column)
+
+    def setup(self, stage=None):
+        if self.corpus is None:
+            self.corpus = PreparedCorpus(self.prepared_dir)
+
+    def val_head(self, n_bytes: int) -> bytes:
+        """The first bytes of the validation split (the default sample prompt)."""
+        return bytes(next(iter_eval_windows(self.corpus, "val", n_bytes - 1)).tolist())
+
+    def _rank_world(self):
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _micro_step(self) -> int:
+        """Micro-batches already consumed: optimizer steps x accumulation."""
+        trainer = self.trainer
+        return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
+
+    def train_dataloader(self):
+        rank, world = self._rank_world()
+        ds = TrainWindows(self.corpus, self.cfg, self.seed, self._micro_step, rank, world)
+        return DataLoader(ds, batch_size=None, num_workers=0)
+
+    def val_dataloader(self):
+        rank, world = self._rank_world()
+        ds = EvalWindows(self.corpus, self.cfg.seq_len, self.cfg.batch_size, self.cfg.val_bytes,
+                         rank, world)
+        return DataLoader(ds, batch_size=None, num_workers=0)

@@ -1,0 +1,108 @@
+"""LightningModule: next-byte loss, AdamW with warmup + cosine per optimizer step, bits per byte."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from bytelm.config import OptimConfig
+from bytelm.models.mamba_lm import MambaConfig, MambaLM
+
+LN2 = math.log(2.0)
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step`: linear warmup, then cosine decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """Decay matrices and embeddings; never norms, biases, A_log or D."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        (no_decay if p.ndim < 2 or leaf in ("A_log", "D") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LMTask(L.LightningModule):
+    def __init__(self, model_cfg: MambaConfig, optim_cfg: OptimConfig, seq_len: int,
+                 compile: bool = False):
+        super().__init__()
+        self.model_cfg, self.optim_cfg, self.seq_len = model_cfg, optim_cfg, seq_len
+        self.model = MambaLM(model_cfg)
+        self._compile = compile
+        self.flops_per_token = self.model.flops_per_token(seq_len)
+        self._val_nll = 0.0
+        self._val_bytes = 0
+
+    def configure_model(self):
+        # Lightning calls this once per fit/validate; compile the model only the first time.
+        if self._compile and not getattr(self, "_compiled", False):
+            self.model.compile()
+            self._compiled = True
+
+    @property
+    def flops_per_batch(self) -> int:
+        """Training FLOPs of one micro-batch, for Lightning's ThroughputMonitor (3x forward)."""
+        batch = self.trainer.datamodule.cfg.batch_size if self._trainer else 1
+        return 3 * self.flops_per_token * self.seq_len * batch
+
+    def nll(self, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = self.model(inputs)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               reduction=reduction)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.nll(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at step {self.global_step} "
+                f"(batch {batch_idx}); lower optim.lr or check the data")
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/bpb", loss / LN2)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def on_validation_epoch_start(self):
+        self._val_nll, self._val_bytes = 0.0, 0
+
+    def validation_step(self, batch, batch_idx):
+        nll = self.nll(batch, reduction="sum")
+        self._val_nll += nll.item()
+        self._val_bytes += batch[:, 1:].numel()
+
+    def on_validation_epoch_end(self):
+        totals = torch.tensor([self._val_nll, float(self._val_bytes)], dtype=torch.float64,
+                              device=self.device)
+        totals = self.all_gather(totals).reshape(-1, 2).sum(0) if self.trainer.world_size > 1 else totals
+        nll, n = totals.tolist()
+        if n:
+            self.log("val/loss", nll / n, prog_bar=True, sync_dist=False, rank_zero_only=True)
+            self.log("val/bpb", nll / n / LN2, prog_bar=True, sync_dist=False, rank_zero_only=True)
+            self.log("val/bytes", n, sync_dist=False, rank_zero_only=True)
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr,
+                                betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
+        total = o.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_lambda(s, o.warmup_steps, total, o.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
