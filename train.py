@@ -161,7 +161,7 @@ def train(opts, overrides) -> int:
 
     import lightning as L
 
-    from bytelm.config import dump_yaml
+    from bytelm.config import dump_yaml, to_dict
     from bytelm.training.cpu import keep_freed_memory_for_reuse
     from bytelm.training.datamodule import ByteDataModule
     from bytelm.training.lm_module import LMTask
@@ -174,7 +174,8 @@ def train(opts, overrides) -> int:
     dm.setup()
     prompt = (cfg.train.sample_prompt.encode() if cfg.train.sample_prompt is not None
               else dm.val_head(64))
-    task = LMTask(cfg.model, cfg.optim, cfg.data.seq_len, compile=cfg.train.compile)
+    task = LMTask(cfg.model, cfg.optim, cfg.data.seq_len, compile=cfg.train.compile,
+                  run_config=to_dict(cfg))
     trainer = build_trainer(cfg, run_dir, prompt, checkpoint_step(ckpt) if ckpt else None)
     trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.global_step % cfg.train.eval_every != 0:

@@ -117,3 +117,19 @@ def test_no_weight_decay_on_norms_biases_A_and_D():
     no_decay_names = {names[id(p)].rsplit(".", 1)[-1] for p in no_decay["params"]}
     assert no_decay_names == {"weight", "bias", "A_log", "D"}  # weight: the RMSNorm gains
     assert all(p.ndim == 2 or names[id(p)].endswith("conv1d.weight") for p in decay["params"])
+
+
+def test_checkpoint_loads_without_lightning(tmp_path, corpus):
+    from bytelm.checkpoint import CheckpointError, load_checkpoint
+
+    assert train.main(tiny_args(tmp_path, corpus, "ck", 3)) == 0
+    run = tmp_path / "runs" / "ck"
+    cfg, model, raw = load_checkpoint(run)
+    assert cfg.model.d_model == 32 and raw["global_step"] == 3
+    logits = model(torch.randint(0, 256, (1, 8)))
+    assert logits.shape == (1, 8, 264)
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*broken.ckpt"):
+        load_checkpoint(tmp_path / "broken.ckpt")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nothing")

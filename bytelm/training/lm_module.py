@@ -36,14 +36,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 class LMTask(L.LightningModule):
     def __init__(self, model_cfg: MambaConfig, optim_cfg: OptimConfig, seq_len: int,
-                 compile: bool = False):
+                 compile: bool = False, run_config: dict | None = None):
         super().__init__()
+        self.run_config = run_config  # stored in every checkpoint: it rebuilds the model alone
         self.model_cfg, self.optim_cfg, self.seq_len = model_cfg, optim_cfg, seq_len
         self.model = MambaLM(model_cfg)
         self._compile = compile
         self.flops_per_token = self.model.flops_per_token(seq_len)
         self._val_nll = 0.0
         self._val_bytes = 0
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["bytelm_config"] = self.run_config
 
     def configure_model(self):
         # Lightning calls this once per fit/validate; compile the model only the first time.
