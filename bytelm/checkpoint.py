@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from bytelm import codec
 from bytelm.config import RunConfig, build_config
 from bytelm.models.mamba_lm import MambaLM
 
@@ -44,3 +45,21 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[RunConfig, Ma
         raise CheckpointError(f"{path} does not match its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
     return cfg, model.eval(), ckpt
+
+
+class ByteTokenizer:
+    """The identity 'tokenizer' of byte models, with the interface token models also offer."""
+
+    is_bytes = True
+    vocab_size = codec.VOCAB_SIZE
+
+    def encode(self, text: str) -> list[int]:
+        return codec.encode(text)
+
+    def decode(self, ids) -> str:
+        return codec.decode(ids)
+
+
+def load_tokenizer(cfg: RunConfig, checkpoint_path: str | Path | None = None) -> ByteTokenizer:
+    """The tokenizer a model was trained with (bytes for every byte-level model)."""
+    return ByteTokenizer()
