@@ -6,13 +6,25 @@
     python train.py --resume runs/default --trainer.max_steps 4000   # continue a run
     python train.py --help                            # every option
 
-Runs live in runs/<name>/: config.yaml (the resolved config), checkpoints/ (last.ckpt, every
-train.ckpt_every steps and at the end), logs/metrics.csv, samples.txt.
+Runs live in runs/<name>/: config.yaml (the resolved config), checkpoints/ (step<N>.ckpt every
+train.ckpt_every steps and at the end, each with a manifest step<N>.ckpt.json; last.ckpt is the
+newest), logs/metrics.csv, samples.txt. Checkpoints are written atomically; --resume continues
+from the newest intact one, exactly where it was (parameters, optimizer, data order, logs).
+SIGTERM or SIGUSR1 (preemption) saves a checkpoint at the next step boundary and exits.
+
+Exit status: 0 done; 1 stopped by a numerical fault (see train.on_nonfinite; a checkpoint is
+saved); 2 bad input, or a checkpoint that could not be written (one line on stderr; nothing is
+overwritten); 128+N preempted by signal N (143: SIGTERM): a checkpoint is saved, --resume it.
+These handlers replace Lightning's SLURM auto-requeue: under SLURM (sbatch --signal=USR1@120),
+requeue from the batch script on an exit status above 128, and start it with --resume.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -58,56 +70,124 @@ def resolve_config(opts, overrides):
         base = load_yaml(saved)
         if opts["config"]:
             raise ConfigError("--resume continues a run with its saved config; drop --config")
+        if opts["overwrite"]:
+            raise ConfigError(f"--resume continues {run_dir} and --overwrite would delete it; "
+                              f"pass one of them")
         cfg = build_config(base, override_tree)
+        if cfg.name != base.get("name", cfg.name):
+            raise ConfigError(f"--resume {run_dir} continues the run named {base['name']!r}; "
+                              f"drop --name (or start a new run without --resume)")
         return cfg, run_dir
     base = load_yaml(opts["config"] or DEFAULT_CONFIG)
     cfg = build_config(base, override_tree)
     return cfg, Path(cfg.train.out_dir) / cfg.name
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Returns the checkpoint to resume from, if any. Never clobbers another run silently."""
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def is_launched_rank() -> bool:
+    """A process a distributed launcher started for rank > 0: rank 0 owns the run directory."""
+    return any(os.environ.get(k, "0") != "0"
+               for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to start a run where another run (or anything else) lives; writes nothing."""
     from bytelm.config import ConfigError
 
-    if resume:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise ConfigError(f"--resume {run_dir}: no checkpoints/last.ckpt to resume from")
-        return last
     if (run_dir / "config.yaml").exists():
         if not overwrite:
             raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume {run_dir} "
                               f"to continue it, --overwrite to replace it, or --name to start another")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return None
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ConfigError(f"{run_dir} exists and is not a run directory (no config.yaml); refusing "
+                          f"to write there: choose another --name or --train.out_dir")
 
 
-def checkpoint_step(ckpt: Path) -> int:
-    import torch
+def find_checkpoint(run_dir: Path):
+    """(the newest intact checkpoint, its manifest); a warning line for each damaged newer one."""
+    from bytelm.training.checkpointing import find_resume_checkpoint
 
-    return int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    path, manifest, skipped = find_resume_checkpoint(run_dir / "checkpoints")
+    for problem in skipped if not is_launched_rank() else []:
+        print(f"warning: {problem}; resuming from {path.name} instead", file=sys.stderr)
+    return path, manifest
 
 
-def build_trainer(cfg, run_dir: Path, sample_prompt: bytes, resume_step: int | None = None):
+def check_resumable(path: Path, cfg, task, data_fingerprint: str | None) -> None:
+    """The checkpoint must fit this model: a one-line CheckpointError naming what differs."""
+    from bytelm.checkpoint import CheckpointError
+    from bytelm.config import to_dict
+    from bytelm.training.checkpointing import MANIFEST_KEY, read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    trained, now = (ckpt.get("bytelm_config") or {}).get("model", {}), to_dict(cfg)["model"]
+    for key in sorted(trained.keys() & now.keys()):
+        if trained[key] != now[key] and not key.endswith("backend"):  # kernels may change
+            raise CheckpointError(f"model.{key} is {now[key]!r} but {path} was trained with "
+                                  f"{trained[key]!r}; a resumed run keeps its architecture (drop "
+                                  f"the override, or start a new run with --name)")
+    state, expected = ckpt["state_dict"], task.state_dict()
+    for name in sorted(state.keys() | expected.keys()):
+        a, b = state.get(name), expected.get(name)
+        if a is None or b is None or a.shape != b.shape:
+            shape = lambda t: "absent" if t is None else tuple(t.shape)  # noqa: E731
+            raise CheckpointError(f"{path} does not fit this model: {name} is {shape(a)} there "
+                                  f"and {shape(b)} here")
+    saved = ckpt.get(MANIFEST_KEY, {}).get("data_fingerprint")
+    if saved and data_fingerprint and saved != data_fingerprint and not is_launched_rank():
+        print(f"warning: the corpus changed since {path} was saved (data fingerprint {saved} "
+              f"-> {data_fingerprint}): the resumed run reads different data", file=sys.stderr)
+
+
+def start_run_dir(run_dir: Path, cfg, overwrite: bool) -> None:
+    """Everything is checked by now: replace an old run if asked, write the config."""
+    import yaml
+
+    from bytelm.config import ConfigError, to_dict
+    from bytelm.training.checkpointing import atomic_write, remove_stale_tmp_files
+
+    try:
+        if overwrite and (run_dir / "config.yaml").exists():
+            shutil.rmtree(run_dir)
+        for directory in (run_dir, run_dir / "checkpoints", run_dir / "logs"):
+            directory.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp_files(directory)
+        config = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        atomic_write(run_dir / "config.yaml", config.encode())
+    except OSError as e:
+        raise ConfigError(f"cannot write the run directory {run_dir}: {e.strerror or e}") from None
+
+
+def check_corpus_fits(dm) -> None:
+    """Draw the first training and validation batches now: a corpus too short for one window is
+    a one-line DataError before anything is written, not a traceback from inside the loop."""
+    next(iter(dm.train_dataloader()))
+    next(iter(dm.val_dataloader()))
+
+
+def build_trainer(cfg, run_dir: Path, sample_prompt: bytes, manifest: dict,
+                  resume_step: int | None = None, signals=None):
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, ThroughputMonitor
+    from lightning.pytorch.callbacks import RichProgressBar, ThroughputMonitor
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     from bytelm.training.callbacks import SampleText
+    from bytelm.training.checkpointing import AtomicCheckpointIO, StepCheckpoints
     from bytelm.training.csv_log import make_csv_logger
+    from bytelm.training.faults import NumericalGuard
 
     loggers = [make_csv_logger(run_dir, resume_step)]
     if "tensorboard" in cfg.train.loggers:
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard"))
     if "wandb" in cfg.train.loggers:
-        import os
-
         os.environ.setdefault("WANDB_MODE", "offline")  # offline unless the user chose a mode
+        # Lightning logs every metric against trainer/global_step; a resumed run keeps its id.
         loggers.append(WandbLogger(project=cfg.train.wandb_project, name=cfg.name,
-                                   save_dir=str(run_dir), id=f"{cfg.name}-{cfg.seed}",
-                                   resume="allow"))
+                                   save_dir=str(run_dir), id=manifest["run_id"], resume="allow"))
 
     targs = dict(cfg.trainer)
     on_gpu = torch.cuda.is_available() and targs.get("accelerator", "auto") in ("auto", "gpu", "cuda")
@@ -117,16 +197,18 @@ def build_trainer(cfg, run_dir: Path, sample_prompt: bytes, resume_step: int | N
     targs.setdefault("check_val_every_n_epoch", None)
     targs.setdefault("log_every_n_steps", 10)
     targs.setdefault("num_sanity_val_steps", 0)
+    targs["enable_checkpointing"] = False  # StepCheckpoints saves instead
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}",
-                        auto_insert_metric_name=False, every_n_train_steps=cfg.train.ckpt_every,
-                        save_top_k=-1, save_last=True),
+        StepCheckpoints(run_dir / "checkpoints", cfg.train.ckpt_every, manifest, signals),
+        NumericalGuard(cfg.train.on_nonfinite, cfg.train.max_skips_in_row, cfg.train.max_skips,
+                       cfg.train.spike_factor),
         *([RichProgressBar()] if targs.get("enable_progress_bar", True) else []),
         ThroughputMonitor(batch_size_fn=lambda b: b.shape[0], length_fn=lambda b: b.shape[1] - 1),
         SampleText(run_dir, sample_prompt, cfg.train.sample_bytes, cfg.train.sample_temperature,
                    cfg.seed),
     ]
-    return L.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks, **targs)
+    return L.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
+                     plugins=[AtomicCheckpointIO()], **targs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         print("Options (YAML keys; on the command line as --section.key VALUE):")
         print("  --config PATH        YAML config (default configs/default.yaml)")
-        print("  --resume RUN_DIR     continue runs/<name> from checkpoints/last.ckpt")
+        print("  --resume RUN_DIR     continue runs/<name> from its newest intact checkpoint")
         print("  --overwrite          replace an existing run directory of the same name")
         print("  --data SRC           shorthand for --data.source SRC")
         print(help_text())
@@ -145,51 +227,117 @@ def main(argv: list[str] | None = None) -> int:
               "                       strategy, precision, accumulate_grad_batches, gradient_clip_val, ...)")
         return 0
 
+    from bytelm.checkpoint import CheckpointError
     from bytelm.config import ConfigError
     from bytelm.data.sources import DataError
+    from bytelm.training.checkpointing import Preempted
 
     try:
         return train(opts, overrides)
-    except (ConfigError, DataError, FloatingPointError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {e.strerror} while writing {e.filename or 'the run'}; the last checkpoint "
+              f"is intact: free some space and --resume", file=sys.stderr)
         return 2
 
 
 def train(opts, overrides) -> int:
     cfg, run_dir = resolve_config(opts, overrides)
-    ckpt = prepare_run_dir(run_dir, bool(opts["resume"]), opts["overwrite"])
+    owner = not is_launched_rank()
+    resume_from, resumed = None, {}
+    if opts["resume"]:
+        resume_from, resumed = find_checkpoint(run_dir)
+    elif owner:
+        check_new_run_dir(run_dir, opts["overwrite"])
+
+    import uuid
 
     import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from bytelm.config import dump_yaml, to_dict
+    from bytelm.config import config_hash, to_dict
+    from bytelm.training.checkpointing import (Preempted, PreemptionSignals, StepCheckpoints,
+                                               library_versions)
     from bytelm.training.cpu import keep_freed_memory_for_reuse
     from bytelm.training.datamodule import ByteDataModule
+    from bytelm.training.faults import NumericalGuard
     from bytelm.training.lm_module import LMTask
 
-    dump_yaml(cfg, run_dir / "config.yaml")
-    keep_freed_memory_for_reuse()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = ByteDataModule(cfg.data, cfg.seed)
-    dm.prepare_data()
-    dm.setup()
-    prompt = (cfg.train.sample_prompt.encode() if cfg.train.sample_prompt is not None
-              else dm.val_head(64))
-    task = LMTask(cfg.model, cfg.optim, cfg.data.seq_len, compile=cfg.train.compile,
-                  run_config=to_dict(cfg))
-    trainer = build_trainer(cfg, run_dir, prompt, checkpoint_step(ckpt) if ckpt else None)
-    trainer.fit(task, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
-    if trainer.global_step % cfg.train.eval_every != 0:
-        trainer.validate(task, datamodule=dm, verbose=False)  # always score the final model
-    if trainer.is_global_zero:
-        metrics = {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("val/")}
-        sample = next((c.last_sample for c in trainer.callbacks if hasattr(c, "last_sample")), None)
-        print(f"\nrun: {run_dir}  steps: {trainer.global_step}  params: {task.model.num_params():,}")
-        if "val/bpb" in metrics:
-            print(f"validation: {metrics['val/bpb']:.4f} bits per byte "
-                  f"({metrics['val/loss']:.4f} nats) over {int(metrics['val/bytes']):,} bytes")
-        if sample is not None:
-            print(f"sample:\n{prompt.decode('utf-8', errors='replace')}{sample}")
-    return 0
+    signals = PreemptionSignals()  # from here on a preemption is remembered, not fatal
+    signals.install()
+    try:
+        keep_freed_memory_for_reuse()
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        dm = ByteDataModule(cfg.data, cfg.seed)
+        dm.prepare_data()
+        dm.setup()
+        check_corpus_fits(dm)
+        prompt = (cfg.train.sample_prompt.encode() if cfg.train.sample_prompt is not None
+                  else dm.val_head(64))
+        task = LMTask(cfg.model, cfg.optim, cfg.data.seq_len, compile=cfg.train.compile,
+                      run_config=to_dict(cfg), tokenizer=dm.tokenizer)
+        fingerprint = getattr(dm.corpus, "meta", {}).get("fingerprint")
+        if resume_from is not None:
+            check_resumable(resume_from, cfg, task, fingerprint)
+        if signals.received is not None:  # while the data was being prepared: nothing to save
+            raise Preempted(signals.received, f"preempted by {signal_name(signals.received)} "
+                                              f"before training started; nothing was written")
+        if owner:  # every check passed: only now is anything in the run directory touched
+            start_run_dir(run_dir, cfg, overwrite=opts["overwrite"])
+        if resume_from is None:  # a W&B id of its own, also after --overwrite
+            run_id = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
+        else:  # the name-seed id of checkpoints from before manifests
+            run_id = resumed.get("run_id") or f"{cfg.name}-{cfg.seed}"
+        manifest = {"run_id": run_id, "config_hash": config_hash(cfg),
+                    "data_fingerprint": fingerprint, "versions": library_versions()}
+        trainer = build_trainer(cfg, run_dir, prompt, manifest, resumed.get("step"), signals)
+        checkpoints = next(c for c in trainer.callbacks if isinstance(c, StepCheckpoints))
+        try:
+            trainer.fit(task, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
+        except SIGTERMException:  # raised by Lightning's handler before ours took over
+            saved = checkpoints.last_path
+            raise Preempted(signal.SIGTERM, f"preempted by SIGTERM at step {trainer.global_step}: "
+                                            f"{f'saved {saved}' if saved else 'no new checkpoint'}"
+                                            f"; continue with python train.py --resume {run_dir}"
+                            ) from None
+        saved = checkpoints.last_path
+        guard = next(c for c in trainer.callbacks if isinstance(c, NumericalGuard))
+        if guard.stop_reason:
+            print(f"error: {guard.stop_reason}; saved {saved} (continue with --resume {run_dir})",
+                  file=sys.stderr)
+            return 1
+        if signals.received is None and trainer.global_step % cfg.train.eval_every != 0:
+            try:
+                trainer.validate(task, datamodule=dm, verbose=False)  # always score the final model
+            except SIGTERMException:
+                pass  # Lightning's handler raised it; ours noted the signal too
+        if signals.received is not None:
+            raise Preempted(signals.received, f"preempted by {signal_name(signals.received)} "
+                                              f"after the last step: saved {saved}")
+        if trainer.is_global_zero:
+            print_summary(trainer, task, dm, run_dir, prompt)
+        return 0
+    finally:
+        signals.restore()
+
+
+def print_summary(trainer, task, dm, run_dir: Path, prompt: bytes) -> None:
+    metrics = {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("val/")}
+    sample = next((c.last_sample for c in trainer.callbacks if hasattr(c, "last_sample")), None)
+    print(f"\nrun: {run_dir}  steps: {trainer.global_step}  params: {task.model.num_params():,}"
+          f"  training FLOPs/byte: {3 * task.flops_per_token / dm.bytes_per_token:.3g}")
+    if "val/bpb" in metrics:
+        print(f"validation: {metrics['val/bpb']:.4f} bits per byte "
+              f"({metrics['val/loss']:.4f} nats) over {int(metrics['val/bytes']):,} bytes")
+    if sample is not None:
+        print(f"sample:\n{prompt.decode('utf-8', errors='replace')}{sample}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from bytelm.models.mamba_lm import MambaConfig
+from bytelm import codec
+from bytelm.models.lm import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -40,10 +41,18 @@ class DataConfig:
     text_column: str = _help("text field of .jsonl/.parquet/HF sources", "text")
     val_fraction: float = _help("fraction of the corpus held out for validation", 0.1)
     prepared_dir: str | None = _help("where prepared shards go (default: data_cache/<source>)", None)
-    seq_len: int = _help("bytes of context per training window", 256)
+    tokenizer: str = _help("bytes (the byte model) | bpe (a byte-level BPE trained on the training "
+                           "split: the tokenized baseline)", "bytes")
+    bpe_vocab_size: int = _help("vocabulary of the BPE, the 256 single-byte tokens included", 4096)
+    seq_len: int = _help("context per training window: bytes, or tokens with data.tokenizer bpe",
+                         256)
     batch_size: int = _help("windows per micro-batch (per device)", 16)
     val_bytes: int | None = _help("bytes scored by each periodic validation (None: whole split)",
                                   262144)
+    probe_fraction: float = _help("share of training rows replaced by character-probe examples "
+                                  "over probe-train words (bytelm.probes; 0: off)", 0.0)
+    probe_words: str | None = _help("word list for probes, one a line (default: the most "
+                                    "frequent words of the training corpus)", None)
 
 
 @dataclass
@@ -72,6 +81,12 @@ class TrainConfig:
     sample_prompt: str | None = _help("prompt of the sample (default: the start of the val split)",
                                       None)
     sample_temperature: float = _help("temperature of the sample", 0.8)
+    on_nonfinite: str = _help("a NaN/inf loss or gradient: skip (drop that step's update, count "
+                              "it) or stop (checkpoint and exit)", "skip")
+    max_skips_in_row: int = _help("stop after this many skipped steps in a row", 5)
+    max_skips: int = _help("stop after this many skipped steps in all", 100)
+    spike_factor: float = _help("warn about and count a loss above this multiple of its running "
+                                "mean (0: off)", 3.0)
 
 
 @dataclass
@@ -79,7 +94,7 @@ class RunConfig:
     name: str = _help("run name: the run lives in train.out_dir/NAME", "default")
     seed: int = _help("seed of initialisation and data order", 1337)
     data: DataConfig = _help("data", factory=DataConfig)
-    model: MambaConfig = _help("model", factory=MambaConfig)
+    model: ModelConfig = _help("model", factory=ModelConfig)
     optim: OptimConfig = _help("optimizer and schedule", factory=OptimConfig)
     train: TrainConfig = _help("loop, logging, checkpoints", factory=TrainConfig)
     trainer: dict = _help("passed to lightning.Trainer (max_steps, accelerator, devices, ...)",
@@ -260,6 +275,12 @@ def build_config(*layers: dict) -> RunConfig:
     defaults = to_dict(RunConfig())
     merged_trainer = {**defaults["trainer"], **merged.get("trainer", {})}
     cfg = _build(RunConfig, {**merged, "trainer": merged_trainer})
+    # The model predicts the ids of its tokenizer: derived, never set by hand.
+    vocab = cfg.data.bpe_vocab_size if cfg.data.tokenizer == "bpe" else codec.VOCAB_SIZE
+    if cfg.model.vocab_size not in (vocab, ModelConfig().vocab_size):
+        raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} does not match data.tokenizer "
+                          f"{cfg.data.tokenizer} ({vocab} ids); it is derived, drop it")
+    cfg.model.vocab_size = vocab
     _check_values(cfg)
     return cfg
 
@@ -274,11 +295,29 @@ def _check_values(cfg: RunConfig):
             raise ConfigError(f"{key} must be positive, got {value}")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    if not 0 <= cfg.data.probe_fraction < 1:
+        raise ConfigError(f"data.probe_fraction must be in [0, 1), got {cfg.data.probe_fraction}")
+    if cfg.data.tokenizer not in ("bytes", "bpe"):
+        raise ConfigError(f"data.tokenizer: unknown tokenizer {cfg.data.tokenizer!r} (bytes, bpe)")
+    if cfg.data.tokenizer == "bpe" and cfg.data.bpe_vocab_size <= 256:
+        raise ConfigError(f"data.bpe_vocab_size {cfg.data.bpe_vocab_size} is too small: a byte-level "
+                          f"BPE needs more than its 256 single-byte tokens")
+    try:
+        cfg.model.check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     for name in cfg.train.loggers:
         if name not in ("csv", "wandb", "tensorboard"):
             raise ConfigError(f"train.loggers: unknown logger {name!r} (csv, wandb, tensorboard)")
+    if cfg.train.on_nonfinite not in ("skip", "stop"):
+        raise ConfigError(f"train.on_nonfinite must be skip or stop, got {cfg.train.on_nonfinite!r}")
+    for key in ("max_skips_in_row", "max_skips"):
+        if getattr(cfg.train, key) <= 0:
+            raise ConfigError(f"train.{key} must be positive, got {getattr(cfg.train, key)}")
+    if cfg.train.spike_factor < 0:
+        raise ConfigError(f"train.spike_factor must be 0 (off) or positive, got {cfg.train.spike_factor}")
     from bytelm.ops.selective_scan import BACKENDS
 
     if cfg.model.scan_backend not in BACKENDS:

@@ -4,6 +4,8 @@
     python -m data.prepare --data tinyshakespeare --out data/prepared/shakespeare
     python -m data.prepare --data corpus/ --out data/prepared/mine --val-fraction 0.05
     python -m data.prepare --data hf:roneneldan/TinyStories --out data/prepared/tinystories
+    python -m data.prepare --data tinyshakespeare --out data/prepared/shakespeare --bpe-vocab 4096
+        # also a byte-level BPE trained on the training split, both splits tokenized (bpe-4096/)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the corpus held out (default 0.1)")
     parser.add_argument("--text-column", default="text", help="text field of jsonl / parquet / hf rows")
     parser.add_argument("--overwrite", action="store_true", help="replace a different prepared corpus in --out")
+    parser.add_argument("--bpe-vocab", type=int, help="also train a BPE of this vocabulary and tokenize (data.tokenizer bpe)")
     args = parser.parse_args(argv)
 
     start = time.monotonic()
@@ -37,6 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     for split, info in meta["splits"].items():
         print(f"{split}: {info['bytes']:,} bytes, {info['documents']:,} documents, {len(info['shards'])} shard(s)")
     print(f"{meta['split_rule']} split ({meta['split_note']}); {time.monotonic() - start:.1f}s -> {args.out}")
+    if args.bpe_vocab is not None:
+        from bytelm.data.bpe import TokenCorpus, ensure_tokenized
+
+        try:
+            tokens = TokenCorpus(ensure_tokenized(args.out, args.bpe_vocab))
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for split in ("train", "val"):
+            print(f"bpe-{args.bpe_vocab} {split}: {tokens.split_tokens(split):,} tokens, "
+                  f"{tokens.bytes_per_token(split):.3f} bytes/token")
+        print(f"-> {tokens.directory}")
     return 0
 
 

@@ -6,24 +6,28 @@ import pytest
 
 from bytelm.config import (ConfigError, RunConfig, build_config, dump_yaml, help_text, load_yaml,
                            parse_overrides)
-from bytelm.models.mamba_lm import MambaLM
+from bytelm.models.lm import LM
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
+CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 
 
 def test_configs_folder_is_not_empty():
-    assert {p.name for p in CONFIGS} >= {"default.yaml", "mamba-tiny-shakespeare.yaml",
-                                         "mamba-20m.yaml", "mamba-125m.yaml"}
+    assert {str(p.relative_to(CONFIG_DIR)) for p in CONFIGS} >= {
+        "default.yaml", "mamba-tiny-shakespeare.yaml", "mamba-20m.yaml", "mamba-125m.yaml",
+        "hybrid-3to1-20m.yaml", "hybrid-7to1-20m.yaml", "matched/byte-mamba.yaml",
+        "matched/byte-transformer.yaml", "matched/byte-hybrid-3to1.yaml",
+        "matched/bpe-transformer.yaml", "matched/bpe-mamba.yaml"}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_every_config_loads_and_builds_its_model(path):
     import torch
 
     cfg = build_config(load_yaml(path))
     assert isinstance(cfg, RunConfig)
     with torch.device("meta"):  # no memory, no time: only shapes
-        model = MambaLM(cfg.model)
+        model = LM(cfg.model)
     assert model.num_params() > 0
 
 
@@ -31,11 +35,12 @@ def test_named_parameter_counts():
     import torch
 
     expected = {"mamba-tiny-shakespeare.yaml": 10.7e6, "mamba-20m.yaml": 20e6,
-                "mamba-125m.yaml": 125e6}
+                "mamba-125m.yaml": 125e6, "hybrid-3to1-20m.yaml": 18.54e6,
+                "hybrid-7to1-20m.yaml": 19.98e6, "mamba-mlp-20m.yaml": 20.69e6}
     for name, count in expected.items():
-        cfg = build_config(load_yaml(Path(CONFIGS[0]).parent / name))
+        cfg = build_config(load_yaml(CONFIG_DIR / name))
         with torch.device("meta"):
-            n = MambaLM(cfg.model).num_params()
+            n = LM(cfg.model).num_params()
         assert abs(n - count) / count < 0.03, (name, n)
 
 

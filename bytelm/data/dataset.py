@@ -139,13 +139,15 @@ def iter_eval_windows(
     Window k is bytes [k*seq_len, k*seq_len + seq_len + 1): consecutive windows share one
     byte, so their targets (window[1:]) tile the split exactly once, which gives exact
     bits per byte over it. The last window may be shorter. Windows may span shards.
+    A token corpus (bytelm.data.bpe.TokenCorpus) is read the same way, in tokens.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
-    n = corpus.split_bytes(split) if max_bytes is None else min(max_bytes, corpus.split_bytes(split))
+    shards = corpus.shards(split)
+    total = sum(len(s) for s in shards)  # bytes, or tokens of a token corpus
+    n = total if max_bytes is None else min(max_bytes, total)
     if n < 2:
         raise DataError(f"split {split!r} of {corpus.directory} has {n} bytes; evaluation needs at least 2")
-    shards = corpus.shards(split)
     for start in range(0, n - 1, seq_len):
         yield _read_range(shards, start, min(start + seq_len + 1, n))
 

@@ -7,23 +7,33 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from bytelm import codec
-from bytelm.models.mamba_lm import generate
+from bytelm.data.prepare import DOC_SEP
+from bytelm.models.lm import generate
+from bytelm.tokenizer import ByteTokenizer
 
 
-def sample_text(model, prompt: bytes, n_bytes: int, temperature: float, seed: int) -> str:
-    """Generate n_bytes after `prompt` with the recurrent state; returns the decoded new text."""
+def sample_text(model, prompt: bytes, n_bytes: int, temperature: float, seed: int,
+                tokenizer=None) -> str:
+    """Generate about n_bytes of text after `prompt` (a byte model: exactly n_bytes) with the
+    incremental state; returns the decoded new text. An empty prompt starts a document."""
+    tokenizer = tokenizer or ByteTokenizer()
     device = next(model.parameters()).device
-    ids = torch.tensor([list(prompt) or [codec.BOS_ID]], device=device)
+    ids = torch.tensor([tokenizer.encode_bytes(prompt or bytes([DOC_SEP]))], device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
+    vocab_limit = 256 if tokenizer.is_bytes else tokenizer.vocab_size
     was_training = model.training
     model.eval()
+    new, new_bytes = [], 0
     try:
-        new = [t.item() for t in generate(model, ids, n_bytes, temperature=temperature,
-                                          generator=gen)]
+        for t in generate(model, ids, n_bytes, temperature=temperature, generator=gen,
+                          vocab_limit=vocab_limit):
+            new.append(t.item())
+            new_bytes += int(tokenizer.token_bytes[new[-1]])
+            if new_bytes >= n_bytes:
+                break
     finally:
         model.train(was_training)
-    return codec.decode(new)
+    return tokenizer.decode(new)
 
 
 class SampleText(L.Callback):
@@ -37,7 +47,8 @@ class SampleText(L.Callback):
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or not trainer.is_global_zero or self.n_bytes <= 0:
             return
-        text = sample_text(pl_module.model, self.prompt, self.n_bytes, self.temperature, self.seed)
+        text = sample_text(pl_module.model, self.prompt, self.n_bytes, self.temperature, self.seed,
+                           getattr(pl_module, "tokenizer", None))
         self.last_sample = text
         step = trainer.global_step
         prompt = self.prompt.decode("utf-8", errors="replace")

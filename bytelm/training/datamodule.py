@@ -1,4 +1,5 @@
-"""Lightning data module over a prepared byte corpus.
+"""Lightning data module over a prepared byte corpus, or its BPE token corpus when
+data.tokenizer is bpe (bytelm.data.bpe: the tokenizer is trained on the training split).
 
 Training batches are a pure function of (seed, micro-step, rank): the loader starts at the
 micro-step the trainer has reached, so a resumed run continues the exact byte sequence and
@@ -15,8 +16,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from bytelm.config import DataConfig
+from bytelm.data.bpe import TokenCorpus, ensure_tokenized, token_dir
 from bytelm.data.dataset import PreparedCorpus, iter_eval_windows, sample_batch
 from bytelm.data.prepare import ensure_prepared
+from bytelm.probes import ProbeMixer, corpus_words, load_words
+from bytelm.tokenizer import ByteTokenizer
 
 
 def default_prepared_dir(source: str) -> Path:
@@ -28,9 +32,10 @@ class TrainWindows(IterableDataset):
     """Endless micro-batches; `start()` tells where the run stands when iteration begins."""
 
     def __init__(self, corpus: PreparedCorpus, cfg: DataConfig, seed: int, start, rank: int,
-                 world_size: int):
+                 world_size: int, probes: ProbeMixer | None = None):
         self.corpus, self.cfg, self.seed = corpus, cfg, seed
         self.start, self.rank, self.world_size = start, rank, world_size
+        self.probes = probes
 
     def __iter__(self):
         step = self.start()
@@ -38,6 +43,8 @@ class TrainWindows(IterableDataset):
             batch = sample_batch(self.corpus, "train", seq_len=self.cfg.seq_len,
                                  batch_size=self.cfg.batch_size, seed=self.seed, step=step,
                                  rank=self.rank, world_size=self.world_size)
+            if self.probes is not None:
+                self.probes.mix(batch, self.seed, step, self.rank)
             yield torch.from_numpy(batch)
             step += 1
 
@@ -78,19 +85,37 @@ class ByteDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg, self.seed = cfg, seed
         self.prepared_dir = Path(prepared_dir or cfg.prepared_dir or default_prepared_dir(cfg.source))
-        self.corpus: PreparedCorpus | None = None
+        self.corpus: PreparedCorpus | TokenCorpus | None = None
+        self.probes: ProbeMixer | None = None
+        self.tokenizer = ByteTokenizer()  # a BPETokenizer once setup() opens a token corpus
 
     def prepare_data(self):
         ensure_prepared(self.cfg.source, self.prepared_dir, val_fraction=self.cfg.val_fraction,
                         text_column=self.cfg.text_column)
+        if self.cfg.tokenizer == "bpe":
+            ensure_tokenized(self.prepared_dir, self.cfg.bpe_vocab_size)
 
     def setup(self, stage=None):
-        if self.corpus is None:
+        if self.corpus is None and self.cfg.tokenizer == "bpe":
+            self.corpus = TokenCorpus(token_dir(self.prepared_dir, self.cfg.bpe_vocab_size))
+            self.tokenizer = self.corpus.tokenizer
+        elif self.corpus is None:
             self.corpus = PreparedCorpus(self.prepared_dir)
+        if self.cfg.probe_fraction > 0 and self.probes is None:
+            # Words of the text (the byte corpus), also when training reads token ids.
+            words = (load_words(self.cfg.probe_words) if self.cfg.probe_words
+                     else corpus_words(PreparedCorpus(self.prepared_dir)))
+            self.probes = ProbeMixer(words, self.cfg.probe_fraction, encode=self.tokenizer.encode)
 
     def val_head(self, n_bytes: int) -> bytes:
         """The first bytes of the validation split (the default sample prompt)."""
-        return bytes(next(iter_eval_windows(self.corpus, "val", n_bytes - 1)).tolist())
+        window = next(iter_eval_windows(self.corpus, "val", n_bytes - 1))
+        return self.tokenizer.decode_bytes(window)[:n_bytes]
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Mean UTF-8 bytes per id of the training split (1 for bytes)."""
+        return self.corpus.bytes_per_token("train") if self.cfg.tokenizer == "bpe" else 1.0
 
     def _rank_world(self):
         trainer = self.trainer
@@ -103,11 +128,14 @@ class ByteDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         rank, world = self._rank_world()
-        ds = TrainWindows(self.corpus, self.cfg, self.seed, self._micro_step, rank, world)
+        ds = TrainWindows(self.corpus, self.cfg, self.seed, self._micro_step, rank, world,
+                          self.probes)
         return DataLoader(ds, batch_size=None, num_workers=0)
 
     def val_dataloader(self):
         rank, world = self._rank_world()
-        ds = EvalWindows(self.corpus, self.cfg.seq_len, self.cfg.batch_size, self.cfg.val_bytes,
-                         rank, world)
+        limit = self.cfg.val_bytes
+        if limit is not None and self.cfg.tokenizer == "bpe":
+            limit = self.corpus.tokens_covering("val", limit)  # whole tokens, at most val_bytes
+        ds = EvalWindows(self.corpus, self.cfg.seq_len, self.cfg.batch_size, limit, rank, world)
         return DataLoader(ds, batch_size=None, num_workers=0)

@@ -1,4 +1,5 @@
-"""LightningModule: next-byte loss, AdamW with warmup + cosine per optimizer step, bits per byte."""
+"""LightningModule: next-id loss (bytes or BPE tokens), AdamW with warmup + cosine per optimizer
+step, bits per byte (summed NLL over the UTF-8 bytes the targets stand for), FLOP accounting."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from bytelm.config import OptimConfig
-from bytelm.models.mamba_lm import MambaConfig, MambaLM
+from bytelm.models.lm import LM, ModelConfig
+from bytelm.tokenizer import ByteTokenizer
 
 LN2 = math.log(2.0)
 
@@ -35,19 +37,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 
 class LMTask(L.LightningModule):
-    def __init__(self, model_cfg: MambaConfig, optim_cfg: OptimConfig, seq_len: int,
-                 compile: bool = False, run_config: dict | None = None):
+    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, seq_len: int,
+                 compile: bool = False, run_config: dict | None = None, tokenizer=None):
         super().__init__()
         self.run_config = run_config  # stored in every checkpoint: it rebuilds the model alone
         self.model_cfg, self.optim_cfg, self.seq_len = model_cfg, optim_cfg, seq_len
-        self.model = MambaLM(model_cfg)
+        self.model = LM(model_cfg)
+        self.tokenizer = tokenizer or ByteTokenizer()
+        # UTF-8 bytes each id stands for: bits per byte = NLL / (ln 2 * bytes of the targets).
+        self.register_buffer("token_bytes", torch.as_tensor(self.tokenizer.token_bytes),
+                             persistent=False)
         self._compile = compile
         self.flops_per_token = self.model.flops_per_token(seq_len)
         self._val_nll = 0.0
-        self._val_bytes = 0
+        self._val_bytes = self._val_tokens = 0
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["bytelm_config"] = self.run_config
+        if not self.tokenizer.is_bytes:  # the checkpoint alone can encode and decode text
+            checkpoint["bytelm_tokenizer"] = self.tokenizer.to_json()
 
     def configure_model(self):
         # Lightning calls this once per fit/validate; compile the model only the first time.
@@ -68,38 +76,51 @@ class LMTask(L.LightningModule):
                                reduction=reduction)
 
     def training_step(self, batch, batch_idx):
-        loss = self.nll(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step} "
-                f"(batch {batch_idx}); lower optim.lr or check the data")
+        loss = self.nll(batch)  # NaN/inf: the NumericalGuard callback applies train.on_nonfinite
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/bpb", loss / LN2)
+        targets = batch[:, 1:]
+        self.log("train/bpb", loss * targets.numel() / (self.token_bytes[targets].sum() * LN2))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
         return loss
 
+    def on_train_start(self):
+        """Training FLOPs per byte of text, once: 3 x forward per id / bytes per id."""
+        bytes_per_token = getattr(self.trainer.datamodule, "bytes_per_token", 1.0)
+        if self.trainer.is_global_zero and self.global_step == 0:  # a resumed run logged it
+            for logger in self.loggers:
+                logger.log_metrics({"train/flops_per_byte": 3 * self.flops_per_token / bytes_per_token},
+                                   step=self.global_step)
+
     def on_before_optimizer_step(self, optimizer):
+        # Cumulative training FLOPs once this optimizer step is done (every rank, every micro-batch).
+        per_step = self.flops_per_batch * self.trainer.accumulate_grad_batches * self.trainer.world_size
+        self.log("train/flops", torch.tensor((self.global_step + 1) * per_step, dtype=torch.float64))
         norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm())
 
     def on_validation_epoch_start(self):
-        self._val_nll, self._val_bytes = 0.0, 0
+        self._val_nll, self._val_bytes, self._val_tokens = 0.0, 0, 0
 
     def validation_step(self, batch, batch_idx):
         nll = self.nll(batch, reduction="sum")
         self._val_nll += nll.item()
-        self._val_bytes += batch[:, 1:].numel()
+        self._val_tokens += batch[:, 1:].numel()
+        self._val_bytes += int(self.token_bytes[batch[:, 1:]].sum())
 
     def on_validation_epoch_end(self):
-        totals = torch.tensor([self._val_nll, float(self._val_bytes)], dtype=torch.float64,
-                              device=self.device)
-        totals = self.all_gather(totals).reshape(-1, 2).sum(0) if self.trainer.world_size > 1 else totals
-        nll, n = totals.tolist()
-        if n:
-            self.log("val/loss", nll / n, prog_bar=True, sync_dist=False, rank_zero_only=True)
-            self.log("val/bpb", nll / n / LN2, prog_bar=True, sync_dist=False, rank_zero_only=True)
-            self.log("val/bytes", n, sync_dist=False, rank_zero_only=True)
+        totals = torch.tensor([self._val_nll, float(self._val_tokens), float(self._val_bytes)],
+                              dtype=torch.float64, device=self.device)
+        totals = self.all_gather(totals).reshape(-1, 3).sum(0) if self.trainer.world_size > 1 else totals
+        nll, tokens, n_bytes = totals.tolist()
+        if tokens:
+            # val/loss is per id (per byte for byte models); val/bpb is per byte for every model.
+            self.log("val/loss", nll / tokens, prog_bar=True, sync_dist=False, rank_zero_only=True)
+            self.log("val/bpb", nll / n_bytes / LN2, prog_bar=True, sync_dist=False, rank_zero_only=True)
+            self.log("val/token_ppl", math.exp(min(nll / tokens, 700.0)), sync_dist=False,
+                     rank_zero_only=True)
+            self.log("val/bytes", n_bytes, sync_dist=False, rank_zero_only=True)
+            self.log("val/tokens", tokens, sync_dist=False, rank_zero_only=True)
 
     def configure_optimizers(self):
         o = self.optim_cfg
