@@ -1,0 +1,339 @@
+"""Time bytelm's fused Triton selective scan against mamba_ssm's CUDA scan and our reference.
+
+    python benchmarks/scan.py                         # the PERF.md shapes, table on stdout
+    python benchmarks/scan.py --peer-src .peer/selective_scan --out benchmarks/results/scan-h200.md
+
+bf16 u/delta/z/B/C, fp32 A/D/delta_bias, z gating and softplus on (the PERF.md setting); medians of
+triton.testing.do_bench. "fwd" is an inference forward (no checkpoints stored); "fwd+bwd" is a
+training step of the op: forward with checkpoints, then the backward for a fixed upstream
+gradient. "peak MiB" is the memory fwd+bwd allocates on top of its inputs (grads included).
+
+The peer is mamba_ssm 2.3.2.post1's selective_scan_cuda: either an already built extension
+(--peer-so) or one compiled here from its csrc/selective_scan sources (--peer-src; bf16 and real
+weights only, sm_90, ~2 min). It is skipped cleanly when neither is given or the build fails.
+
+Floor (PERF.md): per (batch, channel, step) the forward must move 8 bytes (read u, delta, z, write
+y in bf16; B and C are shared by all channels) and evaluate N + 4 special functions (N decays
+exp(dt * A), softplus's exp and log, SiLU's exp and reciprocal):
+    floor = max(8 * b * d * l / copy_bandwidth,  (N + 4) * b * d * l / sfu_rate)
+with copy_bandwidth measured here (device-to-device copy, bytes read + written) and
+sfu_rate = SMs * 16 special-function results per clock * 1.98 GHz (H200 boost clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.machinery
+import importlib.util
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bytelm.ops.selective_scan import selective_scan_ref  # noqa: E402
+from bytelm.ops.triton import selective_scan as tss  # noqa: E402
+
+SHAPES = [(8, 2048, 2048, 16), (4, 2048, 8192, 16), (8, 2048, 2048, 64), (2, 1536, 8192, 16)]
+PEER_NVCC_FLAGS = [  # mamba_ssm's setup.py flags, for sm_90 alone
+    "-O3", "-std=c++17", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+    "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math",
+    "-gencode=arch=compute_90,code=sm_90",
+]
+
+
+# ------------------------------------------------------------------------------------------
+# the peer
+# ------------------------------------------------------------------------------------------
+def _only_branch(src: str, macro: str, scalar: str, ctype: str, alias: str) -> str:
+    """Rewrite one of selective_scan.cpp's dispatch macros to a single type (fewer kernels)."""
+    start = src.index(f"#define {macro}(")
+    end = start
+    while src[end:src.index("\n", end)].rstrip().endswith("\\"):
+        end = src.index("\n", end) + 1
+    end = src.index("\n", end)
+    arg = src[start:src.index(",", start)].split("(")[1]
+    body = (f"#define {macro}({arg}, NAME, ...) \\\n"
+            f"    if ({arg} == at::ScalarType::{scalar}) {{ using {alias} = {ctype}; __VA_ARGS__(); }} \\\n"
+            f"    else {{ AT_ERROR(#NAME, \" built for {ctype} only (bytelm benchmark)\"); }}")
+    return src[:start] + body + src[end:]
+
+
+def build_peer(src: Path, build: Path):
+    """Compile mamba_ssm's selective scan (bf16 inputs, fp32 weights, sm_90) as selective_scan_cuda."""
+    from torch.utils.cpp_extension import load
+    build.mkdir(parents=True, exist_ok=True)
+    cpp = (src / "selective_scan.cpp").read_text()
+    cpp = _only_branch(cpp, "DISPATCH_ITYPE_FLOAT_AND_HALF_AND_BF16", "BFloat16", "at::BFloat16", "input_t")
+    cpp = _only_branch(cpp, "DISPATCH_WTYPE_FLOAT_AND_COMPLEX", "Float", "float", "weight_t")
+    (build / "selective_scan.cpp").write_text(cpp)
+    (build / "fwd_bf16.cu").write_text(
+        '#include "selective_scan_fwd_kernel.cuh"\n'
+        "template void selective_scan_fwd_cuda<at::BFloat16, float>(SSMParamsBase &, cudaStream_t);\n")
+    (build / "bwd_bf16.cu").write_text(
+        '#include "selective_scan_bwd_kernel.cuh"\n'
+        "template void selective_scan_bwd_cuda<at::BFloat16, float>(SSMParamsBwd &, cudaStream_t);\n")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    return load(name="selective_scan_cuda",
+                sources=[str(build / f) for f in ("selective_scan.cpp", "fwd_bf16.cu", "bwd_bf16.cu")],
+                extra_include_paths=[str(src)], extra_cflags=["-O3", "-std=c++17"],
+                extra_cuda_cflags=PEER_NVCC_FLAGS, build_directory=str(build), verbose=False)
+
+
+def load_peer(so: Path):
+    loader = importlib.machinery.ExtensionFileLoader("selective_scan_cuda", str(so))
+    spec = importlib.machinery.ModuleSpec("selective_scan_cuda", loader, origin=str(so))
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def peer_fwd(mod, u, delta, A, B, C, D, z, bias):
+    """mamba_ssm's SelectiveScanFn.forward: (out_z, saved) with B, C given a group axis."""
+    out, x, out_z = mod.fwd(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, bias, True)
+    return out_z, (out, x)
+
+
+def peer_fwd_bwd(mod, u, delta, A, B, C, D, z, bias, dout):
+    out_z, (out, x) = peer_fwd(mod, u, delta, A, B, C, D, z, bias)
+    return mod.bwd(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, bias, dout, x, out, None,
+                   True, False)
+
+
+# ------------------------------------------------------------------------------------------
+# measurements
+# ------------------------------------------------------------------------------------------
+def make_inputs(b, d, l, n, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    rnd = lambda *s, **kw: torch.randn(*s, generator=g, device="cuda", **kw)  # noqa: E731
+    return dict(u=rnd(b, d, l).to(**bf), delta=(0.5 * rnd(b, d, l)).to(**bf),
+                A=-(torch.rand(d, n, generator=g, device="cuda") * 4 + 0.1),
+                B=rnd(b, n, l).to(**bf), C=rnd(b, n, l).to(**bf), D=rnd(d),
+                z=rnd(b, d, l).to(**bf), delta_bias=0.5 * rnd(d))
+
+
+def bench(fn, rep=200):
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def peak_mib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def copy_bandwidth():
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def sfu_rate():
+    return torch.cuda.get_device_properties(0).multi_processor_count * 16 * 1.98e9
+
+
+def floor_ms(b, d, l, n, bw):
+    elems = b * d * l
+    return max(8 * elems / bw, (n + 4) * elems / sfu_rate()) * 1e3
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def ours_fns(x, dout):
+    def fwd():
+        with torch.no_grad():
+            return tss.selective_scan_triton(**x, delta_softplus=True)
+
+    def fwd_bwd():
+        xs = {k: v.detach().requires_grad_() for k, v in x.items()}
+        out = tss.selective_scan_triton(**xs, delta_softplus=True)
+        return torch.autograd.grad(out, list(xs.values()), dout)
+    return fwd, fwd_bwd
+
+
+def ref_fns(x, dout):
+    def fwd():
+        with torch.no_grad():
+            return selective_scan_ref(**x, delta_softplus=True)
+
+    def fwd_bwd():
+        xs = {k: v.detach().requires_grad_() for k, v in x.items()}
+        out = selective_scan_ref(**xs, delta_softplus=True)
+        return torch.autograd.grad(out, list(xs.values()), dout)
+    return fwd, fwd_bwd
+
+
+def tune(x, dout, n):
+    """Time the raw kernels for a few tile shapes and sequence cuts; one line per variant."""
+    u, delta, A, D, z, bias = x["u"], x["delta"], x["A"], x["D"], x["z"], x["delta_bias"]
+    base_f, base_b = tss.scan_config(n), tss.scan_config(n, backward=True)
+    Bp, Cp = tss.pack_bc(x["B"], base_f), tss.pack_bc(x["C"], base_f)
+    _, _, ckpt = tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True)
+    bwd = lambda cfg: tss.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, base_f["T"],  # noqa: E731
+                                   dout, None, False, cfg=cfg)
+    ref_grads = bwd(dict(base_b, SEG=1))
+    nseg = lambda cfg: tss.segments(u.shape[0], u.shape[1], ckpt.shape[1], cfg, u.device)  # noqa: E731
+    lines = []
+    fwd_variants = [base_f, dict(base_f, prefetch_bc=True), dict(base_f, SEG=1),
+                    dict(base_f, WD=3 - base_f["WD"])]
+    for cfg in fwd_variants:
+        ms = bench(lambda: tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, cfg=cfg))
+        lines.append(f"  fwd {cfg} ({nseg(cfg)} pieces): {ms:.3f} ms")
+    variants = [base_b, dict(base_b, SEG=1), dict(base_b, SEG=2), dict(base_b, SEG=4)]
+    if base_b["NPT"] == 8:
+        variants.append(dict(base_b, NPT=4, KN=base_b["KN"] * 2, LD=base_b["LD"] // 2))
+    for cfg in variants:
+        if cfg["NPT"] != base_b["NPT"]:  # another state split packs B and C differently
+            Bq, Cq = tss.pack_bc(x["B"], cfg), tss.pack_bc(x["C"], cfg)
+            f = lambda: tss.scan_bwd(u, delta, A, Bq, Cq, D, z, bias, True, ckpt, base_f["T"],  # noqa: E731
+                                     dout, None, False, cfg=cfg)
+            err = max(rel_err(a, b) for a, b in zip(f()[:3], ref_grads[:3]))
+        else:
+            f = lambda: bwd(cfg)  # noqa: E731
+            err = max(rel_err(a, b) for a, b in zip(f()[:5], ref_grads[:5]))
+        lines.append(f"  bwd {cfg} ({nseg(cfg)} pieces): {bench(f):.3f} ms (max rel diff {err:.1e})")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peer-so", type=Path, help="an already built selective_scan_cuda extension")
+    ap.add_argument("--peer-src", type=Path, help="mamba_ssm's csrc/selective_scan, to build the peer")
+    ap.add_argument("--peer-build", type=Path, default=Path("/tmp/bytelm_peer_build"))
+    ap.add_argument("--build-peer-only", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="also time a few tile shapes of the raw kernels")
+    ap.add_argument("--shapes", default="all", help="'all' or comma-separated indices into SHAPES")
+    ap.add_argument("--out", type=Path, help="write the markdown table here too")
+    ap.add_argument("--profile-once", type=int, metavar="SHAPE",
+                    help="run one forward and one forward+backward of SHAPES[i] (for ncu) and exit")
+    args = ap.parse_args()
+
+    peer = None
+    if args.peer_so and args.peer_so.exists():
+        peer = load_peer(args.peer_so)
+    elif args.peer_src:
+        t0 = time.time()
+        try:
+            peer = build_peer(args.peer_src, args.peer_build)
+            print(f"built the peer in {time.time() - t0:.0f} s: {peer.__file__}", flush=True)
+        except Exception as e:  # a failed peer build must not cost the rest of the run
+            print(f"peer build failed after {time.time() - t0:.0f} s: {e!r}"[:2000], flush=True)
+    if args.build_peer_only:
+        return
+
+    if args.profile_once is not None:
+        b, d, l, n = SHAPES[args.profile_once]
+        x = make_inputs(b, d, l, n)
+        fwd, fwd_bwd = ours_fns(x, torch.randn(b, d, l, device="cuda", dtype=torch.bfloat16))
+        for fn in (fwd, fwd_bwd, fwd, fwd_bwd):  # the first pair compiles
+            fn()
+        torch.cuda.synchronize()
+        return
+
+    props = torch.cuda.get_device_properties(0)
+    bw = copy_bandwidth()
+    print(f"{props.name}: copy bandwidth {bw / 1e9:.0f} GB/s, SFU rate {sfu_rate() / 1e12:.2f}e12/s",
+          flush=True)
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    rows, tune_lines = [], []
+    for i, (b, d, l, n) in enumerate(shapes):
+        x = make_inputs(b, d, l, n, seed=i)
+        dout = torch.randn(b, d, l, device="cuda", dtype=torch.bfloat16)
+        fwd, fwd_bwd = ours_fns(x, dout)
+        row = dict(shape=f"{b} x {d} x {l}, N={n}", floor=floor_ms(b, d, l, n, bw))
+        row["fwd"], row["fb"] = bench(fwd), bench(fwd_bwd)
+        row["mem"] = peak_mib(fwd_bwd)
+        if peer is not None:
+            args_p = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+            out_p, _ = peer_fwd(peer, *args_p)
+            row["check"] = rel_err(fwd(), out_p)
+            row["pfwd"] = bench(lambda: peer_fwd(peer, *args_p))
+            row["pfb"] = bench(lambda: peer_fwd_bwd(peer, *args_p, dout))
+            row["pmem"] = peak_mib(lambda: peer_fwd_bwd(peer, *args_p, dout))
+        if i == 0:  # the reference holds (length, batch, dim, state) fp32 tensors: first shape only
+            rfwd, rfb = ref_fns(x, dout)
+            try:
+                row["rfwd"] = bench(rfwd, rep=500)
+                row["rfb"] = bench(rfb, rep=500)
+            except torch.OutOfMemoryError:
+                row["rfwd"] = row.get("rfwd", float("nan"))
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(row, flush=True)
+        if args.tune:
+            print(f"tuning {row['shape']}:", flush=True)
+            tune_lines += [f"{row['shape']}:"] + tune(x, dout, n)
+        del x, dout
+        torch.cuda.empty_cache()
+
+    table = format_table(rows)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report(table, props, tune_lines))
+
+
+def fmt(v, spec=".3f"):
+    return "-" if v is None or v != v else format(v, spec)
+
+
+def format_table(rows):
+    head = ("| shape | ours fwd ms | peer fwd ms | fwd ours/peer | floor ms | floor/ours fwd "
+            "| ours fwd+bwd ms | peer fwd+bwd ms | fwd+bwd ours/peer | ours peak MiB | peer peak MiB "
+            "| ref fwd ms | ref fwd+bwd ms | out vs peer |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        pf, pfb = r.get("pfwd"), r.get("pfb")
+        lines.append("| " + " | ".join([
+            r["shape"], fmt(r["fwd"]), fmt(pf), fmt(r["fwd"] / pf if pf else None, ".2f"),
+            fmt(r["floor"]), fmt(r["floor"] / r["fwd"], ".2f"), fmt(r["fb"]), fmt(pfb),
+            fmt(r["fb"] / pfb if pfb else None, ".2f"), fmt(r["mem"], ".0f"), fmt(r.get("pmem"), ".0f"),
+            fmt(r.get("rfwd"), ".1f"), fmt(r.get("rfb"), ".1f"), fmt(r.get("check"), ".1e"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def report(table, props, tune_lines):
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    args = [re.sub(r"^/.*?/(\.peer/)", r"\1", a) for a in sys.argv[1:]]  # paths as in the repo
+    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + args)
+    parts = [
+        "# Selective scan on the H200: bytelm Triton vs mamba_ssm CUDA",
+        "",
+        f"- GPU: {props.name} ({props.multi_processor_count} SMs); nvidia-smi: {smi}",
+        f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
+        f"Python {platform.python_version()}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- command: `{cmd}`",
+        "- bf16 u/delta/z/B/C, fp32 A/D/delta_bias, z gate and softplus on; medians of "
+        "triton.testing.do_bench; peer = mamba_ssm 2.3.2.post1 selective_scan_cuda built from its "
+        "sdist for sm_90 in the same run; floor and peak memory as defined in benchmarks/scan.py.",
+        "",
+        table,
+    ]
+    if tune_lines:
+        parts += ["", "Tile-shape variants of the raw kernels (same run):", "", "```"] + tune_lines + ["```"]
+    return "\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    main()

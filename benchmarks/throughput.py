@@ -1,0 +1,121 @@
+"""Training throughput of byte models on one GPU: bytes/s, MFU and peak memory.
+
+Trains (forward + backward + fused AdamW, bf16 autocast, eager) a byte Mamba and a byte
+Transformer of about the same parameter count for a fixed number of steps at several contexts,
+with the same bytes per step, and prints one markdown table.
+
+    python benchmarks/throughput.py                       # ~90M models, contexts 2K / 8K / 32K
+    python benchmarks/throughput.py --sizes 90m,350m --steps 10 --out results/throughput.md
+
+MFU = training FLOPs by formula (3 x LM.flops_per_token: every matmul, attention's causal
+quadratic term, the scan's element-wise work) x bytes / time / 989e12 (H100/H200 dense bf16
+datasheet peak). Lightning's flop counter cannot see Triton kernels, hence the formula.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bytelm.models.lm import LM, ModelConfig  # noqa: E402
+
+PEAK_FLOPS = 989e12
+# name -> (mamba shape, transformer shape); PERF.md's peers: mamba_ssm 768 x 24, GPT 768 x 12.
+SIZES = {
+    "90m": (dict(d_model=768, n_layer=24, layer_pattern="M"),
+            dict(d_model=768, n_layer=12, layer_pattern="AF", n_head=12, d_ff=2048)),
+    "350m": (dict(d_model=1024, n_layer=52, layer_pattern="M"),
+             dict(d_model=1024, n_layer=27, layer_pattern="AF", n_head=16, d_ff=2816)),
+}
+CONTEXTS = {2048: 32, 8192: 8, 32768: 2}  # context -> batch: 65,536 bytes per step
+
+
+def bench(model_kw: dict, seq_len: int, batch: int, steps: int, warmup: int, backend: str):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**model_kw, scan_backend=backend)
+    model = LM(cfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    data = torch.randint(0, 256, (steps + warmup, batch, seq_len + 1), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+
+    def step(ids):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(warmup):
+        step(data[i])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(steps):
+        loss = step(data[warmup + i])
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    bytes_per_s = batch * seq_len / seconds
+    flops = 3 * model.flops_per_token(seq_len) * batch * seq_len
+    result = dict(params=model.num_params(), ms=seconds * 1e3, bytes_per_s=bytes_per_s,
+                  mfu=flops / seconds / PEAK_FLOPS, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+                  loss=float(loss))
+    del model, opt, data
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="90m", help="comma list of " + ", ".join(SIZES))
+    p.add_argument("--contexts", default="2048,8192,32768")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--backend", default="triton", help="Mamba scan backend")
+    p.add_argument("--out", help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("error: benchmarks/throughput.py needs a CUDA GPU")
+
+    import triton
+
+    header = (f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+              f"{triton.__version__}, bf16 autocast, fused AdamW, eager, {args.steps} timed steps "
+              f"after {args.warmup} warm-up; scan backend {args.backend}\n\n"
+              "| size | batch x context | model | params | step ms | bytes/s | MFU | peak GB | Mamba / Transformer |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines = [header]
+    print(header, flush=True)
+    for size in args.sizes.split(","):
+        for context in (int(c) for c in args.contexts.split(",")):
+            batch = CONTEXTS.get(context, max(1, 65536 // context))
+            rows = {}
+            for name, kw in zip(("Mamba", "Transformer"), SIZES[size]):
+                try:
+                    rows[name] = bench(kw, context, batch, args.steps, args.warmup, args.backend)
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    rows[name] = None
+            ratio = (rows["Mamba"]["bytes_per_s"] / rows["Transformer"]["bytes_per_s"]
+                     if rows["Mamba"] and rows["Transformer"] else float("nan"))
+            for name, r in rows.items():
+                if r is None:
+                    line = f"| {size} | {batch} x {context} | {name} | | OOM | | | | |"
+                else:
+                    line = (f"| {size} | {batch} x {context} | {name} | {r['params'] / 1e6:.1f}M | "
+                            f"{r['ms']:.1f} | {r['bytes_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
+                            f"{r['peak_gb']:.1f} | {ratio:.2f} |")
+                lines.append(line)
+                print(line, flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

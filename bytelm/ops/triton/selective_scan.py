@@ -1,0 +1,300 @@
+"""Fused Triton selective scan (Mamba-1): forward, backward and the one-step generation update.
+
+Same maths and shapes as `bytelm.ops.selective_scan.selective_scan_ref` (the reference beside it):
+    u, delta, z : (batch, dim, length)      bf16 / fp16 / fp32
+    A           : (dim, state)              fp32
+    B, C        : (batch, state, length)
+    D, delta_bias : (dim,)                  fp32
+    initial_state / final state : (batch, dim, state)  fp32
+This file holds the launch logic and the autograd op; the kernels are in selective_scan_kernels.py.
+
+How the kernels work (why they look the way they do)
+-----------------------------------------------------
+Each program owns one batch row and WD * LD channels, walks (a piece of) the sequence in chunks
+of T=4 steps and keeps the state h (all `state` entries of its channels) in fp32 registers.
+Tiles are 5-d: time, NPT states per thread, WD warps, KN state lanes, LD channel lanes (state
+n = kn * NPT + npt). Triton lays a tile out from its loads, so the dims are placed such that time
+and NPT stay in one thread and lanes go to channels first, then states (the placement depends on
+the Triton version: `tie_order_ascending`). Inside a chunk the recurrence is unrolled
+(`tl.static_range`); `sum(where(t == k, tile, -0.0), 0)` takes step k out of the in-thread time
+axis and folds to a register read. No associative scan: each thread runs its states
+sequentially, so the decays exp2(dt * A * log2 e) are the only per-element transcendental and
+the backward's reverse recurrence finds exp(dt_{t+1} A) in registers.
+
+B and C are small, so the wrapper packs them once as (batch, chunk + 1, state block, T) fp32
+(`pack_bc`): no bf16 unpacking or masks per (channel, state, step). The forward stores the state
+entering every chunk (batch, n_chunks, state, dim) fp32 when gradients are needed; the backward
+reloads it, recomputes the chunk's states, walks the chunk in reverse for dh, sums dB and dC over
+its channels before one atomic add per (state, step) per program. Nothing of size (batch, dim,
+length, state) is stored. With few (batch, channel-block) programs the sequence is cut into
+pieces run side by side (`segments`): a first pass finds each piece's end state from zero (or,
+backward, the gradient it sends to its start) and the summed step sizes, and each piece starts
+from the combination of the pieces before (after) it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+import torch
+import triton
+
+from bytelm.ops.triton.selective_scan_kernels import (
+    _scan_bwd_kernel,
+    _scan_bwd_segment_kernel,
+    _scan_fwd_kernel,
+    _scan_fwd_segment_kernel,
+    _state_update_kernel,
+    _tie_probe_kernel,
+)
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# launch configuration
+# --------------------------------------------------------------------------------------------
+def scan_config(nstate: int, backward: bool = False) -> dict:
+    """Tile shape for a scan launch.
+
+    T = 4 steps per chunk: one 16-byte load per fp32 row of B and C (the wrapper hands the
+    kernels fp32 B and C, so no per-element bf16 unpacking), and a small enough chunk that the
+    backward holds its per-chunk tiles in registers. NPT = min(state, 8) states per thread (4 in
+    the backward at N=16), so that the per-(step, channel) work -- softplus, gate, loads -- is
+    shared by several states;
+    KN = state_block / NPT lanes hold the other states and LD = 32 / KN lanes hold channels;
+    WD warps hold more channels: 2 in the forward; 1 in the backward, where
+    more warps per program cost more than the atomics they save (cross-warp sums of dB and dC
+    go through shared memory and barriers). All measured on the H200: benchmarks/NOTES.md.
+    """
+    block_n = triton.next_power_of_2(max(nstate, 1))
+    npt = min(block_n, 8)
+    kn = block_n // npt
+    if kn > 32:
+        raise ValueError(f"state size {nstate} is over the supported 256")
+    if backward:  # 255 registers a thread: 8 warps an SM
+        npt = 4 if block_n == 16 else npt  # twice the programs; measured faster at N=16
+        return dict(T=4, NPT=npt, KN=block_n // npt, LD=32 // (block_n // npt), WD=1,
+                    warps_per_sm=8)
+    return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, prefetch_bc=False)
+
+
+@functools.lru_cache(maxsize=None)
+def tie_order_ascending() -> bool:
+    """Does this Triton give lanes to equally-contiguous dims in dim order (3.6) or in reverse
+    dim order (3.9)? Compiles a tiny probe for the current GPU and reads its layout."""
+    if _INTERPRET:
+        return False
+    from triton.compiler import ASTSource
+    src = ASTSource(fn=_tie_probe_kernel, signature={"x_ptr": "*fp32", "L": "i32"})
+    ttgir = triton.compile(src, target=triton.runtime.driver.active.get_current_target()).asm["ttgir"]
+    order = re.search(r"#blocked\d* = .*?order = \[(\d+), (\d+), (\d+)\]", ttgir)
+    return order is not None and order.groups() == ("0", "1", "2")
+
+
+def _layout_constexprs() -> dict:
+    if tie_order_ascending():
+        return dict(ASC=True, AX_NPT=4, AX_WD=3, AX_KN=2, AX_LD=1)
+    return dict(ASC=False, AX_NPT=1, AX_WD=2, AX_KN=3, AX_LD=4)
+
+
+def _empty(*shape, like=None, **kw):
+    """Output allocation; the tests swap in a NaN-filled one so unwritten elements show."""
+    return torch.empty_like(like) if like is not None else torch.empty(*shape, **kw)
+
+
+def _tile(cfg):
+    return {k: cfg[k] for k in ("T", "NPT", "WD", "KN", "LD")}
+
+
+def _contig(x):
+    return None if x is None else x.contiguous()
+
+
+def pack_bc(x, cfg):
+    """(batch, state, length) -> (batch, n_chunks, state block, T) fp32, zero padded: each
+    thread's rows of a chunk sit together, and the kernels need no masks to read them."""
+    batch, nstate, length = x.shape
+    T, block_n = cfg["T"], cfg["NPT"] * cfg["KN"]
+    n_chunks = triton.cdiv(length, T)
+    out = x.new_zeros(batch, block_n, (n_chunks + 1) * T, dtype=torch.float32)
+    out[:, :nstate, :length] = x
+    # one chunk of padding beyond the last: the forward prefetches chunk c + 1 unmasked
+    return out.view(batch, block_n, n_chunks + 1, T).transpose(1, 2).contiguous()
+
+
+def unpack_bc(x, nstate, length, dtype):
+    batch, n_chunks, block_n, T = x.shape
+    return x.transpose(1, 2).reshape(batch, block_n, n_chunks * T)[:, :nstate, :length].to(dtype)
+
+
+def segments(batch, dim, n_chunks, cfg, device) -> int:
+    """How many pieces to cut the sequence into. Each program walks its piece serially, so
+    with few (batch, channel-block) programs the SMs idle; each piece beyond the first costs
+    an extra pass (end states from zero), so cut only while all pieces' warps still fit on
+    the GPU at once (cfg["warps_per_sm"], set by the kernels' registers), and keep >= 16
+    chunks per piece. cfg["SEG"] overrides."""
+    if "SEG" in cfg:
+        return max(1, min(cfg["SEG"], n_chunks))
+    if device.type != "cuda":
+        return 1
+    warps = batch * triton.cdiv(dim, cfg["WD"] * cfg["LD"]) * cfg["WD"]
+    fit = cfg["warps_per_sm"] * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(fit // warps, n_chunks // 16))
+
+
+def _launch_consts(cfg, delta_softplus, delta_bias):
+    return dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+                FAST_LOG=not _INTERPRET, num_warps=cfg["WD"], **_layout_constexprs(), **_tile(cfg))
+
+
+def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplus=False,
+             initial_state=None, store_ckpt=False, cfg=None):
+    """Launch the forward. Bp, Cp: B and C packed by `pack_bc` with the same cfg. Returns out
+    (u.dtype), the final state (fp32) and the chunk checkpoints (batch, n_chunks, state, dim)
+    fp32, or None when not asked for."""
+    batch, dim, length = u.shape
+    nstate = A.shape[1]
+    cfg = cfg or scan_config(nstate)
+    n_chunks = triton.cdiv(length, cfg["T"])
+    nseg = segments(batch, dim, n_chunks, cfg, u.device)
+    cps = triton.cdiv(n_chunks, nseg)
+    nseg = triton.cdiv(n_chunks, cps)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    out = _empty(like=u)
+    h_last = _empty(batch, dim, nstate, **f32)
+    ckpt = _empty(batch, n_chunks, nstate, dim, **f32) if store_ckpt else None
+    hseg = torch.empty(batch, nseg, nstate, dim, **f32)
+    lseg = torch.empty(batch, nseg, dim, **f32)
+    consts = _launch_consts(cfg, delta_softplus, delta_bias)
+    grid = (batch, triton.cdiv(dim, cfg["WD"] * cfg["LD"]))
+    bias = delta_bias if delta_bias is not None else A
+    if nseg > 1:
+        _scan_fwd_segment_kernel[grid + (nseg - 1,)](
+            u, delta, A, Bp, bias, hseg, lseg, length, dim, nstate, n_chunks, cps, nseg, **consts)
+    _scan_fwd_kernel[grid + (nseg,)](
+        u, delta, A, Bp, Cp, D if D is not None else A, z if z is not None else u, bias,
+        initial_state if initial_state is not None else h_last, hseg, lseg,
+        out, h_last, ckpt if ckpt is not None else h_last,
+        length, dim, nstate, n_chunks, cps, nseg,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None,
+        STORE_CKPT=store_ckpt, PREFETCH_BC=cfg.get("prefetch_bc", True), **consts)
+    return out, h_last, ckpt
+
+
+def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chunk, dout, dlast,
+             need_dh0, cfg=None):
+    """Launch the backward over checkpoints written with chunks of t_chunk steps. Returns du,
+    ddelta, dz in the inputs' dtypes, dB and dC packed like Bp (fp32), dA, dD, ddelta_bias fp32
+    and the initial state's gradient (or None)."""
+    batch, dim, length = u.shape
+    nstate = A.shape[1]
+    cfg = dict(cfg or scan_config(nstate, backward=True), T=t_chunk)
+    n_chunks = ckpt.shape[1]
+    nseg = segments(batch, dim, n_chunks, cfg, u.device)
+    cps = triton.cdiv(n_chunks, nseg)
+    nseg = triton.cdiv(n_chunks, cps)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    du, ddelta = _empty(like=u), _empty(like=delta)
+    dz = _empty(like=z) if z is not None else None
+    dA = torch.zeros(dim, nstate, **f32)
+    dBp, dCp = torch.zeros_like(Bp), torch.zeros_like(Cp)
+    dD = torch.zeros(dim, **f32) if D is not None else None
+    dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
+    dh0 = _empty(batch, dim, nstate, **f32) if need_dh0 else None
+    gseg = torch.empty(batch, nseg, nstate, dim, **f32)
+    lseg = torch.empty(batch, nseg, dim, **f32)
+    consts = _launch_consts(cfg, delta_softplus, delta_bias)
+    grid = (batch, triton.cdiv(dim, cfg["WD"] * cfg["LD"]))
+    bias = delta_bias if delta_bias is not None else A
+    zz = z if z is not None else u
+    if nseg > 1:
+        _scan_bwd_segment_kernel[grid + (nseg - 1,)](
+            delta, A, Cp, zz, bias, dout, gseg, lseg, length, dim, nstate, n_chunks, cps, nseg,
+            HAS_Z=z is not None, **consts)
+    _scan_bwd_kernel[grid + (nseg,)](
+        u, delta, A, Bp, Cp, D if D is not None else A, zz, bias, ckpt, dout,
+        dlast if dlast is not None else A, gseg, lseg,
+        du, ddelta, dA, dBp, dCp, dD if dD is not None else dA, dz if dz is not None else du,
+        dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
+        length, dim, nstate, n_chunks, cps, nseg,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
+        STORE_DH0=need_dh0, **consts)
+    return du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """Fused selective scan; arguments and shapes as `selective_scan_ref`. Saves the inputs and
+    fp32 state checkpoints every chunk (T steps), never the per-step states."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+        u, delta, z = (_contig(x) for x in (u, delta, z))
+        A = A.contiguous().float()
+        D = D.contiguous().float() if D is not None else None
+        delta_bias = delta_bias.contiguous().float() if delta_bias is not None else None
+        h0 = initial_state.contiguous().float() if initial_state is not None else None
+        need_grad = any(ctx.needs_input_grad)
+        cfg = scan_config(A.shape[1])
+        # B and C are small (batch, state, length): one packed fp32 copy saves the kernels
+        # unpacking bf16 and computing masks for every (channel, state, step)
+        Bp, Cp = pack_bc(B, cfg), pack_bc(C, cfg)
+        out, h_last, ckpt = scan_fwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, h0,
+                                     store_ckpt=need_grad, cfg=cfg)
+        if need_grad:
+            ctx.save_for_backward(u, delta, A, Bp, Cp, D, z, delta_bias, ckpt)
+            ctx.delta_softplus = delta_softplus
+            ctx.t_chunk = cfg["T"]
+            ctx.has_h0 = initial_state is not None
+            ctx.bc_dtypes = (B.dtype, C.dtype)
+        return out, h_last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, Bp, Cp, D, z, delta_bias, ckpt = ctx.saved_tensors
+        du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0 = scan_bwd(
+            u, delta, A, Bp, Cp, D, z, delta_bias, ctx.delta_softplus, ckpt, ctx.t_chunk,
+            dout.contiguous(), dlast.contiguous() if dlast is not None else None,
+            need_dh0=ctx.has_h0)
+        nstate, length = A.shape[1], u.shape[2]
+        return (du, ddelta, dA, unpack_bc(dBp, nstate, length, ctx.bc_dtypes[0]),
+                unpack_bc(dCp, nstate, length, ctx.bc_dtypes[1]), dD, dz, dbias, None, dh0)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          initial_state=None, return_final_state=False):
+    """Fused selective scan; arguments, shapes and results as `selective_scan_ref`."""
+    if u.shape[-1] == 0:  # nothing to scan: the reference's result
+        from bytelm.ops.selective_scan import selective_scan_ref
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                  initial_state, return_final_state)
+    out, h_last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                        initial_state)
+    return (out, h_last) if return_final_state else out
+
+
+def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                                  dt_softplus=False):
+    """One generation step; arguments as `selective_state_update_ref` (state updated in place).
+
+    state: (batch, dim, nstate) fp32; x, dt, z: (batch, dim); A: (dim, nstate); B, C: (batch, nstate).
+    Returns out (batch, dim) in x.dtype.
+    """
+    batch, dim = x.shape
+    nstate = A.shape[1]
+    A = A.contiguous().float()
+    out = _empty(like=x)
+    block_n = triton.next_power_of_2(nstate)
+    block_d = max(1, min(triton.next_power_of_2(dim), 4096 // block_n, 64))
+    zz = z if z is not None else x
+    _state_update_kernel[(batch, triton.cdiv(dim, block_d))](
+        state, x, dt, A, B, C, D if D is not None else A, zz,
+        dt_bias if dt_bias is not None else A, out, dim, nstate,
+        *state.stride(), *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(),
+        *out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=bool(dt_softplus), BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4,
+    )
+    return out

@@ -1,0 +1,521 @@
+"""Triton kernels of the fused selective scan; launched and documented by `selective_scan.py`.
+
+Layout: every scan kernel works on 5-d tiles (time, state-in-thread, warp, state-lane,
+channel-lane) built by `_tile_index`; the per-step work is written inline (no jit helper calls)
+because under TRITON_INTERPRET each such call costs milliseconds.
+"""
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+from triton.language.standard import _sum_combine as _add  # tl.sum without its jit wrapper
+
+
+# --------------------------------------------------------------------------------------------
+# small jit helpers (the scan kernels inline their per-step work instead: under TRITON_INTERPRET
+# every call of a jit function costs milliseconds, which the CPU tests cannot afford per step)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    # lg2.approx on the GPU; the interpreter has no fast_log2f
+    if FAST:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x), and x itself above 20 like torch.nn.functional.softplus."""
+    return tl.where(x > 20.0, x, tl.log2(1.0 + tl.exp2(x * 1.4426950408889634)) * 0.6931471805599453)
+
+
+@triton.jit
+def _sigmoid(x):
+    return tl.fdiv(1.0, 1.0 + tl.exp2(-x * 1.4426950408889634), ieee_rounding=False)
+
+
+# --------------------------------------------------------------------------------------------
+# the 5-d tile layout
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_index(T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr,
+                LD: tl.constexpr, ASC: tl.constexpr):
+    """Index tensors (time, state-in-thread, warp, state-lane, channel-lane) of the 5-d tiles.
+
+    Time is dim 0 (contiguous in memory, so Triton keeps it in-thread). Triton hands lanes to
+    the other dims in an order that depends on its version (dim order on 3.6, reverse dim order
+    on 3.9; `tie_order_ascending` probes it), so the dims are placed for each case such that
+    the channel lanes come first, then the state lanes, then warps, and NPT stays in-thread.
+    """
+    t_ = tl.arange(0, T)[:, None, None, None, None]
+    if ASC:
+        ld_ = tl.arange(0, LD)[None, :, None, None, None]
+        kn_ = tl.arange(0, KN)[None, None, :, None, None]
+        wd_ = tl.arange(0, WD)[None, None, None, :, None]
+        np_ = tl.arange(0, NPT)[None, None, None, None, :]
+    else:
+        np_ = tl.arange(0, NPT)[None, :, None, None, None]
+        wd_ = tl.arange(0, WD)[None, None, :, None, None]
+        kn_ = tl.arange(0, KN)[None, None, None, :, None]
+        ld_ = tl.arange(0, LD)[None, None, None, None, :]
+    return t_, np_, wd_, kn_, ld_
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, hseg_ptr, lseg_ptr,
+    out_ptr, hlast_ptr, ckpt_ptr,
+    L, DIM, NSTATE, n_chunks, CPS, NSEG,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr, FAST_LOG: tl.constexpr,
+    PREFETCH_BC: tl.constexpr,
+    T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
+    ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
+    AX_LD: tl.constexpr,
+):
+    """Program (batch row, channel block, segment): the segment's CPS chunks of T steps."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    seg = tl.program_id(2)
+    t_, np_, wd_, kn_, ld_ = _tile_index(T, NPT, WD, KN, LD, ASC)
+    d = pid_d * (WD * LD) + wd_ * LD + ld_                  # channel
+    n = kn_ * NPT + np_                                     # state (B, C padded to the block)
+    BN: tl.constexpr = NPT * KN
+    mask_d = d < DIM
+    mask_dn = mask_d & (n < NSTATE)
+    zero_kn = kn_ * 0                                       # spreads per-channel tiles over KN
+    mask_row = mask_d & (zero_kn == 0)
+
+    # per-(channel, state) constants; A pre-scaled so that exp2 gives exp
+    A2 = tl.load(A_ptr + d * NSTATE + n, mask=mask_dn, other=0.0) * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d + zero_kn, mask=mask_d, other=0.0)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d + zero_kn, mask=mask_d, other=0.0)
+    state_off = (pid_b * DIM + d) * NSTATE + n               # into (batch, dim, state)
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0)
+    else:
+        h = tl.zeros_like(A2)
+    # the state entering this segment: run the earlier segments' end states (from zero) and
+    # total decays exp(A * sum dt) forward; (batch, segment, state, dim) and (batch, segment, dim)
+    seg_off = tl.max_contiguous(pid_b * NSEG * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
+    for j in range(0, seg):
+        lam = tl.load(lseg_ptr + (pid_b * NSEG + j) * DIM + d + zero_kn, mask=mask_d, other=0.0)
+        h = tl.exp2(A2 * lam) * h + tl.load(hseg_ptr + seg_off + j * NSTATE * DIM, mask=mask_dn,
+                                            other=0.0)
+
+    c_lo = seg * CPS
+    c_hi = tl.minimum(c_lo + CPS, n_chunks)
+    row = pid_b * DIM * L + d.to(tl.int64) * L + zero_kn      # start of each channel's row
+    # B, C packed by the wrapper as (batch, chunk + 1, state block, T) fp32, zero padded
+    bc_off = (pid_b * (n_chunks + 1) + c_lo) * BN * T + n * T + t_ + (wd_ + ld_) * 0
+    # checkpoints (batch, chunk, state, dim); max_contiguous(1) stops Triton from regrouping
+    # neighbouring channels into one thread for wider stores, which would cost a layout change
+    ckpt_ptrs = ckpt_ptr + tl.max_contiguous((pid_b * n_chunks + c_lo) * NSTATE * DIM + n * DIM + d,
+                                             [1, 1, 1, 1, 1])
+
+    # the per-channel rows of chunk c + 1 are loaded while chunk c computes; so are its B and C
+    # rows with PREFETCH_BC (their cache latency was a third of the stalls; costs registers)
+    t = c_lo * T + t_
+    m_nx = (t < L) & mask_row
+    u_nx = tl.load(u_ptr + row + t, mask=m_nx, other=0.0)
+    dl_nx = tl.load(delta_ptr + row + t, mask=m_nx, other=0.0)
+    if HAS_Z:
+        z_nx = tl.load(z_ptr + row + t, mask=m_nx, other=0.0)
+    if PREFETCH_BC:
+        B_nx = tl.load(B_ptr + bc_off)
+        C_nx = tl.load(C_ptr + bc_off)
+    for c in range(c_lo, c_hi):
+        t = c * T + t_
+        m_row = (t < L) & mask_row
+        u = u_nx.to(tl.float32)
+        dt = dl_nx.to(tl.float32)
+        if HAS_Z:
+            zz = z_nx.to(tl.float32)
+        m_nx = (t + T < L) & mask_row
+        u_nx = tl.load(u_ptr + row + t + T, mask=m_nx, other=0.0)
+        dl_nx = tl.load(delta_ptr + row + t + T, mask=m_nx, other=0.0)
+        if HAS_Z:
+            z_nx = tl.load(z_ptr + row + t + T, mask=m_nx, other=0.0)
+        if PREFETCH_BC:  # the packed B, C hold a padding chunk past the end: no mask needed
+            Bt = B_nx
+            Ct = C_nx
+            B_nx = tl.load(B_ptr + bc_off + BN * T)
+            C_nx = tl.load(C_ptr + bc_off + BN * T)
+        else:
+            Bt = tl.load(B_ptr + bc_off)
+            Ct = tl.load(C_ptr + bc_off)
+        bc_off += BN * T
+        if STORE_CKPT:  # the state entering chunk c, for the backward
+            tl.store(ckpt_ptrs, h, mask=mask_dn)
+            ckpt_ptrs += NSTATE * DIM
+        if HAS_BIAS:
+            dt += bias
+        if SOFTPLUS:  # torch's softplus: x itself above 20
+            dt = tl.where(dt > 20.0, dt, _log2(1.0 + tl.exp2(dt * LOG2E), FAST_LOG) * 0.6931471805599453)
+        dt = tl.where(m_row, dt, 0.0)       # steps past the end: decay 1, no input
+        dA = tl.exp2(dt * A2)
+        dBu = (dt * u) * Bt
+        H = tl.zeros_like(dBu)
+        for k in tl.static_range(T):
+            # step k of a tile: its time axis is in-thread, so this sum folds to a register read
+            # (-0.0 because x + -0.0 == x exactly)
+            at_k = t_ == k
+            h = (tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * h
+                 + tl.reduce(tl.where(at_k, dBu, -0.0), 0, _add, keep_dims=True))
+            H = tl.where(at_k, h, H)
+        # y_t = C_t . h_t: the NPT states in-thread, then over the KN lanes
+        y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
+        if HAS_D:
+            y = y + Dv * u
+        if HAS_Z:
+            y = y * zz * tl.fdiv(1.0, 1.0 + tl.exp2(-zz * LOG2E), ieee_rounding=False)
+        tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=m_row)
+
+    tl.store(hlast_ptr + state_off, h, mask=mask_dn & (zero_kn + seg == NSEG - 1))
+
+
+@triton.jit
+def _scan_fwd_segment_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, hseg_ptr, lseg_ptr,
+    L, DIM, NSTATE, n_chunks, CPS, NSEG,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr,
+    T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
+    ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
+    AX_LD: tl.constexpr,
+):
+    """Program (batch row, channel block, segment < NSEG - 1): the segment's end state from a
+    zero start and its summed step sizes, so that later segments can start without waiting."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    seg = tl.program_id(2)
+    t_, np_, wd_, kn_, ld_ = _tile_index(T, NPT, WD, KN, LD, ASC)
+    d = pid_d * (WD * LD) + wd_ * LD + ld_
+    n = kn_ * NPT + np_
+    BN: tl.constexpr = NPT * KN
+    mask_d = d < DIM
+    mask_dn = mask_d & (n < NSTATE)
+    zero_kn = kn_ * 0
+    mask_row = mask_d & (zero_kn == 0)
+    A2 = tl.load(A_ptr + d * NSTATE + n, mask=mask_dn, other=0.0) * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d + zero_kn, mask=mask_d, other=0.0)
+    row = pid_b * DIM * L + d.to(tl.int64) * L + zero_kn
+    c_lo = seg * CPS
+    bc_off = (pid_b * (n_chunks + 1) + c_lo) * BN * T + n * T + t_ + (wd_ + ld_) * 0
+    h = tl.zeros_like(A2)
+    lam = tl.zeros_like(t_ + d + zero_kn).to(tl.float32)
+    for c in range(c_lo, c_lo + CPS):      # segments before the last are full
+        t = c * T + t_
+        m_row = (t < L) & mask_row
+        u = tl.load(u_ptr + row + t, mask=m_row, other=0.0).to(tl.float32)
+        dt = tl.load(delta_ptr + row + t, mask=m_row, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + bc_off)
+        bc_off += BN * T
+        if HAS_BIAS:
+            dt += bias
+        if SOFTPLUS:
+            dt = tl.where(dt > 20.0, dt, _log2(1.0 + tl.exp2(dt * LOG2E), FAST_LOG) * 0.6931471805599453)
+        dt = tl.where(m_row, dt, 0.0)
+        lam += dt
+        dA = tl.exp2(dt * A2)
+        dBu = (dt * u) * Bt
+        for k in tl.static_range(T):
+            at_k = t_ == k
+            h = (tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * h
+                 + tl.reduce(tl.where(at_k, dBu, -0.0), 0, _add, keep_dims=True))
+    seg_off = tl.max_contiguous((pid_b * NSEG + seg) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
+    tl.store(hseg_ptr + seg_off, h, mask=mask_dn)
+    tl.store(lseg_ptr + (pid_b * NSEG + seg) * DIM + d + zero_kn,
+             tl.reduce(lam, 0, _add, keep_dims=True), mask=mask_row)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dlast_ptr,
+    gseg_ptr, lseg_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
+    L, DIM, NSTATE, n_chunks, CPS, NSEG,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DLAST: tl.constexpr, STORE_DH0: tl.constexpr, FAST_LOG: tl.constexpr,
+    T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
+    ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
+    AX_LD: tl.constexpr,
+):
+    """Program (batch row, channel block, segment): the segment's chunks, last to first."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    seg = tl.program_id(2)
+    t_, np_, wd_, kn_, ld_ = _tile_index(T, NPT, WD, KN, LD, ASC)
+    d = pid_d * (WD * LD) + wd_ * LD + ld_
+    n = kn_ * NPT + np_
+    BN: tl.constexpr = NPT * KN
+    mask_d = d < DIM
+    mask_dn = mask_d & (n < NSTATE)
+    zero_kn = kn_ * 0
+    mask_row = mask_d & (zero_kn == 0)
+
+    A = tl.load(A_ptr + d * NSTATE + n, mask=mask_dn, other=0.0)
+    A2 = A * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d + zero_kn, mask=mask_d, other=0.0)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d + zero_kn, mask=mask_d, other=0.0)
+    state_off = (pid_b * DIM + d) * NSTATE + n
+    # g: gradient reaching the state at the end of the chunk in hand, from the steps after it;
+    # later segments' contributions come from their zero-start sums and total decays
+    if HAS_DLAST:
+        g = tl.load(dlast_ptr + state_off, mask=mask_dn, other=0.0)
+    else:
+        g = tl.zeros_like(A)
+    seg_off = tl.max_contiguous(pid_b * NSEG * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
+    for jj in range(0, NSEG - 1 - seg):
+        j = NSEG - 1 - jj
+        lam = tl.load(lseg_ptr + (pid_b * NSEG + j) * DIM + d + zero_kn, mask=mask_d, other=0.0)
+        g = tl.exp2(A2 * lam) * g + tl.load(gseg_ptr + seg_off + j * NSTATE * DIM, mask=mask_dn,
+                                            other=0.0)
+
+    c_lo = seg * CPS
+    c_hi = tl.minimum(c_lo + CPS, n_chunks)
+    row = pid_b * DIM * L + d.to(tl.int64) * L + zero_kn
+    bc_off = (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T + n * T + t_ + (wd_ + ld_) * 0   # last chunk
+    ckpt_ptrs = ckpt_ptr + tl.max_contiguous(
+        (pid_b * n_chunks + c_hi - 1) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
+
+    dA_acc = tl.zeros_like(A)
+    dD_acc = tl.zeros_like(t_ + d + zero_kn).to(tl.float32)     # (T, channel) accumulators
+    dbias_acc = tl.zeros_like(dD_acc)
+
+    # the chunk processed next (one earlier in time) is loaded while this one computes
+    t = (c_hi - 1) * T + t_
+    m_nx = (t < L) & mask_row
+    u_nx = tl.load(u_ptr + row + t, mask=m_nx, other=0.0)
+    dl_nx = tl.load(delta_ptr + row + t, mask=m_nx, other=0.0)
+    do_nx = tl.load(dout_ptr + row + t, mask=m_nx, other=0.0)
+    if HAS_Z:
+        z_nx = tl.load(z_ptr + row + t, mask=m_nx, other=0.0)
+    h_nx = tl.load(ckpt_ptrs, mask=mask_dn, other=0.0)
+    for cc in range(0, c_hi - c_lo):
+        c = c_hi - 1 - cc
+        t = c * T + t_
+        m_row = (t < L) & mask_row
+        u = u_nx.to(tl.float32)
+        draw = dl_nx.to(tl.float32)
+        dout = do_nx.to(tl.float32)
+        if HAS_Z:
+            zz = z_nx.to(tl.float32)
+        h = h_nx
+        m_nx = (t - T >= c_lo * T) & mask_row            # chunk c - 1 is in this segment
+        u_nx = tl.load(u_ptr + row + t - T, mask=m_nx, other=0.0)
+        dl_nx = tl.load(delta_ptr + row + t - T, mask=m_nx, other=0.0)
+        do_nx = tl.load(dout_ptr + row + t - T, mask=m_nx, other=0.0)
+        if HAS_Z:
+            z_nx = tl.load(z_ptr + row + t - T, mask=m_nx, other=0.0)
+        ckpt_ptrs -= NSTATE * DIM
+        h_nx = tl.load(ckpt_ptrs, mask=mask_dn & (zero_kn + c > c_lo), other=0.0)
+
+        Bt = tl.load(B_ptr + bc_off)
+        Ct = tl.load(C_ptr + bc_off)
+        if HAS_BIAS:
+            draw += bias
+        dt = draw
+        if SOFTPLUS:
+            dt = tl.where(draw > 20.0, draw,
+                          _log2(1.0 + tl.exp2(draw * LOG2E), FAST_LOG) * 0.6931471805599453)
+        dt = tl.where(m_row, dt, 0.0)
+        dtu = dt * u
+        dA = tl.exp2(dt * A2)
+        dBu = dtu * Bt
+
+        # recompute the chunk's states h_t from its checkpoint
+        H = tl.zeros_like(dBu)
+        for k in tl.static_range(T):
+            at_k = t_ == k
+            h = (tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * h
+                 + tl.reduce(tl.where(at_k, dBu, -0.0), 0, _add, keep_dims=True))
+            H = tl.where(at_k, h, H)
+
+        if HAS_Z:
+            y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
+            if HAS_D:
+                y = y + Dv * u
+            sig = tl.fdiv(1.0, 1.0 + tl.exp2(-zz * LOG2E), ieee_rounding=False)
+            dy = dout * zz * sig
+            dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
+            tl.store(dz_ptr + row + t, dz.to(dz_ptr.dtype.element_ty), mask=m_row)
+        else:
+            dy = dout
+        if HAS_D:
+            dD_acc += dy * u
+
+        # walk the chunk backwards: dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1}; g carries the
+        # second term, and after step 0 it is the gradient of the chunk's starting state
+        x = Ct * dy
+        DH = tl.zeros_like(x)
+        for k in tl.static_range(T - 1, -1, -1):
+            at_k = t_ == k
+            dh = g + tl.reduce(tl.where(at_k, x, -0.0), 0, _add, keep_dims=True)
+            DH = tl.where(at_k, dh, DH)
+            g = tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * dh
+
+        # q = dh * exp(dt A) h_{t-1} = dh (h_t - dt u B): the gradient of the exponent dt * A
+        q = DH * (H - dBu)
+        s_dhB = tl.reduce(tl.reduce(DH * Bt, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
+        s_qA = tl.reduce(tl.reduce(q * A, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
+        dA_acc += tl.reduce(q * dt, 0, _add, keep_dims=True)
+        # dB, dC: reduce over this program's channels (lanes, then warps), then one atomic each
+        # into the packed (batch, chunk, state block, T) fp32 buffers
+        dB_c = tl.reduce(tl.reduce(DH * dtu, AX_LD, _add, keep_dims=True), AX_WD, _add, keep_dims=True)
+        dC_c = tl.reduce(tl.reduce(H * dy, AX_LD, _add, keep_dims=True), AX_WD, _add, keep_dims=True)
+        bc_red = (pid_b * (n_chunks + 1) + c) * BN * T + n * T + t_
+        tl.atomic_add(dB_ptr + bc_red, dB_c, sem="relaxed")
+        tl.atomic_add(dC_ptr + bc_red, dC_c, sem="relaxed")
+        bc_off -= BN * T
+
+        du = dt * s_dhB
+        if HAS_D:
+            du += Dv * dy
+        tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=m_row)
+        ddt = s_qA + u * s_dhB
+        if SOFTPLUS:
+            ddt = tl.where(draw > 20.0, ddt,
+                           ddt * tl.fdiv(1.0, 1.0 + tl.exp2(-draw * LOG2E), ieee_rounding=False))
+        ddt = tl.where(m_row, ddt, 0.0)
+        tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_row)
+        if HAS_BIAS:
+            dbias_acc += ddt
+
+    # per-channel parameters: summed over time here, over batch rows and segments by atomics
+    tl.atomic_add(dA_ptr + d * NSTATE + n + (wd_ + ld_) * 0, dA_acc, mask=mask_dn, sem="relaxed")
+    first_kn = mask_row & (kn_ == 0)  # the KN lanes hold copies of each channel's sums
+    if HAS_D:
+        tl.atomic_add(dD_ptr + d + zero_kn, tl.reduce(dD_acc, 0, _add, keep_dims=True),
+                      mask=first_kn, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + d + zero_kn, tl.reduce(dbias_acc, 0, _add, keep_dims=True),
+                      mask=first_kn, sem="relaxed")
+    if STORE_DH0:
+        tl.store(dh0_ptr + state_off, g, mask=mask_dn & (zero_kn + seg == 0))
+
+
+@triton.jit
+def _scan_bwd_segment_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, gseg_ptr, lseg_ptr,
+    L, DIM, NSTATE, n_chunks, CPS, NSEG,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr,
+    T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
+    ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
+    AX_LD: tl.constexpr,
+):
+    """Program (batch row, channel block, segment >= 1): the gradient its own outputs send to
+    the state entering it (zero from later steps) and its summed step sizes."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    seg = tl.program_id(2) + 1
+    t_, np_, wd_, kn_, ld_ = _tile_index(T, NPT, WD, KN, LD, ASC)
+    d = pid_d * (WD * LD) + wd_ * LD + ld_
+    n = kn_ * NPT + np_
+    BN: tl.constexpr = NPT * KN
+    mask_d = d < DIM
+    mask_dn = mask_d & (n < NSTATE)
+    zero_kn = kn_ * 0
+    mask_row = mask_d & (zero_kn == 0)
+    A2 = tl.load(A_ptr + d * NSTATE + n, mask=mask_dn, other=0.0) * LOG2E
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d + zero_kn, mask=mask_d, other=0.0)
+    row = pid_b * DIM * L + d.to(tl.int64) * L + zero_kn
+    c_lo = seg * CPS
+    c_hi = tl.minimum(c_lo + CPS, n_chunks)
+    bc_off = (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T + n * T + t_ + (wd_ + ld_) * 0
+    g = tl.zeros_like(A2)
+    lam = tl.zeros_like(t_ + d + zero_kn).to(tl.float32)
+    for cc in range(0, c_hi - c_lo):
+        c = c_hi - 1 - cc
+        t = c * T + t_
+        m_row = (t < L) & mask_row
+        dt = tl.load(delta_ptr + row + t, mask=m_row, other=0.0).to(tl.float32)
+        dy = tl.load(dout_ptr + row + t, mask=m_row, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_ptr + row + t, mask=m_row, other=0.0).to(tl.float32)
+            dy = dy * zz * tl.fdiv(1.0, 1.0 + tl.exp2(-zz * LOG2E), ieee_rounding=False)
+        Ct = tl.load(C_ptr + bc_off)
+        bc_off -= BN * T
+        if HAS_BIAS:
+            dt += bias
+        if SOFTPLUS:
+            dt = tl.where(dt > 20.0, dt, _log2(1.0 + tl.exp2(dt * LOG2E), FAST_LOG) * 0.6931471805599453)
+        dt = tl.where(m_row, dt, 0.0)
+        lam += dt
+        dA = tl.exp2(dt * A2)
+        x = Ct * dy
+        for k in tl.static_range(T - 1, -1, -1):
+            at_k = t_ == k
+            g = tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * (
+                g + tl.reduce(tl.where(at_k, x, -0.0), 0, _add, keep_dims=True))
+    seg_off = tl.max_contiguous((pid_b * NSEG + seg) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
+    tl.store(gseg_ptr + seg_off, g, mask=mask_dn)
+    tl.store(lseg_ptr + (pid_b * NSEG + seg) * DIM + d + zero_kn,
+             tl.reduce(lam, 0, _add, keep_dims=True), mask=mask_row)
+
+
+# --------------------------------------------------------------------------------------------
+# one generation step
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
+    DIM, NSTATE,
+    s_sb, s_sd, s_sn, x_sb, x_sd, dt_sb, dt_sd, z_sb, z_sd, B_sb, B_sn, C_sb, C_sn, o_sb, o_sd,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    md = d < DIM
+    mn = n < NSTATE
+    mdn = md[:, None] & mn[None, :]
+    s_ptrs = state_ptr + pid_b * s_sb + d[:, None] * s_sd + n[None, :] * s_sn
+    h = tl.load(s_ptrs, mask=mdn, other=0.0)
+    x = tl.load(x_ptr + pid_b * x_sb + d * x_sd, mask=md, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + pid_b * dt_sb + d * dt_sd, mask=md, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + d, mask=md, other=0.0)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    A = tl.load(A_ptr + d[:, None] * NSTATE + n[None, :], mask=mdn, other=0.0)
+    Bv = tl.load(B_ptr + pid_b * B_sb + n * B_sn, mask=mn, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + pid_b * C_sb + n * C_sn, mask=mn, other=0.0).to(tl.float32)
+    h = tl.exp2(dt[:, None] * A * 1.4426950408889634) * h + (dt * x)[:, None] * Bv[None, :]
+    tl.store(s_ptrs, h.to(state_ptr.dtype.element_ty), mask=mdn)
+    y = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + d, mask=md, other=0.0) * x
+    if HAS_Z:
+        zz = tl.load(z_ptr + pid_b * z_sb + d * z_sd, mask=md, other=0.0).to(tl.float32)
+        y = y * zz * _sigmoid(zz)
+    tl.store(out_ptr + pid_b * o_sb + d * o_sd, y.to(out_ptr.dtype.element_ty), mask=md)
+
+
+# --------------------------------------------------------------------------------------------
+# a probe of Triton's layout choice (see _tile_index)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _tie_probe_kernel(x_ptr, L):
+    a = tl.arange(0, 8)[:, None, None]
+    b = tl.arange(0, 2)[None, :, None]
+    c = tl.arange(0, 16)[None, None, :]
+    off = tl.max_contiguous(c + a * L + b * (L * 8), [1, 1, 1])
+    tl.store(x_ptr + off, tl.load(x_ptr + off) * 2.0)
