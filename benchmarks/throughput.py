@@ -65,7 +65,7 @@ def bench(model_kw: dict, seq_len: int, batch: int, steps: int, warmup: int, bac
     flops = 3 * model.flops_per_token(seq_len) * batch * seq_len
     result = dict(params=model.num_params(), ms=seconds * 1e3, bytes_per_s=bytes_per_s,
                   mfu=flops / seconds / PEAK_FLOPS, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
-                  loss=float(loss))
+                  loss=loss.item())
     del model, opt, data
     torch.cuda.empty_cache()
     return result

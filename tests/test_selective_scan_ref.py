@@ -106,3 +106,14 @@ def test_backend_switch():
         resolve_backend("fast", torch.device("cpu"))
     x = make_inputs(1, 2, 5, 2)
     assert rel_err(selective_scan_fn(**x, backend="naive"), selective_scan_fn(**x, backend="ref")) < 1e-5
+
+
+def test_ref_under_bf16_autocast_keeps_fp32_maths():
+    """Under autocast (bf16-mixed training) the reference must not mix dtypes in its backward."""
+    x = make_inputs(2, 3, 40, 4, grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = selective_scan_ref(**x, delta_softplus=True)
+    out.float().square().sum().backward()
+    ref = selective_scan_ref(**{k: v.detach() for k, v in x.items()}, delta_softplus=True)
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-6
+    assert all(torch.isfinite(v.grad).all() for v in x.values() if v.grad is not None)

@@ -128,6 +128,11 @@ class _ScanCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dt, u, A, B, C, h0):
+        with torch.autocast(dt.device.type, enabled=False):  # the reference stays in fp32
+            return _ScanCore._forward(ctx, dt, u, A, B, C, h0)
+
+    @staticmethod
+    def _forward(ctx, dt, u, A, B, C, h0):
         dA = torch.exp(dt.unsqueeze(-1) * A)
         dBu = (dt * u).unsqueeze(-1) * B.unsqueeze(2)
         H = _chunked_linear_recurrence(dA, dBu, h0)  # H[t+1] = h_t
@@ -137,7 +142,13 @@ class _ScanCore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh_last):
+        with torch.autocast(dy.device.type, enabled=False):
+            return _ScanCore._backward(ctx, dy, dh_last)
+
+    @staticmethod
+    def _backward(ctx, dy, dh_last):
         dt, u, A, B, C, dA, H = ctx.saved_tensors
+        dy, dh_last = dy.to(dt.dtype), dh_last.to(dt.dtype)
         # dh_t = C_t dy_t + dA_{t+1} dh_{t+1}. With G_t = dA_t dh_t this is a reverse
         # recurrence in dA itself (no shifted copy): G_t = dA_t G_{t+1} + dA_t C_t dy_t.
         x = dy.unsqueeze(-1) * C.unsqueeze(2)

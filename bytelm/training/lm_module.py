@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from bytelm.config import OptimConfig
+from bytelm.training import distributed
+from bytelm.training.datamodule import IGNORE
 from bytelm.models.lm import LM, ModelConfig
 from bytelm.tokenizer import ByteTokenizer
 
@@ -69,17 +71,21 @@ class LMTask(L.LightningModule):
         batch = self.trainer.datamodule.cfg.batch_size if self._trainer else 1
         return 3 * self.flops_per_token * self.seq_len * batch
 
-    def nll(self, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+    def nll(self, batch: torch.Tensor, reduction: str = "mean", targets=None) -> torch.Tensor:
+        """Next-id NLL of windows (batch, length); `targets` (batch, length - 1) replaces
+        batch[:, 1:], with IGNORE where nothing is scored."""
+        inputs, targets = batch[:, :-1], batch[:, 1:] if targets is None else targets
         logits = self.model(inputs)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               reduction=reduction)
+                               reduction=reduction, ignore_index=IGNORE)
 
     def training_step(self, batch, batch_idx):
         loss = self.nll(batch)  # NaN/inf: the NumericalGuard callback applies train.on_nonfinite
-        self.log("train/loss", loss, prog_bar=True)
+        # Averaged over ranks (equal batches): the loss of the global batch, as on one device.
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         targets = batch[:, 1:]
-        self.log("train/bpb", loss * targets.numel() / (self.token_bytes[targets].sum() * LN2))
+        self.log("train/bpb", loss * targets.numel() / (self.token_bytes[targets].sum() * LN2),
+                 sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
         return loss
 
@@ -95,18 +101,25 @@ class LMTask(L.LightningModule):
         # Cumulative training FLOPs once this optimizer step is done (every rank, every micro-batch).
         per_step = self.flops_per_batch * self.trainer.accumulate_grad_batches * self.trainer.world_size
         self.log("train/flops", torch.tensor((self.global_step + 1) * per_step, dtype=torch.float64))
-        norms = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm())
+        norm = distributed.grad_norm(self.parameters(), self.trainer)  # of every rank's shard
+        if norm is not None:
+            self.log("train/grad_norm", norm)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None):
+        distributed.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_validation_epoch_start(self):
         self._val_nll, self._val_bytes, self._val_tokens = 0.0, 0, 0
 
     def validation_step(self, batch, batch_idx):
-        nll = self.nll(batch, reduction="sum")
+        """batch: (windows, targets) from the datamodule's EvalWindows."""
+        windows, targets = batch
+        nll = self.nll(windows, reduction="sum", targets=targets)
+        scored = targets != IGNORE
         self._val_nll += nll.item()
-        self._val_tokens += batch[:, 1:].numel()
-        self._val_bytes += int(self.token_bytes[batch[:, 1:]].sum())
+        self._val_tokens += int(scored.sum())
+        self._val_bytes += int(self.token_bytes[targets.clamp(min=0)][scored].sum())
 
     def on_validation_epoch_end(self):
         totals = torch.tensor([self._val_nll, float(self._val_tokens), float(self._val_bytes)],
@@ -124,7 +137,9 @@ class LMTask(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim_cfg
-        fused = self.device.type == "cuda"
+        # Lightning refuses gradient clipping with a fused optimizer under mixed precision
+        # (it cannot unscale inside the fused step), so fuse only when nothing is clipped.
+        fused = self.device.type == "cuda" and not self.trainer.gradient_clip_val
         opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr,
                                 betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
         total = o.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000)
