@@ -229,21 +229,6 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_ids: list[int], bat
     return answers
 
 
-def next_id(logits: torch.Tensor, vocab: int, temperature: float, top_p: float,
-            generator: torch.Generator | None) -> torch.Tensor:
-    """Sample (batch,) ids from (batch, >=vocab) logits; temperature 0 is greedy, top_p < 1
-    keeps the smallest set of ids whose probability reaches top_p."""
-    logits = logits[:, :vocab].float()
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        sorted_p = sorted_p * (sorted_p.cumsum(-1) - sorted_p < top_p)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 # ---- data ---------------------------------------------------------------------------------
 
 def open_corpus(cfg, data: str | None):

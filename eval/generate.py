@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from eval.common import (EvalError, Parser, add_common_args, autocast, load, n_symbols, next_id,
+from bytelm.models.lm import sample_next
+from eval.common import (EvalError, Parser, add_common_args, autocast, load, n_symbols,
                          run_cli)
 
 
@@ -60,7 +61,7 @@ def generate(loaded, prompt: str, max_bytes: int, temperature: float, top_p: flo
     with autocast(device):
         logits, state = loaded.model.prefill(torch.tensor([ids], device=device))
         while True:
-            token = next_id(logits, n_symbols(loaded.tokenizer), temperature, top_p, generator)
+            token = sample_next(logits, temperature, top_p, generator, n_symbols(loaded.tokenizer))
             stream.push(int(token))
             if stream.n_bytes + len(stream.pending) >= max_bytes:  # a pending id is >= 1 byte
                 break

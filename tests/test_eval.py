@@ -14,6 +14,7 @@ from torch import nn
 
 from bytelm import probes
 from bytelm.checkpoint import ByteTokenizer
+from bytelm.models.lm import sample_next
 from bytelm.models.mamba_lm import MambaConfig, MambaLM
 from eval import common, robustness
 from eval import probes as eval_probes
@@ -223,9 +224,9 @@ def test_generate_streams_the_greedy_continuation():
 def test_next_id_top_p_keeps_the_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     gen = torch.Generator().manual_seed(0)
-    drawn = {int(common.next_id(logits, 4, 1.0, 0.75, gen)) for _ in range(200)}
+    drawn = {int(sample_next(logits, 1.0, 0.75, gen, 4)) for _ in range(200)}
     assert drawn == {0, 1}
-    assert int(common.next_id(logits, 4, 0.0, 1.0, None)) == 0
+    assert int(sample_next(logits, 0.0, 1.0, None, 4)) == 0
 
 
 # ---- perturbations ------------------------------------------------------------------------
