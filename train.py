@@ -4,6 +4,8 @@
     python train.py --config configs/mamba-tiny-shakespeare.yaml
     python train.py --model.d_model 512 --trainer.max_steps 2000 --data tinyshakespeare --seed 7
     python train.py --resume runs/default --trainer.max_steps 4000   # continue a run
+    python train.py --trainer.devices 8 --trainer.strategy ddp      # 8 GPUs (or fsdp: sharded)
+    scripts/torchrun.sh / sbatch scripts/slurm.sbatch               # several nodes: docs/distributed.md
     python train.py --help                            # every option
 
 Runs live in runs/<name>/: config.yaml (the resolved config), checkpoints/ (step<N>.ckpt every
@@ -16,7 +18,8 @@ Exit status: 0 done; 1 stopped by a numerical fault (see train.on_nonfinite; a c
 saved); 2 bad input, or a checkpoint that could not be written (one line on stderr; nothing is
 overwritten); 128+N preempted by signal N (143: SIGTERM): a checkpoint is saved, --resume it.
 These handlers replace Lightning's SLURM auto-requeue: under SLURM (sbatch --signal=USR1@120),
-requeue from the batch script on an exit status above 128, and start it with --resume.
+requeue from the batch script on an exit status above 128 and start it with --resume auto
+(scripts/slurm.sbatch does).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+AUTO = "auto"  # --resume auto
 
 
 def parse_args(argv: list[str]):
@@ -81,6 +85,47 @@ def resolve_config(opts, overrides):
     base = load_yaml(opts["config"] or DEFAULT_CONFIG)
     cfg = build_config(base, override_tree)
     return cfg, Path(cfg.train.out_dir) / cfg.name
+
+
+def resolve_auto_resume(opts, overrides) -> dict:
+    """--resume auto: continue the run the config names if it has a checkpoint, else start it
+    (replacing a run directory without checkpoints: it holds nothing to continue). One command
+    line for the first start and every restart of a requeued job."""
+    if opts["resume"] != AUTO:
+        return opts
+    from bytelm.config import ConfigError, to_dict
+    from bytelm.training.checkpointing import step_checkpoints
+
+    if opts["overwrite"]:
+        raise ConfigError("--resume auto continues a run that has a checkpoint and --overwrite "
+                          "would delete it; pass one of them")
+    fresh = {**opts, "resume": None}
+    cfg, run_dir = resolve_config(fresh, overrides)
+    if not step_checkpoints(run_dir / "checkpoints"):
+        if not is_launched_rank():
+            print(f"--resume auto: no checkpoint in {run_dir}; starting the run")
+        return {**fresh, "overwrite": (run_dir / "config.yaml").is_file()}
+    resumed = {**opts, "resume": str(run_dir), "config": None}
+    saved, _ = resolve_config(resumed, overrides)
+    changed = first_difference(to_dict(saved), to_dict(cfg))
+    if changed and not is_launched_rank():
+        print(f"warning: --resume auto continues {run_dir} with its saved config; {changed} "
+              f"differs in the config given and is not applied (a new run needs a new --name)",
+              file=sys.stderr)
+    return resumed
+
+
+def first_difference(saved: dict, given: dict, prefix: str = "") -> str | None:
+    """The first dotted key whose value differs between two config trees."""
+    for key in sorted(saved.keys() | given.keys()):
+        a, b = saved.get(key), given.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}"
+    return None
 
 
 def signal_name(signum: int) -> str:
@@ -168,19 +213,27 @@ def check_corpus_fits(dm) -> None:
     next(iter(dm.val_dataloader()))
 
 
+def windows_in(batch):
+    """The (batch, length) ids of a training batch or of a validation (windows, targets) pair."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 def build_trainer(cfg, run_dir: Path, sample_prompt: bytes, manifest: dict,
-                  resume_step: int | None = None, signals=None):
+                  resume_step: int | None = None, signals=None, bytes_per_token: float = 1.0):
     import lightning as L
     import torch
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import RichProgressBar, ThroughputMonitor
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-    from bytelm.training.callbacks import SampleText
+    from bytelm.config import ConfigError
+    from bytelm.training.callbacks import SampleText, ValidateLastStep
     from bytelm.training.checkpointing import AtomicCheckpointIO, StepCheckpoints
-    from bytelm.training.csv_log import make_csv_logger
+    from bytelm.training.csv_log import ResumableCSVLogger
+    from bytelm.training.distributed import GlobalBatch, cluster_plugins, make_strategy
     from bytelm.training.faults import NumericalGuard
 
-    loggers = [make_csv_logger(run_dir, resume_step)]
+    loggers = [ResumableCSVLogger(run_dir, resume_step)]  # its file is opened after start_run_dir
     if "tensorboard" in cfg.train.loggers:
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard"))
     if "wandb" in cfg.train.loggers:
@@ -198,17 +251,25 @@ def build_trainer(cfg, run_dir: Path, sample_prompt: bytes, manifest: dict,
     targs.setdefault("log_every_n_steps", 10)
     targs.setdefault("num_sanity_val_steps", 0)
     targs["enable_checkpointing"] = False  # StepCheckpoints saves instead
+    targs["strategy"] = make_strategy(targs.get("strategy", "auto"))
     callbacks = [
         StepCheckpoints(run_dir / "checkpoints", cfg.train.ckpt_every, manifest, signals),
         NumericalGuard(cfg.train.on_nonfinite, cfg.train.max_skips_in_row, cfg.train.max_skips,
                        cfg.train.spike_factor),
         *([RichProgressBar()] if targs.get("enable_progress_bar", True) else []),
-        ThroughputMonitor(batch_size_fn=lambda b: b.shape[0], length_fn=lambda b: b.shape[1] - 1),
+        ThroughputMonitor(batch_size_fn=lambda b: windows_in(b).shape[0],
+                          length_fn=lambda b: windows_in(b).shape[1] - 1),
+        GlobalBatch(cfg.data.batch_size, cfg.data.seq_len, bytes_per_token),
         SampleText(run_dir, sample_prompt, cfg.train.sample_bytes, cfg.train.sample_temperature,
                    cfg.seed),
+        ValidateLastStep(cfg.train.eval_every),
     ]
-    return L.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
-                     plugins=[AtomicCheckpointIO()], **targs)
+    try:
+        return L.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
+                         plugins=[AtomicCheckpointIO(), *cluster_plugins()], **targs)
+    except (MisconfigurationException, ValueError) as e:  # devices, nodes, precision, ...
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"trainer: {first_line}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,11 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         print("Options (YAML keys; on the command line as --section.key VALUE):")
         print("  --config PATH        YAML config (default configs/default.yaml)")
         print("  --resume RUN_DIR     continue runs/<name> from its newest intact checkpoint")
+        print("  --resume auto        continue the run the config names if it has a checkpoint,\n"
+              "                       else start it (for requeued jobs: one command line)")
         print("  --overwrite          replace an existing run directory of the same name")
         print("  --data SRC           shorthand for --data.source SRC")
         print(help_text())
         print("\n  --trainer.KEY VALUE  any lightning.Trainer argument (max_steps, accelerator, devices,\n"
-              "                       strategy, precision, accumulate_grad_batches, gradient_clip_val, ...)")
+              "                       strategy, precision, accumulate_grad_batches, gradient_clip_val, ...)\n"
+              "                       strategy: auto, ddp or fsdp (docs/distributed.md)")
         return 0
 
     from bytelm.checkpoint import CheckpointError
@@ -249,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(opts, overrides) -> int:
+    opts = resolve_auto_resume(opts, overrides)
     cfg, run_dir = resolve_config(opts, overrides)
     owner = not is_launched_rank()
     resume_from, resumed = None, {}
@@ -289,15 +354,17 @@ def train(opts, overrides) -> int:
         if signals.received is not None:  # while the data was being prepared: nothing to save
             raise Preempted(signals.received, f"preempted by {signal_name(signals.received)} "
                                               f"before training started; nothing was written")
-        if owner:  # every check passed: only now is anything in the run directory touched
-            start_run_dir(run_dir, cfg, overwrite=opts["overwrite"])
         if resume_from is None:  # a W&B id of its own, also after --overwrite
             run_id = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
         else:  # the name-seed id of checkpoints from before manifests
             run_id = resumed.get("run_id") or f"{cfg.name}-{cfg.seed}"
         manifest = {"run_id": run_id, "config_hash": config_hash(cfg),
                     "data_fingerprint": fingerprint, "versions": library_versions()}
-        trainer = build_trainer(cfg, run_dir, prompt, manifest, resumed.get("step"), signals)
+        trainer = build_trainer(cfg, run_dir, prompt, manifest, resumed.get("step"), signals,
+                                dm.bytes_per_token)  # checks the trainer options; writes nothing
+        if owner:  # every check passed: only now is anything in the run directory touched
+            start_run_dir(run_dir, cfg, overwrite=opts["overwrite"])
+        trainer.logger.experiment  # noqa: B018 -- trims a resumed run's metrics.csv now
         checkpoints = next(c for c in trainer.callbacks if isinstance(c, StepCheckpoints))
         try:
             trainer.fit(task, datamodule=dm, ckpt_path=str(resume_from) if resume_from else None)
@@ -313,11 +380,6 @@ def train(opts, overrides) -> int:
             print(f"error: {guard.stop_reason}; saved {saved} (continue with --resume {run_dir})",
                   file=sys.stderr)
             return 1
-        if signals.received is None and trainer.global_step % cfg.train.eval_every != 0:
-            try:
-                trainer.validate(task, datamodule=dm, verbose=False)  # always score the final model
-            except SIGTERMException:
-                pass  # Lightning's handler raised it; ours noted the signal too
         if signals.received is not None:
             raise Preempted(signals.received, f"preempted by {signal_name(signals.received)} "
                                               f"after the last step: saved {saved}")

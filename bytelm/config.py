@@ -318,6 +318,9 @@ def _check_values(cfg: RunConfig):
             raise ConfigError(f"train.{key} must be positive, got {getattr(cfg.train, key)}")
     if cfg.train.spike_factor < 0:
         raise ConfigError(f"train.spike_factor must be 0 (off) or positive, got {cfg.train.spike_factor}")
+    from bytelm.training.distributed import check_strategy
+
+    check_strategy(cfg.trainer.get("strategy", "auto"))
     from bytelm.ops.selective_scan import BACKENDS
 
     if cfg.model.scan_backend not in BACKENDS:

@@ -1,4 +1,4 @@
-"""Callbacks: a generated text sample after each validation."""
+"""Callbacks: a generated text sample after each validation; a validation of the last step."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from bytelm.data.prepare import DOC_SEP
 from bytelm.models.lm import generate
 from bytelm.tokenizer import ByteTokenizer
+from bytelm.training.distributed import whole_model
 
 
 def sample_text(model, prompt: bytes, n_bytes: int, temperature: float, seed: int,
@@ -45,9 +46,12 @@ class SampleText(L.Callback):
         self.last_sample: str | None = None
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not trainer.is_global_zero or self.n_bytes <= 0:
+        if trainer.sanity_checking or self.n_bytes <= 0:
             return
-        text = sample_text(pl_module.model, self.prompt, self.n_bytes, self.temperature, self.seed,
+        model = whole_model(trainer, pl_module.model)  # every rank: FSDP gathers it on rank 0
+        if not trainer.is_global_zero:
+            return
+        text = sample_text(model, self.prompt, self.n_bytes, self.temperature, self.seed,
                            getattr(pl_module, "tokenizer", None))
         self.last_sample = text
         step = trainer.global_step
@@ -60,3 +64,19 @@ class SampleText(L.Callback):
                                 data=[[step, prompt, text]], step=step)
             elif type(logger).__name__ == "TensorBoardLogger":
                 logger.experiment.add_text("sample", prompt + text, step)
+
+
+class ValidateLastStep(L.Callback):
+    """The final model is always scored: when the last step is not a validation step anyway, the
+    run is asked to stop there, which makes Lightning validate inside fit. (A trainer.validate
+    after fit would wrap an FSDP model a second time, around parameters left sharded.)"""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # not the end of an optimizer step
+        step = trainer.global_step
+        if 0 < trainer.max_steps <= step and step % self.every:
+            trainer.should_stop = True

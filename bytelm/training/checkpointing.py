@@ -189,12 +189,17 @@ def verify_checkpoint(path: Path) -> dict:
     return manifest
 
 
+def step_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Every committed step<N>.ckpt in ckpt_dir, newest first (intact or not)."""
+    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("step*.ckpt")
+             if (m := _STEP_FILE.match(p.name))]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
 def find_resume_checkpoint(ckpt_dir: Path) -> tuple[Path, dict, list[str]]:
     """(newest intact checkpoint, its manifest, one line per newer checkpoint skipped and why)."""
-    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step*.ckpt")
-             if (m := _STEP_FILE.match(p.name))]
     skipped = []
-    for _, path in sorted(found, reverse=True):
+    for path in step_checkpoints(ckpt_dir):
         try:
             return path, verify_checkpoint(path), skipped
         except (CheckpointError, OSError) as e:
@@ -259,7 +264,7 @@ class StepCheckpoints(L.Callback):
         self.saved_step: int | None = None
         self.last_path: Path | None = None
         self._staged: int | None = None
-        self._preempted = False  # agreed by all ranks at the last step's end
+        self._preempted: int | None = None  # the signal, agreed by all ranks at a step's end
 
     def on_train_start(self, trainer, pl_module):
         self.saved_step = trainer.global_step  # 0, or the step this run resumed from: on disk
@@ -270,7 +275,7 @@ class StepCheckpoints(L.Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # not the end of an optimizer step
         step = trainer.global_step
-        self._preempted = self._signal_received(trainer)
+        self._preempted = self._agreed_signal(trainer)
         due = (step % self.every == 0 or self._preempted or trainer.should_stop
                or 0 < trainer.max_steps <= step)
         if due and step != self.saved_step:
@@ -281,7 +286,7 @@ class StepCheckpoints(L.Callback):
         if self._staged is not None:
             self._commit(trainer)
         if self._preempted and self.saved_step == trainer.global_step:
-            signum = self.signals.received or signal.SIGTERM  # None here if another rank got it
+            signum = self._preempted  # also on a rank that was not signalled itself
             raise Preempted(signum, f"preempted by {signal.Signals(signum).name} at step "
                                     f"{self.saved_step}: saved {self.last_path}; continue with "
                                     f"python train.py --resume {self.directory.parent}")
@@ -327,8 +332,10 @@ class StepCheckpoints(L.Callback):
             point_last_at(path)
         self.saved_step, self.last_path = trainer.global_step, path
 
-    def _signal_received(self, trainer) -> bool:
-        received = self.signals is not None and self.signals.received is not None
-        if trainer.world_size > 1:  # every rank must stop at the same step
-            received = trainer.strategy.reduce_boolean_decision(received, all=False)
-        return received
+    def _agreed_signal(self, trainer) -> int | None:
+        """The preemption signal this rank or any other received (they must stop at one step)."""
+        signum = (self.signals.received if self.signals is not None else None) or 0
+        if trainer.world_size > 1:
+            signum = torch.tensor(signum, device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(signum, reduce_op="max"))
+        return signum or None

@@ -23,6 +23,9 @@ from bytelm.probes import ProbeMixer, corpus_words, load_words
 from bytelm.tokenizer import ByteTokenizer
 
 
+IGNORE = -100  # a target that is not scored (cross_entropy's ignore_index)
+
+
 def default_prepared_dir(source: str) -> Path:
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.strip("/"))[-80:]
     return Path("data_cache") / (slug or "corpus")
@@ -50,34 +53,36 @@ class TrainWindows(IterableDataset):
 
 
 class EvalWindows(IterableDataset):
-    """Contiguous windows covering the validation split (or its first max_bytes), batched;
-    this rank's share only, so a distributed validation scores every window once."""
+    """Contiguous windows covering the validation split (or its first max_bytes), as batches of
+    (windows, targets), this rank's share only, so a distributed validation scores every window
+    once. Batch k of rank r holds windows k*B*W + r*B ... + B - 1 (B windows a batch, W ranks).
+    A target is IGNORE past the end of the shorter last window and in a batch no window is left
+    for: every rank runs as many forwards (under FSDP each one is a collective)."""
 
     def __init__(self, corpus, seq_len, batch_size, max_bytes, rank, world_size):
         self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
         self.max_bytes, self.rank, self.world_size = max_bytes, rank, world_size
 
     def __iter__(self):
-        rows = []
+        per_slot, first = self.batch_size * self.world_size, self.rank * self.batch_size
         windows = iter_eval_windows(self.corpus, "val", self.seq_len, max_bytes=self.max_bytes)
+        ids = targets = None
         for i, window in enumerate(windows):
-            if i % self.world_size != self.rank:
-                continue
-            rows.append(np.asarray(window, dtype=np.int64))
-            if len(rows) == self.batch_size or len(rows[0]) != len(rows[-1]):
-                yield from _stack_equal_lengths(rows)
-                rows = []
-        if rows:
-            yield from _stack_equal_lengths(rows)
-
-
-def _stack_equal_lengths(rows):
-    """The last window of a split can be shorter: batch it alone."""
-    same = [r for r in rows if len(r) == len(rows[0])]
-    if same:
-        yield torch.from_numpy(np.stack(same))
-    for r in rows[len(same):]:
-        yield torch.from_numpy(r[None])
+            slot_index = i % per_slot
+            if slot_index == 0:
+                ids = np.zeros((self.batch_size, self.seq_len + 1), dtype=np.int64)
+                targets = np.full((self.batch_size, self.seq_len), IGNORE, dtype=np.int64)
+                rows = 0
+            row = slot_index - first
+            if 0 <= row < self.batch_size:  # a short window is padded: causal, nothing changes
+                ids[row, :len(window)], targets[row, :len(window) - 1] = window, window[1:]
+                rows = row + 1
+            if slot_index == per_slot - 1:
+                yield torch.from_numpy(ids[:rows]), torch.from_numpy(targets[:rows])
+                ids = None
+        if ids is not None:  # the last slot, part filled; at least one row to run a forward on
+            rows = max(rows, 1)
+            yield torch.from_numpy(ids[:rows]), torch.from_numpy(targets[:rows])
 
 
 class ByteDataModule(L.LightningDataModule):

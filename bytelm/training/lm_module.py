@@ -26,14 +26,22 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float):
-    """Decay matrices and embeddings; never norms, biases, A_log or D."""
-    decay, no_decay = [], []
+def mark_weight_decay(model: torch.nn.Module) -> None:
+    """Decide on whole parameters which ones decay (matrices and embeddings; never norms, biases,
+    A_log or D) and mark each (p._no_weight_decay, as mamba_ssm marks A_log and D): FSDP turns
+    them into flat 1-D shards before the optimizer is built."""
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        (no_decay if p.ndim < 2 or leaf in ("A_log", "D") else decay).append(p)
+        if getattr(p, "_no_weight_decay", None) is None:
+            p._no_weight_decay = p.ndim < 2 or name.rsplit(".", 1)[-1] in ("A_log", "D")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """Decay matrices and embeddings; never norms, biases, A_log or D (see mark_weight_decay)."""
+    mark_weight_decay(model)  # a no-op for parameters marked while whole
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p._no_weight_decay else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -45,6 +53,7 @@ class LMTask(L.LightningModule):
         self.run_config = run_config  # stored in every checkpoint: it rebuilds the model alone
         self.model_cfg, self.optim_cfg, self.seq_len = model_cfg, optim_cfg, seq_len
         self.model = LM(model_cfg)
+        mark_weight_decay(self.model)  # now, while no parameter is sharded
         self.tokenizer = tokenizer or ByteTokenizer()
         # UTF-8 bytes each id stands for: bits per byte = NLL / (ln 2 * bytes of the targets).
         self.register_buffer("token_bytes", torch.as_tensor(self.tokenizer.token_bytes),

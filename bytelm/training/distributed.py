@@ -1,0 +1,135 @@
+"""Training on several devices and nodes: which Lightning strategy runs the loop, and the few
+places where the loop must know that parameters or gradients are sharded. The model
+(bytelm.models) knows nothing of this (torchtitan's split of model.py and parallelize.py).
+
+    trainer.strategy  auto (one device, or DDP over several) | single_device | ddp | fsdp
+    fsdp              FullyShardedDataParallel with one unit per residual Block; full (unsharded)
+                      checkpoints written by rank 0: ordinary checkpoints that resume on any number
+                      of devices and load with bytelm.checkpoint.load_checkpoint
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import lightning as L
+import torch
+
+from bytelm.config import ConfigError
+
+SUPPORTED = ("auto", "single_device", "ddp", "fsdp")
+# Spawned or forked ranks do not re-run train.py, which gives rank 0 the run directory and each
+# rank its preemption handlers; Lightning's default launcher re-runs the script instead.
+SPAWNED = ("ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+def check_strategy(strategy) -> None:
+    """A one-line ConfigError for a trainer.strategy train.py does not run. Others (DeepSpeed,
+    XLA) write checkpoints as directories, which the checkpoint manifests and resume do not know."""
+    if not isinstance(strategy, str) or strategy in SUPPORTED:
+        return
+    if strategy.startswith(SPAWNED):
+        raise ConfigError(f"trainer.strategy {strategy}: train.py starts one process per device "
+                          f"itself; use ddp (or fsdp), launched the same way")
+    close = difflib.get_close_matches(strategy, SUPPORTED, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"trainer.strategy: {strategy!r} is not one train.py runs "
+                      f"({', '.join(SUPPORTED)}){hint}")
+
+
+def make_strategy(strategy):
+    """`fsdp` becomes an FSDPStrategy configured for our models; anything else is Lightning's."""
+    return fsdp_strategy() if strategy == "fsdp" else strategy
+
+
+def fsdp_strategy(cls=None):
+    """FSDP with one unit per residual Block (`cls`: an FSDPStrategy subclass to build)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import MixedPrecision
+
+    from bytelm.models.lm import Block
+
+    return (cls or FSDPStrategy)(
+        auto_wrap_policy={Block},  # each residual block gathers its parameters just in time
+        state_dict_type="full",  # rank 0 writes one ordinary checkpoint through our CheckpointIO
+        use_orig_params=True,  # the optimizer holds the model's own parameters (their decay marks)
+        # No casts: parameters (A_log and D too) and gradient reduction stay fp32, bf16 compute
+        # comes from the autocast of precision bf16-mixed, as under DDP. (Lightning would cast
+        # every parameter to bf16 and reduce gradients in bf16.)
+        mixed_precision=MixedPrecision(),
+    )
+
+
+def cluster_plugins() -> list:
+    """Under SLURM, Lightning's own requeue (a SIGUSR1 handler calling scontrol) is switched off:
+    our handlers checkpoint and exit 128+N, and the batch script requeues (scripts/slurm.sbatch)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def is_sharded(trainer) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
+
+
+def grad_norm(parameters, trainer) -> torch.Tensor | None:
+    """The L2 norm of all gradients (None without any). Under FSDP each rank holds a disjoint
+    shard of them: the squares are summed over ranks (a collective: every rank must call this)."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else None
+    if not (is_sharded(trainer) and trainer.world_size > 1):
+        return norm
+    if norm is None:  # no gradient in this rank's shard
+        norm = torch.zeros((), device=trainer.strategy.root_device)
+    return trainer.strategy.reduce(norm.float() ** 2, reduce_op="sum").sqrt()
+
+
+def clip_gradients(module: L.LightningModule, optimizer, clip_val, algorithm) -> None:
+    """Lightning's clipping, except clipping by norm under FSDP, which Lightning refuses: the
+    norm must cover every rank's shard, which FSDP's own clip_grad_norm_ computes."""
+    if clip_val and is_sharded(module.trainer) and algorithm in (None, "norm"):
+        module.trainer.strategy.model.clip_grad_norm_(clip_val)
+    else:
+        module.clip_gradients(optimizer, clip_val, algorithm)
+
+
+def whole_model(trainer, model: torch.nn.Module) -> torch.nn.Module | None:
+    """`model` with all its parameters, for work outside forward (generation): itself unless
+    sharded; under FSDP an unsharded copy on rank 0 and None elsewhere. A collective under FSDP
+    (every rank must call it): FSDP allows no forward inside summon_full_params, hence a copy."""
+    if not is_sharded(trainer):
+        return model
+    state = trainer.strategy.lightning_module_state_dict()  # gathered on rank 0 only
+    if not trainer.is_global_zero:
+        return None
+    prefix = next(name for name, module in trainer.lightning_module.named_children()
+                  if module is model) + "."
+    with torch.device("meta"):  # no initialisation: it would also draw from the global RNG
+        copy = type(model)(model.cfg)
+    copy.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()
+                          if k.startswith(prefix)}, assign=True)
+    return copy.to(trainer.strategy.root_device)
+
+
+class GlobalBatch(L.Callback):
+    """Prints the global batch once at the start and logs it (train/global_batch_size in windows,
+    train/global_batch_bytes: the bytes its targets cover, a mean for token models)."""
+
+    def __init__(self, batch_size: int, seq_len: int, bytes_per_token: float):
+        self.batch_size, self.seq_len, self.bytes_per_token = batch_size, seq_len, bytes_per_token
+
+    def on_train_start(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        windows = self.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        n_bytes = windows * self.seq_len * self.bytes_per_token
+        approx = "" if self.bytes_per_token == 1 else "about "
+        print(f"global batch: {self.batch_size} windows x {trainer.accumulate_grad_batches} "
+              f"accumulated x {trainer.world_size} devices = {windows} windows of {self.seq_len} = "
+              f"{approx}{round(n_bytes):,} bytes per optimizer step", flush=True)
+        if trainer.global_step == 0:  # a resumed run logged it already
+            for logger in trainer.loggers:
+                logger.log_metrics({"train/global_batch_size": windows,
+                                    "train/global_batch_bytes": n_bytes}, step=0)
