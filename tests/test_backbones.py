@@ -119,3 +119,21 @@ def test_flops_need_seq_len_only_with_attention():
         tiny("MA").flops_per_token()
     m = tiny("AF")
     assert m.flops_per_token(64) - m.flops_per_token(32) == 2 * 32 * 32 * 2  # 2 A layers
+
+
+def test_dropout_only_in_training_and_checked():
+    import pytest as _pytest
+
+    from bytelm.models.lm import LM, ModelConfig
+
+    torch.manual_seed(0)
+    model = LM(ModelConfig(d_model=32, n_layer=2, layer_pattern="MF", d_state=4, dropout=0.5))
+    ids = torch.randint(0, 256, (2, 12))
+    model.train()
+    assert not torch.equal(model(ids), model(ids))  # dropout draws differ
+    model.eval()
+    assert torch.equal(model(ids), model(ids))
+    logits, states = model.prefill(ids)
+    assert torch.allclose(logits, model(ids)[:, -1], atol=1e-5)
+    with _pytest.raises(ValueError, match="model.dropout must be in"):
+        LM(ModelConfig(d_model=32, n_layer=1, dropout=1.0))
