@@ -55,7 +55,8 @@ def parse_args(argv: list[str]):
             else:
                 opts[key] = ""
             if not opts[key]:
-                raise SystemExit(f"error: --{key} needs a value")
+                print(f"error: --{key} needs a value", file=sys.stderr)
+                raise SystemExit(2)
         else:
             rest.append(arg)
         i += 1

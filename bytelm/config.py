@@ -176,7 +176,38 @@ def _trainer_keys() -> set[str]:
     return set(inspect.signature(Trainer.__init__).parameters) - {"self"}
 
 
+class CliValue:
+    """A command-line value: its text and its YAML reading. A string option takes the text
+    as typed (YAML would turn --name 007 into 7 and --name 0123 into 83)."""
+
+    def __init__(self, raw: str, parsed):
+        self.raw, self.parsed = raw, parsed
+
+    def __repr__(self):
+        return repr(self.raw)
+
+
+def _takes_text(tp) -> bool:
+    return tp is str or str in typing.get_args(tp)
+
+
+def _cli_value(value, tp):
+    if not isinstance(value, CliValue):
+        return value
+    if _takes_text(tp) and not (value.parsed is None and type(None) in typing.get_args(tp)):
+        return value.raw
+    return value.parsed
+
+
+def _plain(value):
+    """Command-line values inside a passed-through mapping, read as YAML."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value.parsed if isinstance(value, CliValue) else value
+
+
 def _build(cls, values: dict, prefix: str = ""):
+    values = values.parsed if isinstance(values, CliValue) else values
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     types_ = _fields(cls)
@@ -189,14 +220,14 @@ def _build(cls, values: dict, prefix: str = ""):
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, where + ".")
         elif where == "trainer":
-            value = _coerce(value, dict, where)
+            value = _coerce(_plain(value), dict, where)
             bad = set(value) - _trainer_keys()
             if bad:
                 k = sorted(bad)[0]
                 raise _unknown(f"trainer.{k}", [f"trainer.{t}" for t in _trainer_keys()])
             kwargs[key] = value
         else:
-            kwargs[key] = _coerce(value, tp, where)
+            kwargs[key] = _coerce(_cli_value(value, tp), tp, where)
     return cls(**kwargs)
 
 
@@ -262,7 +293,7 @@ def parse_overrides(args: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        _set_dotted(tree, key, value)
+        _set_dotted(tree, key, CliValue(raw, value))
         i += 1
     return tree
 
@@ -273,7 +304,7 @@ def build_config(*layers: dict) -> RunConfig:
     for layer in layers:
         merged = _merge(merged, layer)
     defaults = to_dict(RunConfig())
-    merged_trainer = {**defaults["trainer"], **merged.get("trainer", {})}
+    merged_trainer = {**defaults["trainer"], **(merged.get("trainer") or {})}
     cfg = _build(RunConfig, {**merged, "trainer": merged_trainer})
     # The model predicts the ids of its tokenizer: derived, never set by hand.
     vocab = cfg.data.bpe_vocab_size if cfg.data.tokenizer == "bpe" else codec.VOCAB_SIZE
@@ -288,11 +319,15 @@ def build_config(*layers: dict) -> RunConfig:
 def _check_values(cfg: RunConfig):
     positive = {"data.seq_len": cfg.data.seq_len, "data.batch_size": cfg.data.batch_size,
                 "model.d_model": cfg.model.d_model, "model.n_layer": cfg.model.n_layer,
-                "model.d_state": cfg.model.d_state, "train.eval_every": cfg.train.eval_every,
-                "train.ckpt_every": cfg.train.ckpt_every}
+                "model.d_state": cfg.model.d_state, "model.expand": cfg.model.expand,
+                "model.d_conv": cfg.model.d_conv, "model.dt_rank": cfg.model.dt_rank or 1,
+                "model.pad_vocab_multiple": cfg.model.pad_vocab_multiple,
+                "train.eval_every": cfg.train.eval_every, "train.ckpt_every": cfg.train.ckpt_every}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if not 0 <= cfg.data.probe_fraction < 1:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import time
 
-from eval.common import (LN2, Parser, add_common_args, emit, format_table, load, open_corpus,
-                         positive, read_split, run_cli, sum_nll, text_bpb)
+from eval.common import (LN2, Parser, add_common_args, bytes_bpb, emit, format_table, load,
+                         open_corpus, positive, read_split, run_cli, sum_nll)
 
 
 def evaluate(loaded, corpus, split: str, max_bytes: int | None, batch_size: int) -> dict:
@@ -26,8 +26,8 @@ def evaluate(loaded, corpus, split: str, max_bytes: int | None, batch_size: int)
         windows = iter_eval_windows(corpus, split, seq_len, max_bytes=max_bytes)
         nll, scored = sum_nll(loaded.model, windows, batch_size, loaded.device)
         return {"bpb": nll / LN2 / scored, "nll_nats": nll, "bytes": scored, "tokens": scored}
-    text = read_split(corpus, split, max_bytes).decode("utf-8", errors="replace")
-    return text_bpb(loaded.model, loaded.tokenizer, text, seq_len, batch_size, loaded.device)
+    return bytes_bpb(loaded.model, loaded.tokenizer, read_split(corpus, split, max_bytes), seq_len,
+                     batch_size, loaded.device)
 
 
 def main(argv) -> int:

@@ -157,15 +157,21 @@ def sum_nll(model, windows: Iterable[np.ndarray], batch_size: int, device) -> tu
     return total, count
 
 
-def text_bpb(model, tokenizer, text: str, seq_len: int, batch_size: int, device) -> dict:
-    """Bits per byte of `text`, tiled into seq_len windows: summed NLL / (ln 2 x UTF-8 bytes of
-    the scored ids). The first id is only context, so its bytes are not counted."""
-    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+def bytes_bpb(model, tokenizer, data: bytes, seq_len: int, batch_size: int, device) -> dict:
+    """Bits per byte of raw `data`, tiled into seq_len windows: summed NLL / (ln 2 x bytes of
+    the scored ids). The first id is only context, so its bytes are not counted; the bytes of
+    each id come from the tokenizer (a BPE token can hold part of a UTF-8 character)."""
+    ids = np.asarray(tokenizer.encode_bytes(data), dtype=np.int64)
     if len(ids) < 2:
-        raise EvalError(f"text of {len(text)} characters is too short to score (needs 2 ids)")
+        raise EvalError(f"text of {len(data)} bytes is too short to score (needs 2 ids)")
     nll, scored = sum_nll(model, tile(ids, seq_len), batch_size, device)
-    n_bytes = len(text.encode("utf-8")) - len(tokenizer.decode(ids[:1].tolist()).encode("utf-8"))
+    n_bytes = int(np.asarray(tokenizer.token_bytes)[ids[1:]].sum())
     return {"bpb": nll / LN2 / n_bytes, "nll_nats": nll, "bytes": n_bytes, "tokens": scored}
+
+
+def text_bpb(model, tokenizer, text: str, seq_len: int, batch_size: int, device) -> dict:
+    """Bits per byte of `text` (its UTF-8 bytes), as bytes_bpb."""
+    return bytes_bpb(model, tokenizer, text.encode("utf-8"), seq_len, batch_size, device)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Configs: every shipped YAML loads, overrides are typed, mistakes are one-line errors."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,26 @@ def test_help_lists_every_option():
     text = help_text()
     for key in ("--data.source", "--model.d_model", "--optim.lr", "--train.eval_every", "--seed"):
         assert key in text
+
+
+def test_string_options_keep_the_text_as_typed():
+    cfg = build_config(parse_overrides(["--name", "007", "--train.sample_prompt", "0755",
+                                        "--model.dt_rank", "null", "--trainer.max_steps", "5"]))
+    assert (cfg.name, cfg.train.sample_prompt, cfg.model.dt_rank) == ("007", "0755", None)
+    assert cfg.trainer["max_steps"] == 5
+    assert build_config(parse_overrides(["--name", "2024-01-01"])).name == "2024-01-01"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "seed must be in [0, 2**32)"),
+    (["--model.expand", "0"], "model.expand must be positive"),
+    (["--model.d_conv", "0"], "model.d_conv must be positive"),
+])
+def test_out_of_range_values_are_one_line_errors(args, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_config(parse_overrides(args))
+
+
+def test_empty_trainer_section_keeps_defaults(tmp_path):
+    (tmp_path / "c.yaml").write_text("name: y\ntrainer:\n  # max_steps: 3\n")
+    assert build_config(load_yaml(tmp_path / "c.yaml")).trainer["max_steps"] == 1000

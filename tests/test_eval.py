@@ -84,6 +84,11 @@ class PairTokenizer:
     def decode(self, ids):
         return "".join(self.pieces[i] for i in ids)
 
+    def encode_bytes(self, data):
+        return self.encode(data.decode())
+
+    token_bytes = np.array([len(p) for p in pieces])
+
 
 # ---- bits per byte ------------------------------------------------------------------------
 
@@ -98,6 +103,12 @@ def test_bpb_of_bytes_matches_a_hand_computation():
         r = common.text_bpb(model, ByteTokenizer(), text, seq_len, batch_size, CPU)
         assert r["bytes"] == r["tokens"] == len(data) - 1
         assert r["bpb"] == pytest.approx(hand, rel=1e-6)
+
+
+def test_bpb_counts_bytes_not_characters_when_the_text_starts_non_ascii():
+    model = ConstantLM(torch.zeros(264))
+    r = common.text_bpb(model, ByteTokenizer(), "é and then some text", 8, 4, CPU)
+    assert r["bytes"] == len("é and then some text".encode()) - 1 == r["tokens"]
 
 
 def test_bpb_of_tokens_divides_by_bytes():
