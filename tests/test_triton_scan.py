@@ -44,13 +44,24 @@ def rel_err(a, b):
 def poison_outputs(monkeypatch):
     """Kernel outputs start as NaN, so an element a kernel forgot to write fails the test."""
     def nan_empty(*shape, like=None, **kw):
-        t = torch.empty_like(like) if like is not None else torch.empty(*shape, **kw)
+        t = torch.empty_like(like, **kw) if like is not None else torch.empty(*shape, **kw)
         return t.fill_(float("nan"))
     monkeypatch.setattr(tss, "_empty", nan_empty)
 
 
-def check_scan(batch, dim, length, nstate, dtype, seed, drop=(), softplus=True):
+def channel_last(t, width=1):
+    """t (batch, dim, length) as the model's linear layers give it: a (batch, dim, length) view
+    of (batch, length, width * dim) storage, taking the last dim channels of each row."""
+    batch, dim, length = t.shape
+    wide = torch.randn(batch, length, width * dim, dtype=t.dtype, device=t.device)
+    wide[..., (width - 1) * dim:] = t.transpose(1, 2)
+    return wide[..., (width - 1) * dim:].transpose(1, 2)
+
+
+def check_scan(batch, dim, length, nstate, dtype, seed, drop=(), softplus=True, layout=None):
     x = make_inputs(batch, dim, length, nstate, dtype, seed)
+    for name, width in (layout or {}).items():  # name -> channel-last with that row width
+        x[name] = channel_last(x[name], width)
     if not softplus:  # then delta is a step size already: keep it positive, as callers do
         x["delta"], x["delta_bias"] = x["delta"].abs(), x["delta_bias"].abs()
     for name in drop:
@@ -125,6 +136,24 @@ def test_scan_accepts_strided_inputs_and_backend_switch():
     out = selective_scan_fn(**x, delta_softplus=True, backend="triton")
     ref = selective_scan_fn(**x, delta_softplus=True, backend="ref")
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("layout", [
+    dict(u=1, delta=1, z=2),       # the model's: z a slice of the in_proj output
+    dict(u=1, z=1),                # delta channel-first: copied to u's strides
+    dict(delta=1, z=2),            # u channel-first, delta channel-last
+], ids=["model", "delta_cf", "u_cf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scan_channel_last_layouts(layout, dtype):
+    """The kernels read and write (batch, length, dim) storage through strides: same results,
+    gradients in the inputs' layouts' values."""
+    check_scan(*SMALL, 37, 16, dtype, seed=11, layout=layout)
+
+
+def test_scan_channel_last_in_segments(monkeypatch):
+    config = tss.scan_config
+    monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), SEG=3))
+    check_scan(*SMALL, 90, 8, torch.float32, seed=12, layout=dict(u=1, delta=1, z=2))
 
 
 def test_scan_empty_sequence():

@@ -102,15 +102,34 @@ def _layout_constexprs() -> dict:
 
 def _empty(*shape, like=None, **kw):
     """Output allocation; the tests swap in a NaN-filled one so unwritten elements show."""
-    return torch.empty_like(like) if like is not None else torch.empty(*shape, **kw)
+    return torch.empty_like(like, **kw) if like is not None else torch.empty(*shape, **kw)
 
 
 def _tile(cfg):
     return {k: cfg[k] for k in ("T", "NPT", "WD", "KN", "LD")}
 
 
-def _contig(x):
-    return None if x is None else x.contiguous()
+def _dense(x):
+    """x itself if it is channel-first (batch, dim, length) contiguous or a (batch, dim, length)
+    view of a contiguous (batch, length, dim) tensor (channel-last, as linear layers make it);
+    otherwise a channel-first copy. The kernels take either layout through strides."""
+    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
+        return x
+    return x.contiguous()
+
+
+def _like(x, ref):
+    """x with exactly ref's strides (copied only if they differ): u, delta, dout and the
+    outputs share one set of strides in the kernels."""
+    if x.stride() == ref.stride():
+        return x
+    return torch.empty_like(ref, dtype=x.dtype).copy_(x)
+
+
+def _strides(u, z):
+    """The kernels' (SB, SD, ST) for u-like tensors and (ZB, ZD, ZT) for z."""
+    zs = z.stride() if z is not None else u.stride()
+    return (*u.stride(), *zs)
 
 
 def pack_bc(x, cfg):
@@ -173,12 +192,13 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
     bias = delta_bias if delta_bias is not None else A
     if nseg > 1:
         _scan_fwd_segment_kernel[grid + (nseg - 1,)](
-            u, delta, A, Bp, bias, hseg, lseg, length, dim, nstate, n_chunks, cps, nseg, **consts)
+            u, delta, A, Bp, bias, hseg, lseg, length, dim, nstate, n_chunks, cps, nseg,
+            *_strides(u, z), **consts)
     _scan_fwd_kernel[grid + (nseg,)](
         u, delta, A, Bp, Cp, D if D is not None else A, z if z is not None else u, bias,
         initial_state if initial_state is not None else h_last, hseg, lseg,
         out, h_last, ckpt if ckpt is not None else h_last,
-        length, dim, nstate, n_chunks, cps, nseg,
+        length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None,
         STORE_CKPT=store_ckpt, PREFETCH_BC=cfg.get("prefetch_bc", True), **consts)
     return out, h_last, ckpt
@@ -198,7 +218,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     nseg = triton.cdiv(n_chunks, cps)
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = _empty(like=u), _empty(like=delta)
-    dz = _empty(like=z) if z is not None else None
+    dz = _empty(like=u, dtype=z.dtype) if z is not None else None  # laid out like u (kernel strides)
     dA = torch.zeros(dim, nstate, **f32)
     dBp, dCp = torch.zeros_like(Bp), torch.zeros_like(Cp)
     dD = torch.zeros(dim, **f32) if D is not None else None
@@ -213,13 +233,13 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     if nseg > 1:
         _scan_bwd_segment_kernel[grid + (nseg - 1,)](
             delta, A, Cp, zz, bias, dout, gseg, lseg, length, dim, nstate, n_chunks, cps, nseg,
-            HAS_Z=z is not None, **consts)
+            *_strides(u, z), HAS_Z=z is not None, **consts)
     _scan_bwd_kernel[grid + (nseg,)](
         u, delta, A, Bp, Cp, D if D is not None else A, zz, bias, ckpt, dout,
         dlast if dlast is not None else A, gseg, lseg,
         du, ddelta, dA, dBp, dCp, dD if dD is not None else dA, dz if dz is not None else du,
         dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
-        length, dim, nstate, n_chunks, cps, nseg,
+        length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
         STORE_DH0=need_dh0, **consts)
     return du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0
@@ -231,7 +251,9 @@ class SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
-        u, delta, z = (_contig(x) for x in (u, delta, z))
+        u = _dense(u)
+        delta = _like(delta, u)
+        # z keeps its own strides: typically a slice of the in_proj output
         A = A.contiguous().float()
         D = D.contiguous().float() if D is not None else None
         delta_bias = delta_bias.contiguous().float() if delta_bias is not None else None
@@ -256,7 +278,7 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, Bp, Cp, D, z, delta_bias, ckpt = ctx.saved_tensors
         du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0 = scan_bwd(
             u, delta, A, Bp, Cp, D, z, delta_bias, ctx.delta_softplus, ckpt, ctx.t_chunk,
-            dout.contiguous(), dlast.contiguous() if dlast is not None else None,
+            _like(dout, u), dlast.contiguous() if dlast is not None else None,
             need_dh0=ctx.has_h0)
         nstate, length = A.shape[1], u.shape[2]
         return (du, ddelta, dA, unpack_bc(dBp, nstate, length, ctx.bc_dtypes[0]),

@@ -69,7 +69,7 @@ def _tile_index(T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.con
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, hseg_ptr, lseg_ptr,
     out_ptr, hlast_ptr, ckpt_ptr,
-    L, DIM, NSTATE, n_chunks, CPS, NSEG,
+    L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr, FAST_LOG: tl.constexpr,
     PREFETCH_BC: tl.constexpr,
@@ -112,7 +112,15 @@ def _scan_fwd_kernel(
 
     c_lo = seg * CPS
     c_hi = tl.minimum(c_lo + CPS, n_chunks)
-    row = pid_b * DIM * L + d.to(tl.int64) * L + zero_kn      # start of each channel's row
+    # (batch, channel, time) element at b SB + d SD + t ST: channel-first (SD = L, ST = 1) or
+    # channel-last (SD = 1, ST = row width) tensors; z may have its own strides
+    row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
+    zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
+    tS = t_ * ST
+    tZ = t_ * ZT
+    zero64 = pid_b * 0                       # chunk offsets in int64: c * T * ST may pass 2^31
+    TST = T * ST
+    TZT = T * ZT
     # B, C packed by the wrapper as (batch, chunk + 1, state block, T) fp32, zero padded
     bc_off = (pid_b * (n_chunks + 1) + c_lo) * BN * T + n * T + t_ + (wd_ + ld_) * 0
     # checkpoints (batch, chunk, state, dim); max_contiguous(1) stops Triton from regrouping
@@ -124,10 +132,11 @@ def _scan_fwd_kernel(
     # rows with PREFETCH_BC (their cache latency was a third of the stalls; costs registers)
     t = c_lo * T + t_
     m_nx = (t < L) & mask_row
-    u_nx = tl.load(u_ptr + row + t, mask=m_nx, other=0.0)
-    dl_nx = tl.load(delta_ptr + row + t, mask=m_nx, other=0.0)
+    o = row + (zero64 + c_lo) * TST + tS
+    u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
+    dl_nx = tl.load(delta_ptr + o, mask=m_nx, other=0.0)
     if HAS_Z:
-        z_nx = tl.load(z_ptr + row + t, mask=m_nx, other=0.0)
+        z_nx = tl.load(z_ptr + zrow + (zero64 + c_lo) * TZT + tZ, mask=m_nx, other=0.0)
     if PREFETCH_BC:
         B_nx = tl.load(B_ptr + bc_off)
         C_nx = tl.load(C_ptr + bc_off)
@@ -139,10 +148,11 @@ def _scan_fwd_kernel(
         if HAS_Z:
             zz = z_nx.to(tl.float32)
         m_nx = (t + T < L) & mask_row
-        u_nx = tl.load(u_ptr + row + t + T, mask=m_nx, other=0.0)
-        dl_nx = tl.load(delta_ptr + row + t + T, mask=m_nx, other=0.0)
+        o = row + (zero64 + c) * TST + tS              # chunk c; c + 1 is prefetched
+        u_nx = tl.load(u_ptr + o + TST, mask=m_nx, other=0.0)
+        dl_nx = tl.load(delta_ptr + o + TST, mask=m_nx, other=0.0)
         if HAS_Z:
-            z_nx = tl.load(z_ptr + row + t + T, mask=m_nx, other=0.0)
+            z_nx = tl.load(z_ptr + zrow + (zero64 + c + 1) * TZT + tZ, mask=m_nx, other=0.0)
         if PREFETCH_BC:  # the packed B, C hold a padding chunk past the end: no mask needed
             Bt = B_nx
             Ct = C_nx
@@ -176,7 +186,7 @@ def _scan_fwd_kernel(
             y = y + Dv * u
         if HAS_Z:
             y = y * zz * tl.fdiv(1.0, 1.0 + tl.exp2(-zz * LOG2E), ieee_rounding=False)
-        tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=m_row)
+        tl.store(out_ptr + o, y.to(out_ptr.dtype.element_ty), mask=m_row)
 
     tl.store(hlast_ptr + state_off, h, mask=mask_dn & (zero_kn + seg == NSEG - 1))
 
@@ -184,7 +194,7 @@ def _scan_fwd_kernel(
 @triton.jit
 def _scan_fwd_segment_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, hseg_ptr, lseg_ptr,
-    L, DIM, NSTATE, n_chunks, CPS, NSEG,
+    L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
@@ -207,7 +217,15 @@ def _scan_fwd_segment_kernel(
     A2 = tl.load(A_ptr + d * NSTATE + n, mask=mask_dn, other=0.0) * LOG2E
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d + zero_kn, mask=mask_d, other=0.0)
-    row = pid_b * DIM * L + d.to(tl.int64) * L + zero_kn
+    # (batch, channel, time) element at b SB + d SD + t ST: channel-first (SD = L, ST = 1) or
+    # channel-last (SD = 1, ST = row width) tensors; z may have its own strides
+    row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
+    zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
+    tS = t_ * ST
+    tZ = t_ * ZT
+    zero64 = pid_b * 0                       # chunk offsets in int64: c * T * ST may pass 2^31
+    TST = T * ST
+    TZT = T * ZT
     c_lo = seg * CPS
     bc_off = (pid_b * (n_chunks + 1) + c_lo) * BN * T + n * T + t_ + (wd_ + ld_) * 0
     h = tl.zeros_like(A2)
@@ -215,8 +233,9 @@ def _scan_fwd_segment_kernel(
     for c in range(c_lo, c_lo + CPS):      # segments before the last are full
         t = c * T + t_
         m_row = (t < L) & mask_row
-        u = tl.load(u_ptr + row + t, mask=m_row, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptr + row + t, mask=m_row, other=0.0).to(tl.float32)
+        o = row + (zero64 + c) * TST + tS
+        u = tl.load(u_ptr + o, mask=m_row, other=0.0).to(tl.float32)
+        dt = tl.load(delta_ptr + o, mask=m_row, other=0.0).to(tl.float32)
         Bt = tl.load(B_ptr + bc_off)
         bc_off += BN * T
         if HAS_BIAS:
@@ -245,7 +264,7 @@ def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dlast_ptr,
     gseg_ptr, lseg_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
-    L, DIM, NSTATE, n_chunks, CPS, NSEG,
+    L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, STORE_DH0: tl.constexpr, FAST_LOG: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
@@ -288,7 +307,15 @@ def _scan_bwd_kernel(
 
     c_lo = seg * CPS
     c_hi = tl.minimum(c_lo + CPS, n_chunks)
-    row = pid_b * DIM * L + d.to(tl.int64) * L + zero_kn
+    # (batch, channel, time) element at b SB + d SD + t ST: channel-first (SD = L, ST = 1) or
+    # channel-last (SD = 1, ST = row width) tensors; z may have its own strides
+    row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
+    zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
+    tS = t_ * ST
+    tZ = t_ * ZT
+    zero64 = pid_b * 0                       # chunk offsets in int64: c * T * ST may pass 2^31
+    TST = T * ST
+    TZT = T * ZT
     bc_off = (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T + n * T + t_ + (wd_ + ld_) * 0   # last chunk
     ckpt_ptrs = ckpt_ptr + tl.max_contiguous(
         (pid_b * n_chunks + c_hi - 1) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
@@ -300,11 +327,12 @@ def _scan_bwd_kernel(
     # the chunk processed next (one earlier in time) is loaded while this one computes
     t = (c_hi - 1) * T + t_
     m_nx = (t < L) & mask_row
-    u_nx = tl.load(u_ptr + row + t, mask=m_nx, other=0.0)
-    dl_nx = tl.load(delta_ptr + row + t, mask=m_nx, other=0.0)
-    do_nx = tl.load(dout_ptr + row + t, mask=m_nx, other=0.0)
+    o = row + (zero64 + c_hi - 1) * TST + tS
+    u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
+    dl_nx = tl.load(delta_ptr + o, mask=m_nx, other=0.0)
+    do_nx = tl.load(dout_ptr + o, mask=m_nx, other=0.0)
     if HAS_Z:
-        z_nx = tl.load(z_ptr + row + t, mask=m_nx, other=0.0)
+        z_nx = tl.load(z_ptr + zrow + (zero64 + c_hi - 1) * TZT + tZ, mask=m_nx, other=0.0)
     h_nx = tl.load(ckpt_ptrs, mask=mask_dn, other=0.0)
     for cc in range(0, c_hi - c_lo):
         c = c_hi - 1 - cc
@@ -317,11 +345,12 @@ def _scan_bwd_kernel(
             zz = z_nx.to(tl.float32)
         h = h_nx
         m_nx = (t - T >= c_lo * T) & mask_row            # chunk c - 1 is in this segment
-        u_nx = tl.load(u_ptr + row + t - T, mask=m_nx, other=0.0)
-        dl_nx = tl.load(delta_ptr + row + t - T, mask=m_nx, other=0.0)
-        do_nx = tl.load(dout_ptr + row + t - T, mask=m_nx, other=0.0)
+        o = row + (zero64 + c) * TST + tS              # chunk c; c - 1 is prefetched
+        u_nx = tl.load(u_ptr + o - TST, mask=m_nx, other=0.0)
+        dl_nx = tl.load(delta_ptr + o - TST, mask=m_nx, other=0.0)
+        do_nx = tl.load(dout_ptr + o - TST, mask=m_nx, other=0.0)
         if HAS_Z:
-            z_nx = tl.load(z_ptr + row + t - T, mask=m_nx, other=0.0)
+            z_nx = tl.load(z_ptr + zrow + (zero64 + c - 1) * TZT + tZ, mask=m_nx, other=0.0)
         ckpt_ptrs -= NSTATE * DIM
         h_nx = tl.load(ckpt_ptrs, mask=mask_dn & (zero_kn + c > c_lo), other=0.0)
 
@@ -353,7 +382,7 @@ def _scan_bwd_kernel(
             sig = tl.fdiv(1.0, 1.0 + tl.exp2(-zz * LOG2E), ieee_rounding=False)
             dy = dout * zz * sig
             dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
-            tl.store(dz_ptr + row + t, dz.to(dz_ptr.dtype.element_ty), mask=m_row)
+            tl.store(dz_ptr + o, dz.to(dz_ptr.dtype.element_ty), mask=m_row)
         else:
             dy = dout
         if HAS_D:
@@ -386,13 +415,13 @@ def _scan_bwd_kernel(
         du = dt * s_dhB
         if HAS_D:
             du += Dv * dy
-        tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=m_row)
+        tl.store(du_ptr + o, du.to(du_ptr.dtype.element_ty), mask=m_row)
         ddt = s_qA + u * s_dhB
         if SOFTPLUS:
             ddt = tl.where(draw > 20.0, ddt,
                            ddt * tl.fdiv(1.0, 1.0 + tl.exp2(-draw * LOG2E), ieee_rounding=False))
         ddt = tl.where(m_row, ddt, 0.0)
-        tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_row)
+        tl.store(ddelta_ptr + o, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_row)
         if HAS_BIAS:
             dbias_acc += ddt
 
@@ -412,7 +441,7 @@ def _scan_bwd_kernel(
 @triton.jit
 def _scan_bwd_segment_kernel(
     delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, gseg_ptr, lseg_ptr,
-    L, DIM, NSTATE, n_chunks, CPS, NSEG,
+    L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
@@ -435,7 +464,15 @@ def _scan_bwd_segment_kernel(
     A2 = tl.load(A_ptr + d * NSTATE + n, mask=mask_dn, other=0.0) * LOG2E
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d + zero_kn, mask=mask_d, other=0.0)
-    row = pid_b * DIM * L + d.to(tl.int64) * L + zero_kn
+    # (batch, channel, time) element at b SB + d SD + t ST: channel-first (SD = L, ST = 1) or
+    # channel-last (SD = 1, ST = row width) tensors; z may have its own strides
+    row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
+    zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
+    tS = t_ * ST
+    tZ = t_ * ZT
+    zero64 = pid_b * 0                       # chunk offsets in int64: c * T * ST may pass 2^31
+    TST = T * ST
+    TZT = T * ZT
     c_lo = seg * CPS
     c_hi = tl.minimum(c_lo + CPS, n_chunks)
     bc_off = (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T + n * T + t_ + (wd_ + ld_) * 0
@@ -445,10 +482,11 @@ def _scan_bwd_segment_kernel(
         c = c_hi - 1 - cc
         t = c * T + t_
         m_row = (t < L) & mask_row
-        dt = tl.load(delta_ptr + row + t, mask=m_row, other=0.0).to(tl.float32)
-        dy = tl.load(dout_ptr + row + t, mask=m_row, other=0.0).to(tl.float32)
+        o = row + (zero64 + c) * TST + tS
+        dt = tl.load(delta_ptr + o, mask=m_row, other=0.0).to(tl.float32)
+        dy = tl.load(dout_ptr + o, mask=m_row, other=0.0).to(tl.float32)
         if HAS_Z:
-            zz = tl.load(z_ptr + row + t, mask=m_row, other=0.0).to(tl.float32)
+            zz = tl.load(z_ptr + zrow + (zero64 + c) * TZT + tZ, mask=m_row, other=0.0).to(tl.float32)
             dy = dy * zz * tl.fdiv(1.0, 1.0 + tl.exp2(-zz * LOG2E), ieee_rounding=False)
         Ct = tl.load(C_ptr + bc_off)
         bc_off -= BN * T

@@ -1,0 +1,117 @@
+"""Where a training step's GPU time goes: torch.profiler over a few steps of one model.
+
+Builds the same models as benchmarks/throughput.py (bf16 autocast, fused AdamW, eager), runs
+warm-up steps, profiles a few more and prints the CUDA kernels that take the most time, then the
+same time grouped into coarse families (GEMM, scan, conv, elementwise/copy, norm, optimizer, ...).
+
+    python benchmarks/profile_step.py                                 # 90M Mamba, 8 x 8192
+    python benchmarks/profile_step.py --model Transformer --context 2048 --top 30
+    python benchmarks/profile_step.py --trace /tmp/step.json          # chrome://tracing file
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bytelm.models.lm import LM, ModelConfig  # noqa: E402
+from throughput import CONTEXTS, SIZES  # noqa: E402
+
+# first matching pattern (on the lower-cased kernel name) names the family
+FAMILIES = [
+    ("scan (triton)", r"_scan_|_state_update"),
+    ("conv1d", r"conv|depthwise|cudnn"),
+    ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|matmul|_mma|cublas"),
+    ("attention", r"flash|fmha|attention"),
+    ("norm", r"norm"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("softmax / loss", r"softmax|nll|cross_entropy|log_softmax"),
+    ("copy / layout", r"copy|transpose|cat|contiguous|direct_copy|gather|scatter|index"),
+    ("reduction", r"reduce"),
+    ("elementwise", r"elementwise|vectorized|unrolled|silu|mul|add|exp"),
+]
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, pattern in FAMILIES:
+        if re.search(pattern, low):
+            return fam
+    return "other"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="90m", choices=sorted(SIZES))
+    p.add_argument("--model", default="Mamba", choices=["Mamba", "Transformer"])
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--batch", type=int, help="default: 65,536 bytes per step")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--backend", default="triton", help="Mamba scan backend")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--trace", help="also export a chrome trace here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("error: benchmarks/profile_step.py needs a CUDA GPU")
+
+    batch = args.batch or CONTEXTS.get(args.context, max(1, 65536 // args.context))
+    kw = SIZES[args.size][0 if args.model == "Mamba" else 1]
+    torch.manual_seed(0)
+    model = LM(ModelConfig(**kw, scan_backend=args.backend)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    data = torch.randint(0, 256, (batch, args.context + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(data[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), data[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+
+    # device time per kernel, from the raw events (key_averages' column names vary by version)
+    per_kernel: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = getattr(ev, "device_time", None)
+            t = ev.cuda_time if t is None else t
+            per_kernel[ev.name][0] += t
+            per_kernel[ev.name][1] += 1
+    total = sum(v[0] for v in per_kernel.values())
+    print(f"{args.model} {args.size}, batch {batch} x {args.context}, {args.steps} steps: "
+          f"{total / 1e3 / args.steps:.1f} ms of GPU kernel time per step "
+          f"({torch.cuda.get_device_name()}, torch {torch.__version__})\n")
+    print("| kernel | family | calls/step | ms/step | share |\n| --- | --- | --- | --- | --- |")
+    for name, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]:
+        short = name if len(name) <= 90 else name[:87] + "..."
+        print(f"| `{short}` | {family(name)} | {n / args.steps:.0f} | {t / 1e3 / args.steps:.2f} "
+              f"| {100 * t / total:.1f}% |")
+    fams: dict[str, float] = defaultdict(float)
+    for name, (t, _) in per_kernel.items():
+        fams[family(name)] += t
+    print("\n| family | ms/step | share |\n| --- | --- | --- |")
+    for fam, t in sorted(fams.items(), key=lambda kv: -kv[1]):
+        print(f"| {fam} | {t / 1e3 / args.steps:.2f} | {100 * t / total:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
