@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from bytelm.ops.backend import resolve_backend as _resolve
+
 BACKENDS = ("auto", "ref", "naive", "triton")
 
 
@@ -211,11 +213,7 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "ref"
-    return backend
+    return _resolve("scan", backend, device, BACKENDS)
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -1,0 +1,38 @@
+"""Memory layouts the Triton kernels read without copying.
+
+The kernels address (batch, channels, length) tensors through their batch and channel strides
+with adjacent time steps (length stride 1): contiguous (batch, channels, length), and also the
+channel-major (channels, batch, length) storage that one matrix multiply over all
+batch x length positions gives (the Mamba mixer's layout, as in mamba_ssm). Outputs are
+allocated with torch.empty_like, which keeps the strides of a tensor without gaps or overlaps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def is_dense(x: torch.Tensor) -> bool:
+    """Do x's elements fill one block of memory, in any dim order (no gaps, no overlaps)?"""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(x.stride(), x.shape) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def length_major(x: torch.Tensor | None) -> torch.Tensor | None:
+    """x (batch, channels, length) itself if its steps are adjacent and it has no gaps, else a
+    contiguous copy (e.g. the transpose of a (batch, length, channels) tensor)."""
+    if x is None or ((x.stride(2) == 1 or x.shape[2] == 1) and is_dense(x)):
+        return x
+    return x.contiguous()
+
+
+def like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """x with exactly ref's strides (copied only if they differ), for kernels that address
+    several tensors with one set of strides."""
+    if x.stride() == ref.stride():
+        return x
+    return torch.empty_like(ref, dtype=x.dtype).copy_(x)
