@@ -1,9 +1,14 @@
 import torch
 from torch import nn
 
+from bytelm.ops.rms_norm import rms_norm_fn
+
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 whatever the input dtype."""
+    """x / rms(x) * weight, computed in fp32 whatever the input dtype; returns x.dtype.
+
+    x: (..., dim). Fused Triton kernels on CUDA, the plain-PyTorch reference elsewhere
+    (bytelm.ops.rms_norm)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -11,6 +16,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return rms_norm_fn(x, self.weight, self.eps)
