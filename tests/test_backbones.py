@@ -107,10 +107,10 @@ def test_flop_formula_matches_counted_matmuls(pattern):
         extra = model.flops_per_token(length) - model.matmul_flops_per_token()
         assert extra * b * length * 2 * length == counted["aten.bmm"] * (length + 1)
     if pattern == "M":
-        # The depthwise conv runs over the padded length; the formula counts the `length` outputs.
+        # The causal conv pads on the left only: exactly the `length` outputs the formula counts.
         mixer = model.layers[0].mixer
         conv = 2 * mixer.d_inner * mixer.d_conv * b * len(model.layers)
-        assert counted["aten.convolution"] == conv * (length + mixer.d_conv - 1)
+        assert counted["aten.convolution"] == conv * length
 
 
 def test_flops_need_seq_len_only_with_attention():

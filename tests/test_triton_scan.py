@@ -49,19 +49,26 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(tss, "_empty", nan_empty)
 
 
-def channel_last(t, width=1):
-    """t (batch, dim, length) as the model's linear layers give it: a (batch, dim, length) view
-    of (batch, length, width * dim) storage, taking the last dim channels of each row."""
+def arrange(t, kind):
+    """t (batch, dim, length) in another storage, as a model hands it over; kind is
+    "cl<w>": a view of (batch, length, w * dim) storage (a linear layer's output, transposed), or
+    "cm<w>": a view of (w * dim, batch, length) storage (one matmul over all positions, the
+    mixer's channel-major layout); either way the last dim rows of the wider tensor."""
     batch, dim, length = t.shape
-    wide = torch.randn(batch, length, width * dim, dtype=t.dtype, device=t.device)
-    wide[..., (width - 1) * dim:] = t.transpose(1, 2)
-    return wide[..., (width - 1) * dim:].transpose(1, 2)
+    width = int(kind[2:])
+    if kind.startswith("cl"):
+        wide = torch.randn(batch, length, width * dim, dtype=t.dtype, device=t.device)
+        wide[..., (width - 1) * dim:] = t.transpose(1, 2)
+        return wide[..., (width - 1) * dim:].transpose(1, 2)
+    wide = torch.randn(width * dim, batch, length, dtype=t.dtype, device=t.device)
+    wide[(width - 1) * dim:] = t.transpose(0, 1)
+    return wide[(width - 1) * dim:].transpose(0, 1)
 
 
 def check_scan(batch, dim, length, nstate, dtype, seed, drop=(), softplus=True, layout=None):
     x = make_inputs(batch, dim, length, nstate, dtype, seed)
-    for name, width in (layout or {}).items():  # name -> channel-last with that row width
-        x[name] = channel_last(x[name], width)
+    for name, kind in (layout or {}).items():
+        x[name] = arrange(x[name], kind)
     if not softplus:  # then delta is a step size already: keep it positive, as callers do
         x["delta"], x["delta_bias"] = x["delta"].abs(), x["delta_bias"].abs()
     for name in drop:
@@ -139,21 +146,29 @@ def test_scan_accepts_strided_inputs_and_backend_switch():
 
 
 @pytest.mark.parametrize("layout", [
-    dict(u=1, delta=1, z=2),       # the model's: z a slice of the in_proj output
-    dict(u=1, z=1),                # delta channel-first: copied to u's strides
-    dict(delta=1, z=2),            # u channel-first, delta channel-last
-], ids=["model", "delta_cf", "u_cf"])
+    dict(u="cm1", delta="cm1", z="cm2"),    # the mixer's: channel-major, z half of in_proj's output
+    dict(u="cl1", delta="cl1", z="cl2"),    # channel-last (copied to length-major by the wrapper)
+    dict(u="cm1", delta="cl1", z="cl1"),    # delta in another layout than u: copied to u's
+], ids=["channel_major", "channel_last", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_scan_channel_last_layouts(layout, dtype):
-    """The kernels read and write (batch, length, dim) storage through strides: same results,
-    gradients in the inputs' layouts' values."""
+def test_scan_layouts(layout, dtype):
+    """Inputs in the layouts models produce: same results and gradients."""
     check_scan(*SMALL, 37, 16, dtype, seed=11, layout=layout)
 
 
-def test_scan_channel_last_in_segments(monkeypatch):
+def test_scan_channel_major_in_segments(monkeypatch):
     config = tss.scan_config
     monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), SEG=3))
-    check_scan(*SMALL, 90, 8, torch.float32, seed=12, layout=dict(u=1, delta=1, z=2))
+    check_scan(*SMALL, 90, 8, torch.float32, seed=12, layout=dict(u="cm1", delta="cm1", z="cm2"))
+
+
+def test_scan_reads_channel_major_storage_without_copies():
+    """The output keeps u's channel-major strides: the kernels read u, delta and z in place."""
+    x = make_inputs(2, 6, 20, 4, torch.float32, seed=13)
+    for name, kind in (("u", "cm1"), ("delta", "cm1"), ("z", "cm2")):
+        x[name] = arrange(x[name], kind)
+    out = tss.selective_scan_triton(**x, delta_softplus=True)
+    assert out.stride() == x["u"].stride() == (20, 40, 1)
 
 
 def test_scan_empty_sequence():

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bytelm.ops.causal_conv1d import causal_conv1d_fn
+from bytelm.ops.channel_major import linear_from_cm, linear_to_cm
 from bytelm.ops.selective_scan import selective_scan_fn, selective_state_update
 
 
@@ -56,22 +58,42 @@ class MambaMixer(nn.Module):
         return F.linear(dt, self.dt_proj.weight), B, C
 
     def forward(self, hidden: torch.Tensor, return_state: bool = False):
-        """hidden: (batch, length, d_model) -> (batch, length, d_model) [, MambaState]."""
-        length = hidden.shape[1]
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, l) each
-        conv_in = x
-        x = F.silu(self.conv1d(x)[..., :length])
-        dt, B, C = self._ssm_params(x.transpose(1, 2))
-        A = -torch.exp(self.A_log.float())
+        """hidden: (batch, length, d_model) -> (batch, length, d_model) [, MambaState].
+
+        Channel-major, as mamba_ssm: each projection is one matmul over all batch x length
+        positions, written (channels, batch * length). The conv and scan kernels read the
+        (batch, channels, length) views of that storage in place (time steps adjacent) and write
+        the same layout, which the next matmul reads in place, and the gradients come back in
+        the same layouts (bytelm.ops.channel_major): no transpose is copied (they took a third of
+        the step when they were: benchmarks/results/profile-h200.md)."""
+        batch, length, _ = hidden.shape
+        xz = linear_to_cm(hidden.reshape(-1, self.d_model), self.in_proj.weight, self.in_proj.bias)
+        conv_in, z = xz.view(-1, batch, length).transpose(0, 1).chunk(2, dim=1)  # (b, d_inner, l)
+        x = causal_conv1d_fn(conv_in, self.conv1d.weight, self.conv1d.bias, activation="silu",
+                             backend=self._conv_backend)
+        x_dbl = self.x_proj.weight @ x.transpose(0, 1).reshape(self.d_inner, -1)  # (r + 2n, b l)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state])
+        dt = self.dt_proj.weight @ dt                                              # (d_inner, b l)
+
+        def per_row(t):  # (channels, b l) -> (b, channels, l) view
+            return t.view(-1, batch, length).transpose(0, 1)
+
         y = selective_scan_fn(
-            x, dt.transpose(1, 2), A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+            x, per_row(dt), -torch.exp(self.A_log.float()), per_row(B), per_row(C),
             D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             return_final_state=return_state, backend=self.scan_backend)
+        if return_state:
+            y, ssm_state = y
+        out = linear_from_cm(y.transpose(0, 1).reshape(self.d_inner, -1), self.out_proj.weight,
+                             self.out_proj.bias).view(batch, length, self.d_model)
         if not return_state:
-            return self.out_proj(y.transpose(1, 2))
-        y, ssm_state = y
+            return out
         conv_state = F.pad(conv_in, (self.d_conv - length, 0))[..., -self.d_conv:]
-        return self.out_proj(y.transpose(1, 2)), MambaState(conv_state.contiguous(), ssm_state)
+        return out, MambaState(conv_state.contiguous(), ssm_state)
+
+    @property
+    def _conv_backend(self) -> str:
+        return "ref" if self.scan_backend == "naive" else self.scan_backend
 
     def init_state(self, batch: int, device=None, dtype=None) -> MambaState:
         device = device or self.A_log.device

@@ -41,6 +41,7 @@ import re
 import torch
 import triton
 
+from bytelm.ops.triton.layout import length_major, like
 from bytelm.ops.triton.selective_scan_kernels import (
     _scan_bwd_kernel,
     _scan_bwd_segment_kernel,
@@ -107,23 +108,6 @@ def _empty(*shape, like=None, **kw):
 
 def _tile(cfg):
     return {k: cfg[k] for k in ("T", "NPT", "WD", "KN", "LD")}
-
-
-def _dense(x):
-    """x itself if it is channel-first (batch, dim, length) contiguous or a (batch, dim, length)
-    view of a contiguous (batch, length, dim) tensor (channel-last, as linear layers make it);
-    otherwise a channel-first copy. The kernels take either layout through strides."""
-    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
-        return x
-    return x.contiguous()
-
-
-def _like(x, ref):
-    """x with exactly ref's strides (copied only if they differ): u, delta, dout and the
-    outputs share one set of strides in the kernels."""
-    if x.stride() == ref.stride():
-        return x
-    return torch.empty_like(ref, dtype=x.dtype).copy_(x)
 
 
 def _strides(u, z):
@@ -251,9 +235,9 @@ class SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
-        u = _dense(u)
-        delta = _like(delta, u)
-        # z keeps its own strides: typically a slice of the in_proj output
+        # u, delta and the outputs share u's strides; z keeps its own (a slice of in_proj's output)
+        u, z = length_major(u), length_major(z)
+        delta = like(delta, u)
         A = A.contiguous().float()
         D = D.contiguous().float() if D is not None else None
         delta_bias = delta_bias.contiguous().float() if delta_bias is not None else None
@@ -278,7 +262,7 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, Bp, Cp, D, z, delta_bias, ckpt = ctx.saved_tensors
         du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0 = scan_bwd(
             u, delta, A, Bp, Cp, D, z, delta_bias, ctx.delta_softplus, ckpt, ctx.t_chunk,
-            _like(dout, u), dlast.contiguous() if dlast is not None else None,
+            like(dout, u), dlast.contiguous() if dlast is not None else None,
             need_dh0=ctx.has_h0)
         nstate, length = A.shape[1], u.shape[2]
         return (du, ddelta, dA, unpack_bc(dBp, nstate, length, ctx.bc_dtypes[0]),

@@ -1,0 +1,78 @@
+"""Linear layers into and out of channel-major storage, with copy-free gradients.
+
+The Mamba mixer works on (channels, positions) matrices, positions = batch x length (the
+layout mamba_ssm uses, which the conv and scan kernels read in place). Plain autograd of
+`W @ x.t()` would hand back the gradient of x as the transpose of a (in, positions) matrix, and
+the next op would copy it; these functions return every gradient in its input's own layout.
+
+    linear_to_cm(x, W, b)   : x (positions, in) rows  -> (out, positions)   y = W x^T + b
+    linear_from_cm(x, W, b) : x (in, positions) cm    -> (positions, out)   y = x^T W^T + b
+
+Both run their matmuls under the caller's autocast, like F.linear.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _autocast(*tensors):
+    """The tensors in the autocast dtype when autocast is on (what F.linear would multiply and
+    save), else as they are."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+class _LinearToCM(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias):
+        x, weight = _autocast(x, weight)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        y = weight @ x.t()
+        return y if bias is None else y + bias[:, None].to(y.dtype)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad):  # grad: (out, positions)
+        x, weight = ctx.saved_tensors
+        dx = grad.t() @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None  # (positions, in)
+        dw = grad @ x.to(grad.dtype) if ctx.needs_input_grad[1] else None           # (out, in)
+        db = grad.sum(1).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+class _LinearFromCM(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x_cm, weight, bias):
+        x_cm, weight = _autocast(x_cm, weight)
+        ctx.save_for_backward(x_cm, weight)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        y = x_cm.t() @ weight.t()
+        return y if bias is None else y + bias.to(y.dtype)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad):  # grad: (positions, out)
+        x_cm, weight = ctx.saved_tensors
+        dx = weight.t().to(grad.dtype) @ grad.t() if ctx.needs_input_grad[0] else None  # (in, positions)
+        dw = grad.t() @ x_cm.t().to(grad.dtype) if ctx.needs_input_grad[1] else None     # (out, in)
+        db = grad.sum(0).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def linear_to_cm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """x: (positions, in); weight: (out, in); bias: (out,) -> (out, positions) contiguous."""
+    return _LinearToCM.apply(x, weight, bias)
+
+
+def linear_from_cm(x_cm: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """x_cm: (in, positions); weight: (out, in); bias: (out,) -> (positions, out) contiguous."""
+    return _LinearFromCM.apply(x_cm, weight, bias)

@@ -1,0 +1,47 @@
+"""Linear layers into and out of channel-major storage: values, gradients and their layouts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bytelm.ops.channel_major import linear_from_cm, linear_to_cm
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck(bias):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
+    rows = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    cm = torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: linear_to_cm(x, w, b), (rows, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: linear_from_cm(x, w, b), (cm, w, b))
+
+
+def test_values_and_gradient_layouts():
+    w, b = torch.randn(5, 3), torch.randn(5)
+    rows = torch.randn(7, 3, requires_grad=True)
+    y = linear_to_cm(rows, w, b)
+    assert y.shape == (5, 7) and y.is_contiguous()
+    torch.testing.assert_close(y, F.linear(rows, w, b).t())
+    (dx,) = torch.autograd.grad(y, rows, torch.randn(5, 7))
+    assert dx.is_contiguous()  # (positions, in) like its input: nothing left to copy
+
+    cm = torch.randn(3, 7, requires_grad=True)
+    y = linear_from_cm(cm, w, b)
+    assert y.shape == (7, 5) and y.is_contiguous()
+    torch.testing.assert_close(y, F.linear(cm.t(), w, b))
+    (dx,) = torch.autograd.grad(y, cm, torch.randn(7, 5))
+    assert dx.shape == (3, 7) and dx.is_contiguous()
+
+
+def test_autocast_multiplies_in_the_autocast_dtype():
+    w = torch.randn(5, 3, requires_grad=True)
+    rows = torch.randn(7, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear_to_cm(rows, w)
+        ref = F.linear(rows, w)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref.t())
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and rows.grad.dtype == torch.float32
