@@ -28,9 +28,9 @@ from throughput import CONTEXTS, SIZES  # noqa: E402
 # first matching pattern (on the lower-cased kernel name) names the family
 FAMILIES = [
     ("scan (triton)", r"_scan_|_state_update"),
-    ("conv1d", r"conv|depthwise|cudnn"),
+    ("attention", r"sdpa|flash|fmha|attention"),
+    ("conv1d", r"conv"),
     ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|matmul|_mma|cublas"),
-    ("attention", r"flash|fmha|attention"),
     ("norm", r"norm"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("softmax / loss", r"softmax|nll|cross_entropy|log_softmax"),

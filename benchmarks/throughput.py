@@ -10,6 +10,8 @@ with the same bytes per step, and prints one markdown table.
 MFU = training FLOPs by formula (3 x LM.flops_per_token: every matmul, attention's causal
 quadratic term, the scan's element-wise work) x bytes / time / 989e12 (H100/H200 dense bf16
 datasheet peak). Lightning's flop counter cannot see Triton kernels, hence the formula.
+A model that does not fit takes the same bytes per step in halved micro-batches with gradient
+accumulation, shown as `batch (micro x accum)`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ SIZES = {
 CONTEXTS = {2048: 32, 8192: 8, 32768: 2}  # context -> batch: 65,536 bytes per step
 
 
-def bench(model_kw: dict, seq_len: int, batch: int, steps: int, warmup: int, backend: str):
+def bench(model_kw: dict, seq_len: int, batch: int, steps: int, warmup: int, backend: str,
+          accum: int = 1):
+    """One model at one context; each optimizer step takes `batch` windows in `accum`
+    micro-batches (the same bytes per step when a whole batch does not fit)."""
     torch.manual_seed(0)
     cfg = ModelConfig(**model_kw, scan_backend=backend)
     model = LM(cfg).cuda()
@@ -45,10 +50,11 @@ def bench(model_kw: dict, seq_len: int, batch: int, steps: int, warmup: int, bac
     torch.cuda.reset_peak_memory_stats()
 
     def step(ids):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
+        for micro in ids.chunk(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(micro[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten())
+            (loss / accum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -97,18 +103,24 @@ def main(argv=None):
             batch = CONTEXTS.get(context, max(1, 65536 // context))
             rows = {}
             for name, kw in zip(("Mamba", "Transformer"), SIZES[size]):
-                try:
-                    rows[name] = bench(kw, context, batch, args.steps, args.warmup, args.backend)
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    rows[name] = None
+                rows[name] = None
+                accum = 1
+                while rows[name] is None and accum <= batch:  # halve the micro-batch on OOM
+                    try:
+                        rows[name] = bench(kw, context, batch, args.steps, args.warmup,
+                                           args.backend, accum)
+                        rows[name]["accum"] = accum
+                    except torch.cuda.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        accum *= 2
             ratio = (rows["Mamba"]["bytes_per_s"] / rows["Transformer"]["bytes_per_s"]
                      if rows["Mamba"] and rows["Transformer"] else float("nan"))
             for name, r in rows.items():
                 if r is None:
                     line = f"| {size} | {batch} x {context} | {name} | | OOM | | | | |"
                 else:
-                    line = (f"| {size} | {batch} x {context} | {name} | {r['params'] / 1e6:.1f}M | "
+                    micro = f" ({batch // r['accum']} x {r['accum']})" if r["accum"] > 1 else ""
+                    line = (f"| {size} | {batch}{micro} x {context} | {name} | {r['params'] / 1e6:.1f}M | "
                             f"{r['ms']:.1f} | {r['bytes_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
                             f"{r['peak_gb']:.1f} | {ratio:.2f} |")
                 lines.append(line)
