@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The English compute-matched family (configs/english/*.yaml) on one GPU, then the evaluation
+# suite on every run and one comparison report:
+#
+#   cat ../shared/corpora/shakespeare/*.txt ../shared/corpora/war_and_peace.txt > english.txt
+#   benchmarks/family.sh english.txt family            # runs in family/runs, report in family/report
+#
+# Every member trains once with seed 1337; byte-mamba and bpe-transformer also with the seeds in
+# EXTRA_SEEDS (default "1 2") to show the spread. All runs start at once (small models leave the
+# GPU mostly idle one at a time). A smoke test, not the experiment: MAX_STEPS=N shortens every
+# run and EXTRA_ARGS adds train.py overrides to every run (e.g. a tiny model on the CPU).
+# Evaluation per run: eval.bpb, eval.probes (--n PROBES_N), eval.robustness, on the GPU.
+set -euo pipefail
+
+corpus=${1:?usage: benchmarks/family.sh CORPUS OUT_DIR}
+out=${2:?usage: benchmarks/family.sh CORPUS OUT_DIR}
+extra_seeds=${EXTRA_SEEDS-"1 2"}
+probes_n=${PROBES_N:-100}
+device=${DEVICE:-cuda}
+[ -f "$corpus" ] || { echo "error: corpus $corpus not found (see the comment at the top)" >&2; exit 2; }
+cd "$(dirname "$0")/.."
+mkdir -p "$out/logs"
+
+# one prepared copy (byte shards + the BPE-4096 of the training split) shared by every run, so
+# that concurrent runs do not prepare the same cache
+python -m data.prepare --data "$corpus" --out "$out/prepared" --bpe-vocab 4096 > "$out/logs/prepare.log" 2>&1
+
+extra=()
+[ -n "${MAX_STEPS:-}" ] && extra+=(--trainer.max_steps "$MAX_STEPS")
+read -r -a more <<< "${EXTRA_ARGS:-}"
+extra+=("${more[@]}")
+pids=()
+names=()
+launch() {  # config seed
+    local name
+    name=$(basename "$1" .yaml)-s$2
+    python train.py --config "$1" --data.source "$corpus" --data.prepared_dir "$out/prepared" \
+        --seed "$2" --name "$name" --train.out_dir "$out/runs" --trainer.enable_progress_bar false \
+        --overwrite "${extra[@]}" > "$out/logs/$name.log" 2>&1 &
+    pids+=($!)
+    names+=("$name")
+}
+for cfg in configs/english/*.yaml; do launch "$cfg" 1337; done
+for seed in $extra_seeds; do
+    launch configs/english/byte-mamba.yaml "$seed"
+    launch configs/english/bpe-transformer.yaml "$seed"
+done
+failed=0
+for i in "${!pids[@]}"; do
+    if ! wait "${pids[$i]}"; then echo "run ${names[$i]} failed: $out/logs/${names[$i]}.log" >&2; failed=1; fi
+done
+[ "$failed" = 0 ] || exit 1
+
+for name in "${names[@]}"; do
+    run="$out/runs/$name"
+    python -m eval.bpb --ckpt "$run" --device "$device" > /dev/null 2>> "$out/logs/eval-$name.log"
+    python -m eval.probes --ckpt "$run" --device "$device" --n "$probes_n" > /dev/null 2>> "$out/logs/eval-$name.log"
+    python -m eval.robustness --ckpt "$run" --device "$device" > /dev/null 2>> "$out/logs/eval-$name.log"
+done
+python -m eval.compare "$out"/runs/* --out "$out/report" > /dev/null
+cat "$out/report/compare.md"
