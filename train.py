@@ -186,6 +186,11 @@ def check_resumable(path: Path, cfg, task, data_fingerprint: str | None) -> None
     if saved and data_fingerprint and saved != data_fingerprint and not is_launched_rank():
         print(f"warning: the corpus changed since {path} was saved (data fingerprint {saved} "
               f"-> {data_fingerprint}): the resumed run reads different data", file=sys.stderr)
+    split = (ckpt.get("bytelm_config") or {}).get("data", {}).get("val_fraction")
+    if split is not None and split != cfg.data.val_fraction and not is_launched_rank():
+        print(f"warning: data.val_fraction is {cfg.data.val_fraction} but {path} was trained with "
+              f"{split}: the resumed run trains on a different split, and part of its "
+              f"validation text may have been trained on", file=sys.stderr)
 
 
 def start_run_dir(run_dir: Path, cfg, overwrite: bool) -> None:

@@ -100,7 +100,7 @@ def load_tokenizer(cfg: RunConfig, checkpoint_path: str | Path | dict | None = N
     from bytelm.data.bpe import TOKENIZER_FILE, token_dir
     from bytelm.training.datamodule import default_prepared_dir
 
-    prepared = cfg.data.prepared_dir or default_prepared_dir(cfg.data.source)
+    prepared = cfg.data.prepared_dir or default_prepared_dir(cfg.data.source, cfg.data.val_fraction)
     path = token_dir(prepared, cfg.data.bpe_vocab_size) / TOKENIZER_FILE
     if not path.is_file():
         raise CheckpointError(f"token model without its tokenizer: none in the checkpoint and no {path}")

@@ -163,7 +163,7 @@ def config_plan(cfg, bytes_per_token: float | None = None) -> Plan:
         from bytelm.data.sources import DataError
         from bytelm.training.datamodule import default_prepared_dir
 
-        prepared = cfg.data.prepared_dir or default_prepared_dir(cfg.data.source)
+        prepared = cfg.data.prepared_dir or default_prepared_dir(cfg.data.source, cfg.data.val_fraction)
         try:
             bytes_per_token = TokenCorpus(token_dir(prepared, cfg.data.bpe_vocab_size)).bytes_per_token()
         except DataError:

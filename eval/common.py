@@ -247,7 +247,8 @@ def open_corpus(cfg, data: str | None):
     if data is not None and (Path(data) / META_FILE).is_file():
         return PreparedCorpus(data), data
     source = data or cfg.data.source
-    directory = (cfg.data.prepared_dir if data is None else None) or default_prepared_dir(source)
+    directory = ((cfg.data.prepared_dir if data is None else None)
+                 or default_prepared_dir(source, cfg.data.val_fraction))
     ensure_prepared(source, directory, val_fraction=cfg.data.val_fraction,
                     text_column=cfg.data.text_column)
     return PreparedCorpus(directory), source

@@ -538,6 +538,25 @@ def test_ensure_prepared_redoes_damaged_or_differently_configured(tmp_path, corp
     assert read_meta(out)["val_fraction"] == 0.5
 
 
+def test_ensure_prepared_redoes_a_shard_damaged_in_place(tmp_path, corpus_dir):
+    """Same size, different bytes (a flipped bit): the sha256 check catches it."""
+    out = tmp_path / "out"
+    ensure_prepared(str(corpus_dir), out)
+    shard = out / read_meta(out)["splits"]["train"]["shards"][0]["file"]
+    good = shard.read_bytes()
+    shard.write_bytes(bytes([good[0] ^ 1]) + good[1:])
+    ensure_prepared(str(corpus_dir), out)
+    assert shard.read_bytes() == good
+
+
+def test_default_prepared_dir_names_a_non_default_split():
+    from bytelm.training.datamodule import default_prepared_dir
+
+    assert default_prepared_dir("tinyshakespeare") == Path("data_cache/tinyshakespeare")
+    assert default_prepared_dir("tinyshakespeare", 0.1) == Path("data_cache/tinyshakespeare")
+    assert default_prepared_dir("a/b.txt", 0.05) == Path("data_cache/a_b.txt-val0.05")
+
+
 def test_prepare_relative_out_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "a.txt", b"abc" * 10)

@@ -121,6 +121,15 @@ def test_existing_runs_and_other_directories_are_never_overwritten(tmp_path, cap
         capsys, ["--resume", str(run), "--name", "other"])
     assert snapshot(run) == before  # config.yaml, checkpoints and logs all untouched
 
+
+def test_resuming_with_another_split_warns(tmp_path, capsys, corpus):
+    assert train.main(args(tmp_path, "split", corpus)) == 0
+    capsys.readouterr()
+    run = tmp_path / "runs" / "split"
+    assert train.main(["--resume", str(run), "--trainer.max_steps", "3",
+                       "--data.val_fraction", "0.3"]) == 0
+    assert "data.val_fraction is 0.3 but" in capsys.readouterr().err
+
     stranger = tmp_path / "runs" / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("not a run")

@@ -26,9 +26,12 @@ from bytelm.tokenizer import ByteTokenizer
 IGNORE = -100  # a target that is not scored (cross_entropy's ignore_index)
 
 
-def default_prepared_dir(source: str) -> Path:
+def default_prepared_dir(source: str, val_fraction: float = 0.1) -> Path:
+    """data_cache/<source>, with the split in the name when it is not the default, so that runs
+    holding out different fractions of one corpus do not replace each other's shards."""
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.strip("/"))[-80:]
-    return Path("data_cache") / (slug or "corpus")
+    name = (slug or "corpus") + ("" if val_fraction == 0.1 else f"-val{val_fraction:g}")
+    return Path("data_cache") / name
 
 
 class TrainWindows(IterableDataset):
@@ -89,7 +92,7 @@ class ByteDataModule(L.LightningDataModule):
     def __init__(self, cfg: DataConfig, seed: int, prepared_dir: str | None = None):
         super().__init__()
         self.cfg, self.seed = cfg, seed
-        self.prepared_dir = Path(prepared_dir or cfg.prepared_dir or default_prepared_dir(cfg.source))
+        self.prepared_dir = Path(prepared_dir or cfg.prepared_dir or default_prepared_dir(cfg.source, cfg.val_fraction))
         self.corpus: PreparedCorpus | TokenCorpus | None = None
         self.probes: ProbeMixer | None = None
         self.tokenizer = ByteTokenizer()  # a BPETokenizer once setup() opens a token corpus
