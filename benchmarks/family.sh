@@ -8,7 +8,8 @@
 # Every member trains once with seed 1337; byte-mamba and bpe-transformer also with the seeds in
 # EXTRA_SEEDS (default "1 2") to show the spread. All runs start at once (small models leave the
 # GPU mostly idle one at a time). A smoke test, not the experiment: MAX_STEPS=N shortens every
-# run and EXTRA_ARGS adds train.py overrides to every run (e.g. a tiny model on the CPU).
+# run, EXTRA_ARGS adds train.py overrides to every run (e.g. a tiny model on the CPU) and
+# BPE_VOCAB changes the BPE members' vocabulary.
 # Evaluation per run: eval.bpb, eval.probes (--n PROBES_N), eval.robustness, on the GPU.
 set -euo pipefail
 
@@ -16,14 +17,18 @@ corpus=${1:?usage: benchmarks/family.sh CORPUS OUT_DIR}
 out=${2:?usage: benchmarks/family.sh CORPUS OUT_DIR}
 extra_seeds=${EXTRA_SEEDS-"1 2"}
 probes_n=${PROBES_N:-100}
+bpe_vocab=${BPE_VOCAB:-4096}    # the BPE members' vocabulary (the configs plan for 4096)
 device=${DEVICE:-cuda}
 [ -f "$corpus" ] || { echo "error: corpus $corpus not found (see the comment at the top)" >&2; exit 2; }
+corpus=$(realpath "$corpus")
+out=$(realpath -m "$out")
 cd "$(dirname "$0")/.."
 mkdir -p "$out/logs"
 
-# one prepared copy (byte shards + the BPE-4096 of the training split) shared by every run, so
+# one prepared copy (byte shards + the BPE of the training split) shared by every run, so
 # that concurrent runs do not prepare the same cache
-python -m data.prepare --data "$corpus" --out "$out/prepared" --bpe-vocab 4096 > "$out/logs/prepare.log" 2>&1
+python -m data.prepare --data "$corpus" --out "$out/prepared" --bpe-vocab "$bpe_vocab" \
+    > "$out/logs/prepare.log" 2>&1
 
 extra=()
 [ -n "${MAX_STEPS:-}" ] && extra+=(--trainer.max_steps "$MAX_STEPS")
@@ -35,7 +40,8 @@ launch() {  # config seed
     local name
     name=$(basename "$1" .yaml)-s$2
     python train.py --config "$1" --data.source "$corpus" --data.prepared_dir "$out/prepared" \
-        --seed "$2" --name "$name" --train.out_dir "$out/runs" --trainer.enable_progress_bar false \
+        --data.bpe_vocab_size "$bpe_vocab" --seed "$2" --name "$name" --train.out_dir "$out/runs" \
+        --trainer.enable_progress_bar false \
         --overwrite "${extra[@]}" > "$out/logs/$name.log" 2>&1 &
     pids+=($!)
     names+=("$name")
@@ -57,5 +63,5 @@ for name in "${names[@]}"; do
     python -m eval.probes --ckpt "$run" --device "$device" --n "$probes_n" > /dev/null 2>> "$out/logs/eval-$name.log"
     python -m eval.robustness --ckpt "$run" --device "$device" > /dev/null 2>> "$out/logs/eval-$name.log"
 done
-python -m eval.compare "$out"/runs/* --out "$out/report" > /dev/null
+python -m eval.compare "$out"/runs/* --out "$out/report" > /dev/null 2>> "$out/logs/compare.log"
 cat "$out/report/compare.md"

@@ -28,3 +28,28 @@ def test_compare_curves_reports_differences(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 common steps: mean |difference| 0.0667, max 0.1000" in out
     assert "0.500 s per optimizer step" in out
+
+
+def test_family_script_trains_evaluates_and_compares(tmp_path):
+    """benchmarks/family.sh end to end with tiny models on the CPU: every member trains, is
+    evaluated (bpb, probes, robustness) and lands in one comparison table."""
+    import argparse
+    import inspect
+    import os
+    import subprocess
+
+    corpus = tmp_path / "english.txt"
+    corpus.write_text(inspect.getsource(argparse)[:40000])
+    env = dict(os.environ, EXTRA_SEEDS="", MAX_STEPS="1", DEVICE="cpu", PROBES_N="1",
+               BPE_VOCAB="300", EXTRA_ARGS="--model.d_model 32 --model.n_layer 1 "
+                                           "--model.n_head 2 --data.batch_size 2")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(["bash", str(root / "benchmarks" / "family.sh"), str(corpus),
+                             str(tmp_path / "fam")], env=env, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "fam" / "report" / "compare.md").read_text()
+    for member in ("byte-mamba", "byte-transformer", "byte-hybrid-3to1", "bpe-transformer",
+                   "bpe-mamba"):
+        assert f"| {member}-s1337 |" in table
+    assert (tmp_path / "fam" / "report" / "bpb_vs_flops.png").stat().st_size > 0
