@@ -1,13 +1,16 @@
 """The Mamba mixer on the Triton kernels equals the mixer on the references, end to end.
 
-The mixer hands the conv and the scan channel-last views of its linear layers' outputs (no
-transposes are copied); this checks that path as a whole: outputs, the gradient of the input
-and of every parameter. On CPU the kernels run in Triton's interpreter (conftest.py).
+The mixer hands the conv and the scan (batch, channels, length) views of channel-major storage;
+this checks that path as a whole (outputs, the gradient of the input and of every parameter; on
+CPU the kernels run in Triton's interpreter, conftest.py), and that the mixer's own glue copies
+nothing of the mixer's size in the forward or the backward.
 """
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import bytelm.modules.mamba as mamba_module
 from bytelm.models.lm import LM, ModelConfig
 from bytelm.modules.mamba import MambaMixer
 
@@ -73,3 +76,56 @@ def test_lm_on_triton_kernels_trains_like_reference():
             opt.zero_grad()
             losses[backend].append(loss.item())
     assert losses["triton"] == pytest.approx(losses["ref"], rel=1e-4)
+
+
+class _KeepLayout(torch.autograd.Function):
+    """Stands in for a kernel that writes its output, and its inputs' gradients, in its
+    inputs' layouts (as the Triton conv and scan do) without computing anything."""
+
+    @staticmethod
+    def forward(ctx, first, *rest):
+        ctx.shapes = [t for t in (first, *rest)]
+        return torch.empty_like(first)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(torch.zeros_like(t) for t in ctx.shapes)
+
+
+class _BigCopies(TorchDispatchMode):
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.copies = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if any(k in name for k in ("clone", "copy", "contiguous")) and isinstance(out, torch.Tensor) \
+                and out.numel() >= self.numel:
+            self.copies.append(f"{name} {tuple(out.shape)}")
+        return out
+
+
+def test_mixer_glue_copies_nothing_of_its_size(monkeypatch):
+    def conv(x, weight, bias, activation, backend):
+        return _KeepLayout.apply(x, weight, bias)
+
+    def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_final_state, backend):
+        return _KeepLayout.apply(u, delta, B, C, z)
+
+    monkeypatch.setattr(mamba_module, "causal_conv1d_fn", conv)
+    monkeypatch.setattr(mamba_module, "selective_scan_fn", scan)
+    mixer = MambaMixer(d_model=8, d_state=4, expand=2)
+    hidden = torch.randn(3, 10, 8, requires_grad=True)
+    with _BigCopies(mixer.d_inner * 3 * 10) as log:
+        mixer(hidden).sum().backward()
+    assert log.copies == []
+
+
+@pytest.mark.parametrize("backend,norm", [("ref", "ref"), ("naive", "ref"), ("triton", "triton"),
+                                          ("auto", "auto")])
+def test_norms_follow_the_kernel_backend(backend, norm):
+    from bytelm.modules.norm import RMSNorm
+
+    model = LM(ModelConfig(d_model=16, n_layer=1, scan_backend=backend))
+    assert {m.backend for m in model.modules() if isinstance(m, RMSNorm)} == {norm}

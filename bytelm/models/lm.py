@@ -45,7 +45,7 @@ class ModelConfig:
     dt_min: float = _opt(0.001, "Mamba: smallest initial dt")
     dt_max: float = _opt(0.1, "Mamba: largest initial dt")
     dt_init_floor: float = _opt(1e-4, "Mamba: floor of the initial dt")
-    scan_backend: str = _opt("auto", "Mamba scan: auto | ref | naive | triton")
+    scan_backend: str = _opt("auto", "kernels (scan, conv1d, RMSNorm): auto | ref | naive | triton")
     n_head: int = _opt(4, "attention heads (head_dim = d_model / n_head)")
     rope_theta: float = _opt(10000.0, "RoPE base")
     d_ff: int | None = _opt(None, "SwiGLU hidden size (None: 8/3 d_model rounded up to 32)")
@@ -64,6 +64,11 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_multiple
         return -(-self.vocab_size // m) * m
+
+    @property
+    def norm_backend(self) -> str:
+        """RMSNorm follows scan_backend (the naive scan's reference is the norm's ref)."""
+        return "ref" if self.scan_backend == "naive" else self.scan_backend
 
     @property
     def mlp_hidden(self) -> int:
@@ -91,7 +96,7 @@ class Block(nn.Module):
     def __init__(self, kind: str, cfg: ModelConfig):
         super().__init__()
         self.kind = kind
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_backend)
         self.drop = nn.Dropout(cfg.dropout)
         if kind == "M":
             self.mixer = MambaMixer(cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv,
@@ -141,7 +146,7 @@ class LM(nn.Module):
         self.embedding = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(kind, cfg) for kind in cfg.blocks)
-        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_backend)
         self._init_weights()
 
     def _init_weights(self):

@@ -68,15 +68,18 @@ class MambaMixer(nn.Module):
         the step when they were: benchmarks/results/profile-h200.md)."""
         batch, length, _ = hidden.shape
         xz = linear_to_cm(hidden.reshape(-1, self.d_model), self.in_proj.weight, self.in_proj.bias)
-        conv_in, z = xz.view(-1, batch, length).transpose(0, 1).chunk(2, dim=1)  # (b, d_inner, l)
+        # split in channel-major space: the two gradients then join by one coalesced cat
+        x_cm, z_cm = xz.chunk(2, dim=0)
+
+        def per_row(t):  # (channels, b l) -> (b, channels, l) view
+            return t.view(-1, batch, length).transpose(0, 1)
+
+        conv_in, z = per_row(x_cm), per_row(z_cm)                                # (b, d_inner, l)
         x = causal_conv1d_fn(conv_in, self.conv1d.weight, self.conv1d.bias, activation="silu",
                              backend=self._conv_backend)
         x_dbl = self.x_proj.weight @ x.transpose(0, 1).reshape(self.d_inner, -1)  # (r + 2n, b l)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state])
         dt = self.dt_proj.weight @ dt                                              # (d_inner, b l)
-
-        def per_row(t):  # (channels, b l) -> (b, channels, l) view
-            return t.view(-1, batch, length).transpose(0, 1)
 
         y = selective_scan_fn(
             x, per_row(dt), -torch.exp(self.A_log.float()), per_row(B), per_row(C),
