@@ -6,8 +6,9 @@
 
 Op: out = silu(conv1d(x) + bias), depthwise, causal, width 4, on x of shape (batch, dim, length)
 in bf16. x is `xz[:, :dim]` of a contiguous (batch, 2 * dim, length) tensor (an in_proj output
-laid out channel-first, as mamba_ssm does); `--layout channels-last` instead takes it from a
-(batch, length, 2 * dim) tensor through a transpose, the layout bytelm's mixer produces today.
+laid out channel-first); `--layout channel-major` takes it from (2 * dim, batch, length) storage,
+the layout of bytelm's mixer (and of mamba_ssm's); `--layout channels-last` from a
+(batch, length, 2 * dim) tensor through a transpose.
 Weight (dim, width) and bias (dim,) are fp32 parameters, the ops run under bf16 autocast as in
 training. "torch" is the model's current path: nn.Conv1d(groups=dim, padding=width - 1), slice
 the first `length` outputs, F.silu. "fwd+bwd" is the forward then the gradients of x, weight and
@@ -57,6 +58,8 @@ def make_inputs(b, d, l, width, dtype, device, layout, seed=0):
     g = torch.Generator().manual_seed(seed)
     if layout == "channels-last":
         xz = torch.randn(b, l, 2 * d, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+    elif layout == "channel-major":  # the mixer's: (2 dim, batch, length) storage
+        xz = torch.randn(2 * d, b, l, generator=g).to(device=device, dtype=dtype).transpose(0, 1)
     else:
         xz = torch.randn(b, 2 * d, l, generator=g).to(device=device, dtype=dtype)
     x = xz[:, :d].detach().requires_grad_()  # a strided leaf: the gradient is dx itself
@@ -172,7 +175,7 @@ def main(argv=None):
                     "or BxDxL shapes (e.g. 2x8x64)")
     ap.add_argument("--width", type=int, default=4)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    ap.add_argument("--layout", default="slice", choices=["slice", "channels-last"])
+    ap.add_argument("--layout", default="slice", choices=["slice", "channel-major", "channels-last"])
     ap.add_argument("--reps", type=int, default=5, help="timed runs per measurement on the CPU")
     ap.add_argument("--tune", action="store_true", help="also time a few tiles of the raw kernels")
     ap.add_argument("--out", type=Path, help="write the markdown table here too")

@@ -130,7 +130,7 @@ def test_conv_output_and_dx_follow_a_channel_major_input():
     g = torch.randn(out.shape, device=DEVICE)
     (dx,) = torch.autograd.grad(out, x, g)
     (dx_ref,) = torch.autograd.grad(ref, x64, g.double())
-    assert rel_err(dx, dx_ref) < 1e-5
+    assert rel_err(dx, dx_ref) < 1e-5 and dx.stride() == x.stride()
     x_cl = torch.randn(batch, 30, dim, device=DEVICE).transpose(1, 2)
     assert causal_conv1d_fn(x_cl, w, b, "silu", backend="triton").is_contiguous()
 

@@ -50,7 +50,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.standard import _sum_combine as _add  # tl.sum without its jit wrapper
 
-from bytelm.ops.triton.layout import is_dense
+from bytelm.ops.triton.layout import is_length_major
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_WIDTH = 8
@@ -271,7 +271,7 @@ def _out_like(x):
     """Output allocation in x's layout when x's steps are adjacent and it has no gaps (e.g. the
     mixer's channel-major (dim, batch, length) storage, which its next matmul reads in place),
     else contiguous (batch, dim, length)."""
-    if (x.stride(2) == 1 or x.shape[2] == 1) and is_dense(x):
+    if is_length_major(x):
         return _empty(like=x)
     return _empty(*x.shape, device=x.device, dtype=x.dtype)
 
@@ -298,8 +298,9 @@ def _length_contiguous(t):
 
 
 def conv_bwd(x, weight, bias, dout, silu, cfg=None):
-    """Gradients of `conv_fwd`: dx (x.dtype, contiguous) and the fp32 sums dweight (dim, width)
-    and dbias (dim,), the latter None without a bias. x or dout strided along length is copied
+    """Gradients of `conv_fwd`: dx (x.dtype, laid out as `_out_like` says) and the fp32 sums
+    dweight (dim, width) and dbias (dim,), the latter None without a bias. x or dout strided
+    along length is copied
     to a contiguous layout first: the in-register shifts need whole vectors of steps, and the
     copy costs far less than a backward through shifted loads (4x slower on the H200)."""
     batch, dim, length = x.shape

@@ -22,10 +22,15 @@ def is_dense(x: torch.Tensor) -> bool:
     return True
 
 
+def is_length_major(x: torch.Tensor) -> bool:
+    """Are the steps of x (batch, channels, length) adjacent in memory, with no gaps?"""
+    return (x.stride(2) == 1 or x.shape[2] == 1) and is_dense(x)
+
+
 def length_major(x: torch.Tensor | None) -> torch.Tensor | None:
-    """x (batch, channels, length) itself if its steps are adjacent and it has no gaps, else a
-    contiguous copy (e.g. the transpose of a (batch, length, channels) tensor)."""
-    if x is None or ((x.stride(2) == 1 or x.shape[2] == 1) and is_dense(x)):
+    """x (batch, channels, length) itself if `is_length_major`, else a contiguous copy (e.g. the
+    transpose of a (batch, length, channels) tensor)."""
+    if x is None or is_length_major(x):
         return x
     return x.contiguous()
 

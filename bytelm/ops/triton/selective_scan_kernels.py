@@ -112,13 +112,13 @@ def _scan_fwd_kernel(
 
     c_lo = seg * CPS
     c_hi = tl.minimum(c_lo + CPS, n_chunks)
-    # (batch, channel, time) element at b SB + d SD + t ST: channel-first (SD = L, ST = 1) or
-    # channel-last (SD = 1, ST = row width) tensors; z may have its own strides
+    # (batch, channel, time) element at b SB + d SD + t ST; the wrapper hands over adjacent steps
+    # (ST = 1: contiguous or channel-major storage); z may have its own strides
     row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
     zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
     tS = t_ * ST
     tZ = t_ * ZT
-    zero64 = pid_b * 0                       # chunk offsets in int64: c * T * ST may pass 2^31
+    zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
     # B, C packed by the wrapper as (batch, chunk + 1, state block, T) fp32, zero padded
@@ -217,13 +217,13 @@ def _scan_fwd_segment_kernel(
     A2 = tl.load(A_ptr + d * NSTATE + n, mask=mask_dn, other=0.0) * LOG2E
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d + zero_kn, mask=mask_d, other=0.0)
-    # (batch, channel, time) element at b SB + d SD + t ST: channel-first (SD = L, ST = 1) or
-    # channel-last (SD = 1, ST = row width) tensors; z may have its own strides
+    # (batch, channel, time) element at b SB + d SD + t ST; the wrapper hands over adjacent steps
+    # (ST = 1: contiguous or channel-major storage); z may have its own strides
     row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
     zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
     tS = t_ * ST
     tZ = t_ * ZT
-    zero64 = pid_b * 0                       # chunk offsets in int64: c * T * ST may pass 2^31
+    zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
     c_lo = seg * CPS
@@ -307,13 +307,13 @@ def _scan_bwd_kernel(
 
     c_lo = seg * CPS
     c_hi = tl.minimum(c_lo + CPS, n_chunks)
-    # (batch, channel, time) element at b SB + d SD + t ST: channel-first (SD = L, ST = 1) or
-    # channel-last (SD = 1, ST = row width) tensors; z may have its own strides
+    # (batch, channel, time) element at b SB + d SD + t ST; the wrapper hands over adjacent steps
+    # (ST = 1: contiguous or channel-major storage); z may have its own strides
     row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
     zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
     tS = t_ * ST
     tZ = t_ * ZT
-    zero64 = pid_b * 0                       # chunk offsets in int64: c * T * ST may pass 2^31
+    zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
     bc_off = (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T + n * T + t_ + (wd_ + ld_) * 0   # last chunk
@@ -464,13 +464,13 @@ def _scan_bwd_segment_kernel(
     A2 = tl.load(A_ptr + d * NSTATE + n, mask=mask_dn, other=0.0) * LOG2E
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d + zero_kn, mask=mask_d, other=0.0)
-    # (batch, channel, time) element at b SB + d SD + t ST: channel-first (SD = L, ST = 1) or
-    # channel-last (SD = 1, ST = row width) tensors; z may have its own strides
+    # (batch, channel, time) element at b SB + d SD + t ST; the wrapper hands over adjacent steps
+    # (ST = 1: contiguous or channel-major storage); z may have its own strides
     row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
     zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
     tS = t_ * ST
     tZ = t_ * ZT
-    zero64 = pid_b * 0                       # chunk offsets in int64: c * T * ST may pass 2^31
+    zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
     c_lo = seg * CPS
