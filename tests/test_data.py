@@ -549,6 +549,17 @@ def test_ensure_prepared_redoes_a_shard_damaged_in_place(tmp_path, corpus_dir):
     assert shard.read_bytes() == good
 
 
+def test_ensure_prepared_does_not_hash_untouched_shards(tmp_path, corpus_dir, monkeypatch):
+    out = tmp_path / "out"
+    ensure_prepared(str(corpus_dir), out)
+
+    def no_hashing(path):
+        raise AssertionError(f"hashed {path}, which nobody wrote since it was prepared")
+
+    monkeypatch.setattr(prepare_mod, "_sha256", no_hashing)
+    ensure_prepared(str(corpus_dir), out)
+
+
 def test_default_prepared_dir_names_a_non_default_split():
     from bytelm.training.datamodule import default_prepared_dir
 

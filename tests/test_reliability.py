@@ -121,6 +121,14 @@ def test_existing_runs_and_other_directories_are_never_overwritten(tmp_path, cap
         capsys, ["--resume", str(run), "--name", "other"])
     assert snapshot(run) == before  # config.yaml, checkpoints and logs all untouched
 
+    stranger = tmp_path / "runs" / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("not a run")
+    for extra in ([], ["--overwrite"]):
+        assert "is not a run directory" in one_line_error(
+            capsys, args(tmp_path, "stranger", corpus, *extra))
+    assert (stranger / "notes.txt").read_text() == "not a run"
+
 
 def test_resuming_with_another_split_warns(tmp_path, capsys, corpus):
     assert train.main(args(tmp_path, "split", corpus)) == 0
@@ -129,14 +137,6 @@ def test_resuming_with_another_split_warns(tmp_path, capsys, corpus):
     assert train.main(["--resume", str(run), "--trainer.max_steps", "3",
                        "--data.val_fraction", "0.3"]) == 0
     assert "data.val_fraction is 0.3 but" in capsys.readouterr().err
-
-    stranger = tmp_path / "runs" / "stranger"
-    stranger.mkdir()
-    (stranger / "notes.txt").write_text("not a run")
-    for extra in ([], ["--overwrite"]):
-        assert "is not a run directory" in one_line_error(
-            capsys, args(tmp_path, "stranger", corpus, *extra))
-    assert (stranger / "notes.txt").read_text() == "not a run"
 
 
 def test_resume_needs_an_intact_checkpoint(tmp_path, capsys, corpus):

@@ -112,9 +112,11 @@ def ensure_prepared(
         fingerprint = source_fingerprint(source, text_column=text_column)
         if meta is not None and _matches(meta, fingerprint, options) and _shards_intact(out, meta):
             log.info("reusing prepared corpus %s (%s, %d bytes)", out, source, total_bytes(meta))
+            _record_verified(out, meta)
             return out
         # A dir with a meta.json was made by prepare(); replacing a stale one is what the caller wants.
-        prepare(source, out, **options, overwrite=(out / META_FILE).exists(), cache_dir=cache_dir)
+        meta = prepare(source, out, **options, overwrite=(out / META_FILE).exists(), cache_dir=cache_dir)
+        _record_verified(out, meta)
     return out
 
 
@@ -333,17 +335,40 @@ def _matches(meta: dict, fingerprint: str, options: dict) -> bool:
 
 
 def _shards_intact(directory: Path, meta: dict) -> bool:
-    """Every shard present, of its recorded size and sha256 (a damaged shard of the right size
-    would otherwise be trained on; hashing costs ~1 s per GB at each start)."""
+    """Every shard present, of its recorded size, and of its recorded sha256 if it was written
+    since it was prepared (a shard damaged in place at the right size would otherwise be trained
+    on; untouched shards are not read, so a start costs no hashing of the corpus)."""
+    try:
+        verified = json.loads((directory / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        verified = {}
     for split in SPLITS:
         for shard in meta["splits"][split]["shards"]:
             path = directory / shard["file"]
             if not path.is_file() or path.stat().st_size != shard["bytes"]:
                 return False
-            if shard.get("sha256") is not None and _sha256(path) != shard["sha256"]:
+            touched = _stamp(path) != verified.get(shard["file"])
+            if touched and shard.get("sha256") is not None and _sha256(path) != shard["sha256"]:
                 log.warning("prepared shard %s does not match its sha256: preparing again", path)
                 return False
     return True
+
+
+VERIFIED_FILE = ".verified.json"  # shard -> [size, mtime_ns] when its sha256 last matched
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _record_verified(directory: Path, meta: dict) -> None:
+    stamps = {shard["file"]: _stamp(directory / shard["file"])
+              for split in SPLITS for shard in meta["splits"][split]["shards"]}
+    try:
+        (directory / VERIFIED_FILE).write_text(json.dumps(stamps))
+    except OSError:  # a read-only corpus: shards are hashed at every start instead
+        pass
 
 
 def _sha256(path: Path) -> str:
