@@ -28,12 +28,12 @@ mkdir -p "$out/logs"
 # one prepared copy (byte shards + the BPE of the training split) shared by every run, so
 # that concurrent runs do not prepare the same cache
 python -m data.prepare --data "$corpus" --out "$out/prepared" --bpe-vocab "$bpe_vocab" \
-    > "$out/logs/prepare.log" 2>&1
+    > "$out/logs/prepare.log" 2>&1 || { echo "data.prepare failed: $out/logs/prepare.log" >&2; exit 1; }
 
 extra=()
 [ -n "${MAX_STEPS:-}" ] && extra+=(--trainer.max_steps "$MAX_STEPS")
 read -r -a more <<< "${EXTRA_ARGS:-}"
-extra+=("${more[@]}")
+extra+=(${more[@]+"${more[@]}"})
 pids=()
 names=()
 launch() {  # config seed
@@ -42,7 +42,7 @@ launch() {  # config seed
     python train.py --config "$1" --data.source "$corpus" --data.prepared_dir "$out/prepared" \
         --data.bpe_vocab_size "$bpe_vocab" --seed "$2" --name "$name" --train.out_dir "$out/runs" \
         --trainer.enable_progress_bar false \
-        --overwrite "${extra[@]}" > "$out/logs/$name.log" 2>&1 &
+        --overwrite ${extra[@]+"${extra[@]}"} > "$out/logs/$name.log" 2>&1 &
     pids+=($!)
     names+=("$name")
 }
@@ -57,11 +57,17 @@ for i in "${!pids[@]}"; do
 done
 [ "$failed" = 0 ] || exit 1
 
+runs=()
 for name in "${names[@]}"; do
     run="$out/runs/$name"
-    python -m eval.bpb --ckpt "$run" --device "$device" > /dev/null 2>> "$out/logs/eval-$name.log"
-    python -m eval.probes --ckpt "$run" --device "$device" --n "$probes_n" > /dev/null 2>> "$out/logs/eval-$name.log"
-    python -m eval.robustness --ckpt "$run" --device "$device" > /dev/null 2>> "$out/logs/eval-$name.log"
+    log="$out/logs/eval-$name.log"
+    for ev in "eval.bpb" "eval.probes --n $probes_n" "eval.robustness"; do
+        # shellcheck disable=SC2086  # ev holds the module and its options
+        python -m $ev --ckpt "$run" --device "$device" > /dev/null 2>> "$log" \
+            || { echo "$ev failed on $name: $log" >&2; exit 1; }
+    done
+    runs+=("$run")
 done
-python -m eval.compare "$out"/runs/* --out "$out/report" > /dev/null 2>> "$out/logs/compare.log"
+python -m eval.compare "${runs[@]}" --out "$out/report" > /dev/null 2>> "$out/logs/compare.log" \
+    || { echo "eval.compare failed: $out/logs/compare.log" >&2; exit 1; }
 cat "$out/report/compare.md"

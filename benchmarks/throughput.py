@@ -50,11 +50,13 @@ def bench(model_kw: dict, seq_len: int, batch: int, steps: int, warmup: int, bac
     torch.cuda.reset_peak_memory_stats()
 
     def step(ids):
+        loss = 0.0
         for micro in ids.chunk(accum):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = model(micro[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten())
-            (loss / accum).backward()
+            micro_loss = F.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten()) / accum
+            micro_loss.backward()
+            loss = loss + micro_loss.detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
