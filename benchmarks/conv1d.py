@@ -27,10 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,20 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, fmt, parse_shapes, rel_err, timer  # noqa: E402
 
 SHAPES = [(8, 1536, 2048), (8, 1536, 8192), (2, 1536, 32768), (32, 1536, 2048)]
-
-
-def parse_shapes(text: str):
-    if text == "all":
-        return SHAPES
-    out = []
-    for part in text.split(","):
-        if "x" in part:
-            out.append(tuple(int(v) for v in part.split("x")))
-        else:
-            out.append(SHAPES[int(part)])
-    return out
 
 
 def make_inputs(b, d, l, width, dtype, device, layout, seed=0):
@@ -101,45 +88,6 @@ def torch_fns(x, conv, dout, autocast):
     return fwd, fwd_bwd
 
 
-def timer(device, reps):
-    if device == "cuda":
-        from triton.testing import do_bench
-        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def bench(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    return bench
-
-
-def graph_timer():
-    """Median ms of CUDA-graph replays: GPU time alone, without Python and launch overhead."""
-    from triton.testing import do_bench_cudagraph
-
-    def bench(fn):
-        try:
-            return do_bench_cudagraph(fn, rep=100, return_mode="median")
-        except Exception as e:  # a path that cannot be captured must not cost the run
-            print(f"graph capture failed: {e!r}"[:300], flush=True)
-            return float("nan")
-    return bench
-
-
-def copy_bandwidth(bench):
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    return 2 * x.numel() / (bench(lambda: y.copy_(x)) * 1e-3)
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
 def tune(x, conv, dout, bench):
     """Time the raw kernels for a few tiles; one line per variant. The backward always runs on
     length-contiguous x (conv_bwd copies a strided one), so its tiles are tuned there."""
@@ -185,26 +133,16 @@ def main(argv=None):
         os.environ.setdefault("TRITON_INTERPRET", "1")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     bench = timer(args.device, args.reps)
+    header = environment(args.device, bench)
 
     def autocast():
         on = args.device == "cuda" and dtype != torch.float32
         return torch.autocast(args.device, dtype=dtype, enabled=on)
 
-    header = []
-    if args.device == "cuda":
-        import triton
-        props = torch.cuda.get_device_properties(0)
-        bw = copy_bandwidth(bench)
-        header = [f"- GPU: {props.name} ({props.multi_processor_count} SMs); copy bandwidth "
-                  f"{bw / 1e9:.0f} GB/s (read + write)",
-                  f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
-                  f"Python {platform.python_version()}"]
-    else:
-        header = [f"- CPU ({os.cpu_count()} cores), Triton interpreter; torch {torch.__version__}"]
     print("\n".join(header), flush=True)
 
     rows, tune_lines = [], []
-    for i, (b, d, l) in enumerate(parse_shapes(args.shapes)):
+    for i, (b, d, l) in enumerate(parse_shapes(args.shapes, SHAPES)):
         x, conv, dout = make_inputs(b, d, l, args.width, dtype, args.device, args.layout, seed=i)
         ours_f, ours_fb = ours_fns(x, conv, dout, autocast)
         ref_f, ref_fb = torch_fns(x, conv, dout, autocast)
@@ -217,7 +155,7 @@ def main(argv=None):
         row["fwd"], row["fb"] = bench(ours_f), bench(ours_fb)
         row["tfwd"], row["tfb"] = bench(ref_f), bench(ref_fb)
         if args.device == "cuda":
-            gbench = graph_timer()
+            gbench = timer(args.device, args.reps, graph=True)
             row["gfwd"], row["gfb"] = gbench(ours_f), gbench(ours_fb)
             row["gtfwd"], row["gtfb"] = gbench(ref_f), gbench(ref_fb)
         row["fwd_gbs"] = fwd_bytes / row["fwd"] / 1e6
@@ -246,10 +184,6 @@ def main(argv=None):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(parts) + "\n")
     return rows
-
-
-def fmt(v, spec=".3f"):
-    return "-" if v is None or v != v else format(v, spec)
 
 
 def format_table(rows):

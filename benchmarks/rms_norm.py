@@ -26,26 +26,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, parse_shapes, rel_err, timer  # noqa: E402
 
 SHAPES = [(65536, 768), (65536, 1024)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = 1e-5
-
-
-def parse_shapes(text: str):
-    if text == "all":
-        return SHAPES
-    return [tuple(int(v) for v in part.split("x")) if "x" in part else SHAPES[int(part)]
-            for part in text.split(",")]
 
 
 def make_inputs(rows, dim, dtype, device, seed=0):
@@ -67,37 +59,6 @@ def fns(x, weight, dy, backend):
         y = rms_norm_fn(x, weight, EPS, backend=backend)
         return torch.autograd.grad(y, (x, weight), dy)
     return fwd, fwd_bwd
-
-
-def timer(device, reps, graph=True):
-    if device == "cuda":
-        from triton.testing import do_bench, do_bench_cudagraph
-
-        def bench(fn):
-            if graph:
-                return do_bench_cudagraph(fn, rep=100, return_mode="median")
-            return do_bench(fn, warmup=25, rep=200, return_mode="median")
-        return bench
-
-    def bench(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    return bench
-
-
-def copy_bandwidth(bench):
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    return 2 * x.numel() / (bench(lambda: y.copy_(x)) * 1e-3)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def tune(x, weight, dy):
@@ -151,20 +112,11 @@ def main(argv=None):
         os.environ.setdefault("TRITON_INTERPRET", "1")
     bench = timer(args.device, args.reps, graph=not args.eager)
     eager_bench = timer(args.device, args.reps, graph=False)
-    if args.device == "cuda":
-        import triton
-        props = torch.cuda.get_device_properties(0)
-        bw = copy_bandwidth(eager_bench)
-        header = [f"- GPU: {props.name} ({props.multi_processor_count} SMs); copy bandwidth "
-                  f"{bw / 1e9:.0f} GB/s (read + write)",
-                  f"- torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
-                  f"Python {platform.python_version()}"]
-    else:
-        header = [f"- CPU ({os.cpu_count()} cores), Triton interpreter; torch {torch.__version__}"]
+    header = environment(args.device, eager_bench)
     print("\n".join(header), flush=True)
 
     rows, tune_lines = [], []
-    for i, (n, d) in enumerate(parse_shapes(args.shapes)):
+    for i, (n, d) in enumerate(parse_shapes(args.shapes, SHAPES)):
         for name in args.dtypes.split(","):
             x, weight, dy = make_inputs(n, d, DTYPES[name], args.device, seed=i)
             ours_f, ours_fb = fns(x, weight, dy, "triton")
