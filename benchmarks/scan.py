@@ -113,14 +113,23 @@ def peer_fwd_bwd(mod, u, delta, A, B, C, D, z, bias, dout):
 # ------------------------------------------------------------------------------------------
 # measurements
 # ------------------------------------------------------------------------------------------
-def make_inputs(b, d, l, n, seed=0):
+def make_inputs(b, d, l, n, seed=0, layout="contiguous"):
+    """bf16 inputs, (batch, dim, length) contiguous, or with layout="channel-major" views of
+    (dim, batch, length) storage with z half of a (2 dim, batch, length) tensor: the layout the
+    mixer hands the scan (the peer gets contiguous copies: its kernel wants them)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     bf = dict(device="cuda", dtype=torch.bfloat16)
     rnd = lambda *s, **kw: torch.randn(*s, generator=g, device="cuda", **kw)  # noqa: E731
-    return dict(u=rnd(b, d, l).to(**bf), delta=(0.5 * rnd(b, d, l)).to(**bf),
-                A=-(torch.rand(d, n, generator=g, device="cuda") * 4 + 0.1),
-                B=rnd(b, n, l).to(**bf), C=rnd(b, n, l).to(**bf), D=rnd(d),
-                z=rnd(b, d, l).to(**bf), delta_bias=0.5 * rnd(d))
+    x = dict(u=rnd(b, d, l).to(**bf), delta=(0.5 * rnd(b, d, l)).to(**bf),
+             A=-(torch.rand(d, n, generator=g, device="cuda") * 4 + 0.1),
+             B=rnd(b, n, l).to(**bf), C=rnd(b, n, l).to(**bf), D=rnd(d),
+             z=rnd(b, d, l).to(**bf), delta_bias=0.5 * rnd(d))
+    if layout == "channel-major":
+        for k in ("u", "delta", "B", "C"):
+            x[k] = x[k].transpose(0, 1).contiguous().transpose(0, 1)
+        xz = torch.cat([x["u"].transpose(0, 1), x["z"].transpose(0, 1)])
+        x["z"] = xz[d:].transpose(0, 1)
+    return x
 
 
 def bench(fn, rep=200):
@@ -221,6 +230,8 @@ def main():
     ap.add_argument("--build-peer-only", action="store_true")
     ap.add_argument("--tune", action="store_true", help="also time a few tile shapes of the raw kernels")
     ap.add_argument("--shapes", default="all", help="'all' or comma-separated indices into SHAPES")
+    ap.add_argument("--layout", default="contiguous", choices=["contiguous", "channel-major"],
+                    help="how our kernels get u, delta, z, B, C (channel-major: the mixer's)")
     ap.add_argument("--out", type=Path, help="write the markdown table here too")
     ap.add_argument("--profile-once", type=int, metavar="SHAPE",
                     help="run one forward and one forward+backward of SHAPES[i] (for ncu) and exit")
@@ -255,14 +266,14 @@ def main():
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     rows, tune_lines = [], []
     for i, (b, d, l, n) in enumerate(shapes):
-        x = make_inputs(b, d, l, n, seed=i)
+        x = make_inputs(b, d, l, n, seed=i, layout=args.layout)
         dout = torch.randn(b, d, l, device="cuda", dtype=torch.bfloat16)
         fwd, fwd_bwd = ours_fns(x, dout)
         row = dict(shape=f"{b} x {d} x {l}, N={n}", floor=floor_ms(b, d, l, n, bw))
         row["fwd"], row["fb"] = bench(fwd), bench(fwd_bwd)
         row["mem"] = peak_mib(fwd_bwd)
         if peer is not None:
-            args_p = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+            args_p = [x[k].contiguous() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
             out_p, _ = peer_fwd(peer, *args_p)
             row["check"] = rel_err(fwd(), out_p)
             row["pfwd"] = bench(lambda: peer_fwd(peer, *args_p))
