@@ -11,6 +11,8 @@ from bytelm.ops.selective_scan import (
     selective_state_update_ref,
 )
 
+from kernel_checks import rel_err
+
 
 def make_inputs(batch, dim, length, nstate, dtype=torch.float32, seed=0, grad=False):
     g = torch.Generator().manual_seed(seed)
@@ -28,10 +30,6 @@ def make_inputs(batch, dim, length, nstate, dtype=torch.float32, seed=0, grad=Fa
         delta_bias=rnd(dim, scale=0.5).detach().to(A.dtype).requires_grad_(grad),
         initial_state=rnd(batch, dim, nstate).detach().to(A.dtype).requires_grad_(grad),
     )
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("length", [1, 2, 17, 63, 64, 257])

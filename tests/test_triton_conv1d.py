@@ -14,6 +14,8 @@ import torch
 from bytelm.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_ref
 from bytelm.ops.triton import causal_conv1d as tc
 
+from kernel_checks import nan_empty, rel_err
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # (batch, dim): the interpreter costs milliseconds per op and program, so CPU shapes stay
@@ -33,16 +35,9 @@ def make_inputs(batch, dim, length, width, dtype, seed, bias=True, param_dtype=N
     return x, weight, b
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Kernel outputs start as NaN, so an element a kernel forgot to write fails the test."""
-    def nan_empty(*shape, like=None, **kw):
-        t = torch.empty_like(like) if like is not None else torch.empty(*shape, **kw)
-        return t.fill_(float("nan"))
     monkeypatch.setattr(tc, "_empty", nan_empty)
 
 

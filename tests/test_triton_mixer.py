@@ -14,11 +14,9 @@ import bytelm.modules.mamba as mamba_module
 from bytelm.models.lm import LM, ModelConfig
 from bytelm.modules.mamba import MambaMixer
 
+from kernel_checks import rel_err
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def mixer_grads(mixer, hidden, backend):

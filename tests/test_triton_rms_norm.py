@@ -15,19 +15,14 @@ from bytelm.modules.norm import RMSNorm
 from bytelm.ops.rms_norm import rms_norm_fn, rms_norm_ref
 from bytelm.ops.triton import rms_norm as trn
 
+from kernel_checks import nan_empty, rel_err
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 EPS = 1e-5
 # relative error ||a - b|| / ||b|| by the dtype of the result. bf16: half an ulp of rounding
 # is 2^-9 ~ 2e-3 (and the interpreter truncates fp32 -> bf16 instead of rounding: up to 4e-3)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def rel_err(a, b, scale=None):
-    """||a - b|| / ||b||, or / scale when given (the size of terms that cancel in b)."""
-    a, b = a.detach().double(), b.detach().double()
-    den = b.norm() if scale is None else scale
-    return ((a - b).norm() / max(float(den), 1e-30)).item()
 
 
 def make_inputs(shape, dtype, seed):
@@ -42,9 +37,6 @@ def make_inputs(shape, dtype, seed):
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Kernel outputs start as NaN, so an element a kernel forgot to write fails the test."""
-    def nan_empty(*shape, like=None, **kw):
-        t = torch.empty_like(like, **kw) if like is not None else torch.empty(*shape, **kw)
-        return t.fill_(float("nan"))
     monkeypatch.setattr(trn, "_empty", nan_empty)
 
 

@@ -11,6 +11,8 @@ import torch
 from bytelm.ops.selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update_ref
 from bytelm.ops.triton import selective_scan as tss
 
+from kernel_checks import nan_empty, rel_err
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # (batch, dim): the interpreter costs milliseconds per time step, so CPU shapes stay tiny;
@@ -36,16 +38,9 @@ def make_inputs(batch, dim, length, nstate, dtype, seed):
     )
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Kernel outputs start as NaN, so an element a kernel forgot to write fails the test."""
-    def nan_empty(*shape, like=None, **kw):
-        t = torch.empty_like(like, **kw) if like is not None else torch.empty(*shape, **kw)
-        return t.fill_(float("nan"))
     monkeypatch.setattr(tss, "_empty", nan_empty)
 
 
