@@ -150,7 +150,9 @@ class _ScanCore(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dy, dh_last):
         dt, u, A, B, C, dA, H = ctx.saved_tensors
-        dy, dh_last = dy.to(dt.dtype), dh_last.to(dt.dtype)
+        # time-major like everything saved: a strided dy (its layout follows the caller's
+        # tensors) would make every (l, b, d, n) product below a strided one
+        dy, dh_last = dy.to(dt.dtype).contiguous(), dh_last.to(dt.dtype)
         # dh_t = C_t dy_t + dA_{t+1} dh_{t+1}. With G_t = dA_t dh_t this is a reverse
         # recurrence in dA itself (no shifted copy): G_t = dA_t G_{t+1} + dA_t C_t dy_t.
         x = dy.unsqueeze(-1) * C.unsqueeze(2)
