@@ -2,7 +2,8 @@
 
 Trains (forward + backward + fused AdamW, bf16 autocast, eager) a byte Mamba and a byte
 Transformer of about the same parameter count for a fixed number of steps at several contexts,
-with the same bytes per step, and prints one markdown table.
+with the same bytes per step, and prints one markdown table. When mamba_ssm is importable, its
+MambaLMHeadModel of the Mamba's shape gets a row too (the table says why when it is skipped).
 
     python benchmarks/throughput.py                       # ~90M models, contexts 2K / 8K / 32K
     python benchmarks/throughput.py --sizes 90m,350m --steps 10 --out results/throughput.md
@@ -38,13 +39,47 @@ SIZES = {
 CONTEXTS = {2048: 32, 8192: 8, 32768: 2}  # context -> batch: 65,536 bytes per step
 
 
+class PeerLM(torch.nn.Module):
+    """mamba_ssm's MambaLMHeadModel of our Mamba's shape (byte vocabulary), returning logits;
+    its FLOPs are counted with our formula for the same shape."""
+
+    def __init__(self, model_kw: dict):
+        super().__init__()
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+        self.model = MambaLMHeadModel(MambaConfig(d_model=model_kw["d_model"],
+                                                  n_layer=model_kw["n_layer"], vocab_size=256))
+        # our model of the same shape, for the FLOP formula only: kept on the CPU, outside the
+        # module tree (so neither the optimizer nor the memory figures see it)
+        self._ours_flops = LM(ModelConfig(**model_kw, scan_backend="ref")).flops_per_token
+
+    def forward(self, ids):
+        return self.model(ids).logits
+
+    def flops_per_token(self, seq_len):
+        return self._ours_flops(seq_len)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def peer_missing() -> str | None:
+    """Why mamba_ssm's model cannot be benchmarked here, or None when it can."""
+    try:
+        import mamba_ssm.models.mixer_seq_simple  # noqa: F401
+    except Exception as e:  # ImportError, or its CUDA extensions failing to load
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def bench(model_kw: dict, seq_len: int, batch: int, steps: int, warmup: int, backend: str,
-          accum: int = 1):
+          accum: int = 1, peer: bool = False):
     """One model at one context; each optimizer step takes `batch` windows in `accum`
-    micro-batches (the same bytes per step when a whole batch does not fit)."""
+    micro-batches (the same bytes per step when a whole batch does not fit). peer: mamba_ssm's
+    model of the same shape instead of ours."""
     torch.manual_seed(0)
-    cfg = ModelConfig(**model_kw, scan_backend=backend)
-    model = LM(cfg).cuda()
+    model = (PeerLM(model_kw) if peer else LM(ModelConfig(**model_kw, scan_backend=backend))).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     data = torch.randint(0, 256, (steps + warmup, batch, seq_len + 1), device="cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -87,6 +122,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="triton", help="Mamba scan backend")
     p.add_argument("--out", help="also write the table to this markdown file")
+    p.add_argument("--no-peer", action="store_true",
+                   help="skip mamba_ssm's MambaLMHeadModel even when it is importable")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: benchmarks/throughput.py needs a CUDA GPU")
@@ -98,19 +135,25 @@ def main(argv=None):
               f"after {args.warmup} warm-up; scan backend {args.backend}\n\n"
               "| size | batch x context | model | params | step ms | bytes/s | MFU | peak GB | Mamba / Transformer |\n"
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    missing = "--no-peer" if args.no_peer else peer_missing()
+    if missing:
+        header = f"mamba_ssm's model skipped ({missing})\n\n" + header
     lines = [header]
     print(header, flush=True)
     for size in args.sizes.split(","):
         for context in (int(c) for c in args.contexts.split(",")):
             batch = CONTEXTS.get(context, max(1, 65536 // context))
             rows = {}
-            for name, kw in zip(("Mamba", "Transformer"), SIZES[size]):
+            models = [("Mamba", SIZES[size][0], False), ("Transformer", SIZES[size][1], False)]
+            if not missing:
+                models.append(("mamba_ssm", SIZES[size][0], True))
+            for name, kw, peer in models:
                 rows[name] = None
                 accum = 1
                 while rows[name] is None and accum <= batch:  # halve the micro-batch on OOM
                     try:
                         rows[name] = bench(kw, context, batch, args.steps, args.warmup,
-                                           args.backend, accum)
+                                           args.backend, accum, peer=peer)
                         rows[name]["accum"] = accum
                     except torch.cuda.OutOfMemoryError:
                         torch.cuda.empty_cache()

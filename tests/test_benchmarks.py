@@ -53,3 +53,43 @@ def test_family_script_trains_evaluates_and_compares(tmp_path):
                    "bpe-mamba"):
         assert f"| {member}-s1337 |" in table
     assert (tmp_path / "fam" / "report" / "bpb_vs_flops.png").stat().st_size > 0
+
+
+def test_throughput_peer_row_wraps_mamba_ssm(monkeypatch):
+    """Without mamba_ssm the table says why its row is skipped; with it (a stand-in module
+    here) its model is built at our Mamba's shape and its logits and FLOPs are read right."""
+    import sys
+    import types
+    from collections import namedtuple
+
+    import torch
+
+    import throughput
+
+    if "mamba_ssm" not in sys.modules:
+        assert "mamba_ssm" in throughput.peer_missing()
+
+    class MambaConfig:
+        def __init__(self, d_model, n_layer, vocab_size):
+            self.d_model, self.n_layer, self.vocab_size = d_model, n_layer, vocab_size
+
+    class MambaLMHeadModel(torch.nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.emb = torch.nn.Embedding(cfg.vocab_size, cfg.d_model)
+
+        def forward(self, ids):
+            return namedtuple("Out", "logits")(self.emb(ids) @ self.emb.weight.t())
+
+    config_mod = types.SimpleNamespace(MambaConfig=MambaConfig)
+    model_mod = types.SimpleNamespace(MambaLMHeadModel=MambaLMHeadModel)
+    monkeypatch.setitem(sys.modules, "mamba_ssm", types.ModuleType("mamba_ssm"))
+    monkeypatch.setitem(sys.modules, "mamba_ssm.models", types.ModuleType("mamba_ssm.models"))
+    monkeypatch.setitem(sys.modules, "mamba_ssm.models.config_mamba", config_mod)
+    monkeypatch.setitem(sys.modules, "mamba_ssm.models.mixer_seq_simple", model_mod)
+    assert throughput.peer_missing() is None
+    kw = dict(d_model=16, n_layer=2, layer_pattern="M")
+    peer = throughput.PeerLM(kw)
+    assert peer(torch.randint(0, 256, (2, 5))).shape == (2, 5, 256)
+    assert peer.num_params() == 256 * 16
+    assert peer.flops_per_token(64) == throughput.LM(throughput.ModelConfig(**kw)).flops_per_token(64)
