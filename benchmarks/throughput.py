@@ -133,7 +133,7 @@ def main(argv=None):
     header = (f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
               f"{triton.__version__}, bf16 autocast, fused AdamW, eager, {args.steps} timed steps "
               f"after {args.warmup} warm-up; scan backend {args.backend}\n\n"
-              "| size | batch x context | model | params | step ms | bytes/s | MFU | peak GB | Mamba / Transformer |\n"
+              "| size | batch x context | model | params | step ms | bytes/s | MFU | peak GB | bytes/s / Transformer's |\n"
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     missing = "--no-peer" if args.no_peer else peer_missing()
     if missing:
@@ -158,16 +158,18 @@ def main(argv=None):
                     except torch.cuda.OutOfMemoryError:
                         torch.cuda.empty_cache()
                         accum *= 2
-            ratio = (rows["Mamba"]["bytes_per_s"] / rows["Transformer"]["bytes_per_s"]
-                     if rows["Mamba"] and rows["Transformer"] else float("nan"))
+            base = rows["Transformer"]["bytes_per_s"] if rows["Transformer"] else float("nan")
             for name, r in rows.items():
                 if r is None:
                     line = f"| {size} | {batch} x {context} | {name} | | OOM | | | | |"
+                    lines.append(line)
+                    print(line, flush=True)
+                    continue
                 else:
                     micro = f" ({batch // r['accum']} x {r['accum']})" if r["accum"] > 1 else ""
                     line = (f"| {size} | {batch}{micro} x {context} | {name} | {r['params'] / 1e6:.1f}M | "
                             f"{r['ms']:.1f} | {r['bytes_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
-                            f"{r['peak_gb']:.1f} | {ratio:.2f} |")
+                            f"{r['peak_gb']:.1f} | {r['bytes_per_s'] / base:.2f} |")
                 lines.append(line)
                 print(line, flush=True)
     if args.out:
