@@ -50,7 +50,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.standard import _sum_combine as _add  # tl.sum without its jit wrapper
 
-from bytelm.ops.triton.layout import is_length_major
+from bytelm.ops.triton.layout import empty_output as _empty, is_length_major
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_WIDTH = 8
@@ -255,10 +255,6 @@ def bwd_iters(n_tiles: int, programs: int, device) -> int:
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(8, n_tiles, n_tiles * programs // (8 * sms)))
 
-
-def _empty(*shape, like=None, **kw):
-    """Output allocation; the tests swap in a NaN-filled one so that unwritten elements show."""
-    return torch.empty_like(like) if like is not None else torch.empty(*shape, **kw)
 
 
 def _fit_strides(t):

@@ -41,3 +41,10 @@ def like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if x.stride() == ref.stride():
         return x
     return torch.empty_like(ref, dtype=x.dtype).copy_(x)
+
+
+def empty_output(*shape, like=None, **kw):
+    """A kernel's output allocation: torch.empty(*shape, **kw), or empty_like(like, **kw) (which
+    keeps a dense tensor's strides). The kernel modules import it as `_empty`, which the tests
+    swap for a NaN-filled one so that an element a kernel forgot to write shows."""
+    return torch.empty_like(like, **kw) if like is not None else torch.empty(*shape, **kw)

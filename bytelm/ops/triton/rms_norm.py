@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bytelm.ops.triton.layout import empty_output as _empty
+
 MAX_FUSED_DIM = 16384  # widest row held in registers; wider rows take the reference
 
 
@@ -117,10 +119,6 @@ def _n_programs(cfg, n_tiles, device) -> int:
         n = cfg["PROGRAMS_PER_SM"] * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(n, n_tiles))
 
-
-def _empty(*shape, like=None, **kw):
-    """Output allocation; the tests swap in a NaN-filled one so unwritten elements show."""
-    return torch.empty_like(like, **kw) if like is not None else torch.empty(*shape, **kw)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ import re
 import torch
 import triton
 
-from bytelm.ops.triton.layout import length_major, like
+from bytelm.ops.triton.layout import empty_output as _empty, length_major, like
 from bytelm.ops.triton.selective_scan_kernels import (
     _scan_bwd_kernel,
     _scan_bwd_segment_kernel,
@@ -100,10 +100,6 @@ def _layout_constexprs() -> dict:
         return dict(ASC=True, AX_NPT=4, AX_WD=3, AX_KN=2, AX_LD=1)
     return dict(ASC=False, AX_NPT=1, AX_WD=2, AX_KN=3, AX_LD=4)
 
-
-def _empty(*shape, like=None, **kw):
-    """Output allocation; the tests swap in a NaN-filled one so unwritten elements show."""
-    return torch.empty_like(like, **kw) if like is not None else torch.empty(*shape, **kw)
 
 
 def _tile(cfg):

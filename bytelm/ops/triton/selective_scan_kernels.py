@@ -217,15 +217,11 @@ def _scan_fwd_segment_kernel(
     A2 = tl.load(A_ptr + d * NSTATE + n, mask=mask_dn, other=0.0) * LOG2E
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d + zero_kn, mask=mask_d, other=0.0)
-    # (batch, channel, time) element at b SB + d SD + t ST; the wrapper hands over adjacent steps
-    # (ST = 1: contiguous or channel-major storage); z may have its own strides
+    # (batch, channel, time) element at b SB + d SD + t ST (z is not read here)
     row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
-    zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
     tS = t_ * ST
-    tZ = t_ * ZT
     zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
-    TZT = T * ZT
     c_lo = seg * CPS
     bc_off = (pid_b * (n_chunks + 1) + c_lo) * BN * T + n * T + t_ + (wd_ + ld_) * 0
     h = tl.zeros_like(A2)
