@@ -162,9 +162,6 @@ def main(argv=None):
             for name, r in rows.items():
                 if r is None:
                     line = f"| {size} | {batch} x {context} | {name} | | OOM | | | | |"
-                    lines.append(line)
-                    print(line, flush=True)
-                    continue
                 else:
                     micro = f" ({batch // r['accum']} x {r['accum']})" if r["accum"] > 1 else ""
                     line = (f"| {size} | {batch}{micro} x {context} | {name} | {r['params'] / 1e6:.1f}M | "

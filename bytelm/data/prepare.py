@@ -112,7 +112,6 @@ def ensure_prepared(
         fingerprint = source_fingerprint(source, text_column=text_column)
         if meta is not None and _matches(meta, fingerprint, options) and _shards_intact(out, meta):
             log.info("reusing prepared corpus %s (%s, %d bytes)", out, source, total_bytes(meta))
-            _record_verified(out, meta)
             return out
         # A dir with a meta.json was made by prepare(); replacing a stale one is what the caller wants.
         meta = prepare(source, out, **options, overwrite=(out / META_FILE).exists(), cache_dir=cache_dir)
@@ -342,15 +341,20 @@ def _shards_intact(directory: Path, meta: dict) -> bool:
         verified = json.loads((directory / VERIFIED_FILE).read_text())
     except (OSError, ValueError):
         verified = {}
+    hashed = False
     for split in SPLITS:
         for shard in meta["splits"][split]["shards"]:
             path = directory / shard["file"]
             if not path.is_file() or path.stat().st_size != shard["bytes"]:
                 return False
-            touched = _stamp(path) != verified.get(shard["file"])
-            if touched and shard.get("sha256") is not None and _sha256(path) != shard["sha256"]:
+            if _stamp(path) == verified.get(shard["file"]) or shard.get("sha256") is None:
+                continue
+            hashed = True
+            if _sha256(path) != shard["sha256"]:
                 log.warning("prepared shard %s does not match its sha256: preparing again", path)
                 return False
+    if hashed:  # remember what was checked, so the next start reads nothing
+        _record_verified(directory, meta)
     return True
 
 
