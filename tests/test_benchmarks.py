@@ -55,6 +55,21 @@ def test_family_script_trains_evaluates_and_compares(tmp_path):
     assert (tmp_path / "fam" / "report" / "bpb_vs_flops.png").stat().st_size > 0
 
 
+def test_family_script_rejects_an_unknown_member(tmp_path):
+    import os
+    import subprocess
+
+    corpus = tmp_path / "english.txt"
+    corpus.write_text("some text\n")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(["bash", str(root / "benchmarks" / "family.sh"), str(corpus),
+                             str(tmp_path / "fam")], env=dict(os.environ, MEMBERS="byte-mambo"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "MEMBERS names byte-mambo" in result.stderr
+    assert not (tmp_path / "fam" / "prepared").exists()
+
+
 def test_throughput_peer_row_wraps_mamba_ssm(monkeypatch):
     """Without mamba_ssm the table says why its row is skipped; with it (a stand-in module
     here) its model is built at our Mamba's shape and its logits and FLOPs are read right."""
