@@ -5,7 +5,8 @@
     python -m eval.generate --ckpt runs/big --prompt "The " --top-p 0.9 --seed 3 --device cuda
 
 One prefill over the prompt, then one step per new id: Mamba carries its recurrent state
-(O(1) work per byte), Transformers their KV cache. The JSON summary (text, bytes, speed) goes
+(O(1) work per byte), Transformers their KV cache. On CUDA a model without attention replays
+each step from a CUDA graph (--no-cuda-graph: launch it eagerly). The JSON summary (text, bytes, speed) goes
 to stderr and to --out.
 """
 
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from bytelm.models.cuda_graph import decode_step
 from bytelm.models.lm import sample_next
 from eval.common import (EvalError, Parser, add_common_args, autocast, load, n_symbols,
                          run_cli)
@@ -49,7 +51,7 @@ class TextStream:
 
 @torch.no_grad()
 def generate(loaded, prompt: str, max_bytes: int, temperature: float, top_p: float, seed: int,
-             out=None) -> dict:
+             out=None, cuda_graph: bool | None = None) -> dict:
     out = out or sys.stdout
     ids = loaded.tokenizer.encode(prompt)
     if not ids:
@@ -60,12 +62,14 @@ def generate(loaded, prompt: str, max_bytes: int, temperature: float, top_p: flo
     start = time.perf_counter()
     with autocast(device):
         logits, state = loaded.model.prefill(torch.tensor([ids], device=device))
+        step = None
         while True:
             token = sample_next(logits, temperature, top_p, generator, n_symbols(loaded.tokenizer))
             stream.push(int(token))
             if stream.n_bytes + len(stream.pending) >= max_bytes:  # a pending id is >= 1 byte
                 break
-            logits = loaded.model.step(token, state)
+            step = step or decode_step(loaded.model, state, token, cuda_graph, max_bytes)
+            logits = step(token)
     stream.flush()
     out.write("\n")
     seconds = time.perf_counter() - start
@@ -85,6 +89,8 @@ def main(argv) -> int:
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="nucleus sampling mass (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="launch every step eagerly, not from a CUDA graph")
     args = parser.parse_args(argv)
     if args.max_bytes < 1:
         raise EvalError(f"--max-bytes must be positive, got {args.max_bytes}")
@@ -94,7 +100,8 @@ def main(argv) -> int:
         raise EvalError(f"--top-p must be in (0, 1], got {args.top_p}")
 
     loaded = load(args.ckpt, args.device)
-    result = generate(loaded, args.prompt, args.max_bytes, args.temperature, args.top_p, args.seed)
+    result = generate(loaded, args.prompt, args.max_bytes, args.temperature, args.top_p, args.seed,
+                      cuda_graph=False if args.no_cuda_graph else None)
     text = json.dumps(result, indent=2)
     print(text, file=sys.stderr)
     if args.out:

@@ -40,7 +40,11 @@ def test_mixer_triton_equals_reference(batch, length):
     assert rel_err(out, out_ref) < 1e-5
     assert rel_err(dh, dh_ref) < 1e-4
     for name in grads_ref:
-        assert rel_err(grads[name], grads_ref[name]) < 1e-4, name
+        # At length 1, A never acts (the state before the first step is zero), so A_log's true
+        # gradient is exactly 0 and the kernel's is rounding noise: measure that noise against
+        # the input gradient's size instead of dividing by zero.
+        scale = float(grads_ref[name].norm()) or float(dh_ref.norm())
+        assert rel_err(grads[name], grads_ref[name], scale) < 1e-4, name
 
 
 def test_mixer_state_after_prefill_matches_reference():

@@ -218,15 +218,24 @@ class LM(nn.Module):
 
 @torch.no_grad()
 def generate(model: LM, prompt_ids: torch.Tensor, max_new_bytes: int, temperature: float = 1.0,
-             top_p: float = 1.0, generator: torch.Generator | None = None, vocab_limit: int = 256):
+             top_p: float = 1.0, generator: torch.Generator | None = None, vocab_limit: int = 256,
+             cuda_graph: bool | None = None):
     """Sample a continuation id by id from the incremental state (Mamba: O(1) per id; attention:
     a KV cache). prompt_ids: (batch, length >= 1). Yields (batch,) tensors of new ids: bytes, or
-    tokens for a token model (then pass vocab_limit=tokenizer.vocab_size)."""
+    tokens for a token model (then pass vocab_limit=tokenizer.vocab_size).
+    cuda_graph: replay each step from a CUDA graph (bytelm.models.cuda_graph.decode_step;
+    None: on CUDA, for models without attention, for long enough generations)."""
+    from bytelm.models.cuda_graph import decode_step
+
     logits, states = model.prefill(prompt_ids)
-    for _ in range(max_new_bytes):
+    step = None
+    for i in range(max_new_bytes):
         next_ids = sample_next(logits, temperature, top_p, generator, vocab_limit)
         yield next_ids
-        logits = model.step(next_ids, states)
+        if i == max_new_bytes - 1:
+            break
+        step = step or decode_step(model, states, next_ids, cuda_graph, max_new_bytes)
+        logits = step(next_ids)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,

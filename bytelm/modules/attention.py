@@ -11,6 +11,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Decoding changes the key length every step. cuDNN's attention plans per shape, so it is left
+# out of the one-query path (the flash and memory-efficient kernels take any length).
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -87,7 +92,8 @@ class Attention(nn.Module):
         q, k, v = self._qkv(hidden[:, None], cache.length)
         k, v = cache.append(k, v)
         # The cache holds only the past and the present: nothing to mask.
-        return self._out(F.scaled_dot_product_attention(q, k, v))[:, 0]
+        with sdpa_kernel(DECODE_BACKENDS):
+            return self._out(F.scaled_dot_product_attention(q, k, v))[:, 0]
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token beyond the projections (counted by the model from params):

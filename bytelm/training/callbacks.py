@@ -26,8 +26,9 @@ def sample_text(model, prompt: bytes, n_bytes: int, temperature: float, seed: in
     model.eval()
     new, new_bytes = [], 0
     try:
+        # Eager steps: a CUDA graph captured mid-training is not worth its risk for one sample.
         for t in generate(model, ids, n_bytes, temperature=temperature, generator=gen,
-                          vocab_limit=vocab_limit):
+                          vocab_limit=vocab_limit, cuda_graph=False):
             new.append(t.item())
             new_bytes += int(tokenizer.token_bytes[new[-1]])
             if new_bytes >= n_bytes:

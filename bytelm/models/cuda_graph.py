@@ -1,0 +1,87 @@
+"""One generation step of an LM, captured once in a CUDA graph and then replayed.
+
+At batch 1 a step of a byte Mamba is hundreds of small kernels, and launching them from Python
+costs more than running them. A graph replays the whole step in one launch. This needs states of
+a fixed size, updated in place: Mamba's conv and SSM states are; attention's KV cache grows every
+step, so models with attention decode eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+from bytelm.models.lm import LM, BlockState
+from bytelm.modules.attention import KVCache
+
+
+def graphable(states: list[BlockState]) -> bool:
+    """True when every block's state has a fixed size (no KV cache)."""
+    return not any(isinstance(s, KVCache) for s in states)
+
+
+def _state_tensors(states: list[BlockState]) -> list[torch.Tensor]:
+    return [getattr(s, f.name) for s in states if s is not None for f in dataclasses.fields(s)
+            if isinstance(getattr(s, f.name), torch.Tensor)]
+
+
+def _autocast_like_caller():
+    """The caller's CUDA autocast, with its weight-cast cache off: a cast cached during capture
+    would be a tensor the graph reads but nobody refreshes (torch's CUDA-graph notes)."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
+class GraphedStep:
+    """`model.step(ids, states)` as a CUDA graph. Call it with (batch,) ids of the example's
+    shape; it updates `states` in place and returns the logits in a buffer that the next call
+    overwrites (read or copy them before calling again)."""
+
+    def __init__(self, model: LM, states: list[BlockState], example_ids: torch.Tensor,
+                 warmup: int = 2):
+        if not graphable(states):
+            raise ValueError("CUDA-graph decoding needs fixed-size states; attention's KV cache "
+                             "grows every step (decode such models eagerly)")
+        if example_ids.device.type != "cuda":
+            raise ValueError(f"CUDA-graph decoding needs a CUDA device, got {example_ids.device}")
+        self.ids = example_ids.detach().clone()
+        tensors = _state_tensors(states)
+        saved = [t.clone() for t in tensors]
+        # Warm-up runs (Triton compiles, cuBLAS picks kernels) must happen off the capture, on a
+        # side stream; they advance the states, which are then put back.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), _autocast_like_caller(), torch.no_grad():
+            for _ in range(warmup):
+                model.step(self.ids, states)
+        torch.cuda.current_stream().wait_stream(side)
+        for t, s in zip(tensors, saved):
+            t.copy_(s)
+        self.graph = torch.cuda.CUDAGraph()
+        # Capture records kernels without running them: the states are untouched here.
+        with torch.cuda.graph(self.graph), _autocast_like_caller(), torch.no_grad():
+            self.logits = model.step(self.ids, states)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.graph.replay()
+        return self.logits
+
+
+GRAPH_MIN_STEPS = 32  # fewer steps than this do not repay the warm-up and capture
+
+
+def decode_step(model: LM, states: list[BlockState], example_ids: torch.Tensor,
+                cuda_graph: bool | None, n_steps: int):
+    """A callable ids -> logits that advances `states` by one id per sequence: a GraphedStep
+    when cuda_graph is True, model.step when False; None picks the graph on CUDA for models
+    without attention asked for more than GRAPH_MIN_STEPS steps."""
+    if cuda_graph is None:
+        cuda_graph = (example_ids.device.type == "cuda" and graphable(states)
+                      and n_steps > GRAPH_MIN_STEPS)
+    if cuda_graph:
+        return GraphedStep(model, states, example_ids)
+    return lambda ids: model.step(ids, states)
