@@ -58,7 +58,8 @@ def main(argv=None):
     model = LM(ModelConfig(d_model=768, n_layer=12, layer_pattern="AF", n_head=12,
                            d_ff=2048)).cuda().eval()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch 1, "
-          f"{args.prompt_bytes}-byte prompt\n\n| SDPA backends allowed | ms per step |\n| --- | --- |")
+          f"{args.prompt_bytes}-byte prompt\n")
+    print("| SDPA backends allowed | ms per step |\n| --- | --- |")
     chosen = attention.DECODE_BACKENDS
     try:
         for name, backends in CHOICES.items():

@@ -5,7 +5,8 @@ For each model and batch size: prefill a prompt of --prompt-bytes random bytes, 
 over the batch, and the memory that generation adds on top of the prefill, measured after
 --new-bytes/4 and after all --new-bytes bytes: a recurrent model's stays flat, a KV cache grows.
 The Mamba runs twice: steps launched eagerly, and each step replayed from a CUDA graph
-(bytelm.models.cuda_graph; on the GPU only). A short untimed run first compiles the kernels.
+(bytelm.models.cuda_graph; on the GPU only). An untimed run at each batch size and prompt
+length first compiles the kernels, and two untimed steps precede each timed loop.
 
     python benchmarks/generate.py                                  # ~90M models, batch 1 and 64
     python benchmarks/generate.py --size tiny --device cpu --prompt-bytes 64 --new-bytes 32
@@ -56,7 +57,9 @@ def bench(model: LM, batch: int, prompt_bytes: int, new_bytes: int, device,
         prefill_s = time.perf_counter() - start
         base = _allocated(device)
         ids = logits[:, :256].argmax(-1)
-        step = decode_step(model, states, ids, cuda_graph, new_bytes)  # a graph is captured here
+        step = decode_step(model, states, ids, cuda_graph)  # a graph is captured here
+        for _ in range(2):  # untimed: kernels specialised on this batch size compile here
+            ids = step(ids)[:, :256].argmax(-1)
         quarter = max(1, new_bytes // 4)
         mem_quarter = 0
         _sync(device)
@@ -101,8 +104,9 @@ def main(argv=None):
     variants = [("Mamba", False), ("Transformer", False)]
     if device.type == "cuda":
         variants.insert(1, ("Mamba", True))
-    for name, graph in variants:  # untimed: compiles the kernels of prefill and step
-        bench(models[name], 2, 64, 4, device, graph)
+    for batch in (int(b) for b in args.batches.split(",")):
+        for name, graph in variants:  # untimed: compiles the prefill's kernels at these shapes
+            bench(models[name], batch, args.prompt_bytes, 2, device, graph)
     for batch in (int(b) for b in args.batches.split(",")):
         rows = [(name, graph, bench(models[name], batch, args.prompt_bytes, args.new_bytes,
                                     device, graph)) for name, graph in variants]

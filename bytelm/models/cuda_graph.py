@@ -48,6 +48,12 @@ class GraphedStep:
         if example_ids.device.type != "cuda":
             raise ValueError(f"CUDA-graph decoding needs a CUDA device, got {example_ids.device}")
         self.ids = example_ids.detach().clone()
+        # Streams, capture and replay belong to the current CUDA device: make it the ids' one
+        # (a model on cuda:1 must not be captured on cuda:0).
+        with torch.cuda.device(self.ids.device):
+            self._capture(model, states, warmup)
+
+    def _capture(self, model: LM, states: list[BlockState], warmup: int):
         tensors = _state_tensors(states)
         saved = [t.clone() for t in tensors]
         # Warm-up runs (Triton compiles, cuBLAS picks kernels) must happen off the capture, on a
@@ -66,22 +72,33 @@ class GraphedStep:
             self.logits = model.step(self.ids, states)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape != self.ids.shape or ids.device != self.ids.device:
+            # copy_ would broadcast a (1,) tensor into the batch or move it between devices
+            raise ValueError(f"GraphedStep was captured for ids of shape {tuple(self.ids.shape)} "
+                             f"on {self.ids.device}, got {tuple(ids.shape)} on {ids.device}")
         self.ids.copy_(ids)
-        self.graph.replay()
+        with torch.cuda.device(self.ids.device):
+            self.graph.replay()
         return self.logits
 
 
 GRAPH_MIN_STEPS = 32  # fewer steps than this do not repay the warm-up and capture
 
 
-def decode_step(model: LM, states: list[BlockState], example_ids: torch.Tensor,
-                cuda_graph: bool | None, n_steps: int):
+def use_graph(cuda_graph: bool | None, model: LM, device: torch.device, n_steps: int) -> bool:
+    """Whether to decode from a CUDA graph: cuda_graph if given (True on a model or device that
+    cannot be graphed is a ValueError, raised before any work), else on CUDA for models without
+    attention that will take at least GRAPH_MIN_STEPS steps."""
+    possible = torch.device(device).type == "cuda" and "A" not in model.cfg.blocks
+    if cuda_graph and not possible:
+        raise ValueError(f"CUDA-graph decoding needs a CUDA device and a model without attention "
+                         f"(its KV cache grows); got {device} and layers {model.cfg.blocks!r}")
+    return possible and n_steps >= GRAPH_MIN_STEPS if cuda_graph is None else bool(cuda_graph)
+
+
+def decode_step(model: LM, states: list[BlockState], example_ids: torch.Tensor, graph: bool):
     """A callable ids -> logits that advances `states` by one id per sequence: a GraphedStep
-    when cuda_graph is True, model.step when False; None picks the graph on CUDA for models
-    without attention asked for more than GRAPH_MIN_STEPS steps."""
-    if cuda_graph is None:
-        cuda_graph = (example_ids.device.type == "cuda" and graphable(states)
-                      and n_steps > GRAPH_MIN_STEPS)
-    if cuda_graph:
+    when graph is True (see use_graph), else model.step."""
+    if graph:
         return GraphedStep(model, states, example_ids)
     return lambda ids: model.step(ids, states)

@@ -225,8 +225,9 @@ def generate(model: LM, prompt_ids: torch.Tensor, max_new_bytes: int, temperatur
     tokens for a token model (then pass vocab_limit=tokenizer.vocab_size).
     cuda_graph: replay each step from a CUDA graph (bytelm.models.cuda_graph.decode_step;
     None: on CUDA, for models without attention, for long enough generations)."""
-    from bytelm.models.cuda_graph import decode_step
+    from bytelm.models.cuda_graph import decode_step, use_graph
 
+    graph = use_graph(cuda_graph, model, prompt_ids.device, max_new_bytes - 1)
     logits, states = model.prefill(prompt_ids)
     step = None
     for i in range(max_new_bytes):
@@ -234,7 +235,7 @@ def generate(model: LM, prompt_ids: torch.Tensor, max_new_bytes: int, temperatur
         yield next_ids
         if i == max_new_bytes - 1:
             break
-        step = step or decode_step(model, states, next_ids, cuda_graph, max_new_bytes)
+        step = step or decode_step(model, states, next_ids, graph)
         logits = step(next_ids)
 
 
