@@ -72,3 +72,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def fmt(v, spec: str = ".3f") -> str:
     return "-" if v is None or v != v else format(v, spec)
+
+
+def table_head(head: str) -> list[str]:
+    """A markdown table's header line and the rule under it."""
+    return [head, "|" + " --- |" * (head.count("|") - 1)]

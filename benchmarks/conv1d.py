@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, fmt, parse_shapes, rel_err, timer  # noqa: E402
+from common import environment, fmt, parse_shapes, rel_err, table_head, timer  # noqa: E402
 
 SHAPES = [(8, 1536, 2048), (8, 1536, 8192), (2, 1536, 32768), (32, 1536, 2048)]
 
@@ -193,7 +193,7 @@ def format_table(rows):
             "| ours fwd+bwd ms | torch fwd+bwd ms | fwd+bwd speed-up | ours fwd+bwd GB/s "
             "| graph: ours fwd ms | torch fwd ms | ours fwd GB/s | ours fwd+bwd ms | torch fwd+bwd ms "
             "| ours fwd+bwd GB/s | out / grads vs torch |")
-    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    lines = table_head(head)
     for r in rows:
         gfwd, gfb = r.get("gfwd"), r.get("gfb")
         lines.append("| " + " | ".join([

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_shapes, rel_err, timer  # noqa: E402
+from common import environment, parse_shapes, rel_err, table_head, timer  # noqa: E402
 
 SHAPES = [(65536, 768), (65536, 1024)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -158,7 +158,7 @@ def format_table(rows):
     head = ("| shape (rows x dim) | dtype | ours fwd ms | ref fwd ms | fwd speed-up | ours fwd GB/s "
             "| ref fwd GB/s | ours fwd+bwd ms | ref fwd+bwd ms | fwd+bwd speed-up | ours fwd+bwd GB/s "
             "| ref fwd+bwd GB/s | ours fwd+bwd ms, eager launches | out / grads vs ref |")
-    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    lines = table_head(head)
     for r in rows:
         lines.append("| " + " | ".join([
             r["shape"], r["dtype"], f"{r['fwd']:.3f}", f"{r['rfwd']:.3f}", f"{r['rfwd'] / r['fwd']:.2f}",

@@ -39,8 +39,10 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bytelm.ops.selective_scan import selective_scan_ref  # noqa: E402
 from bytelm.ops.triton import selective_scan as tss  # noqa: E402
+from common import copy_bandwidth, fmt, rel_err, table_head  # noqa: E402
 
 SHAPES = [(8, 2048, 2048, 16), (4, 2048, 8192, 16), (8, 2048, 2048, 64), (2, 1536, 8192, 16)]
 PEER_NVCC_FLAGS = [  # mamba_ssm's setup.py flags, for sm_90 alone
@@ -145,13 +147,6 @@ def peak_mib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def copy_bandwidth():
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = bench(lambda: y.copy_(x))
-    return 2 * x.numel() / (ms * 1e-3)
-
-
 def sfu_rate():
     return torch.cuda.get_device_properties(0).multi_processor_count * 16 * 1.98e9
 
@@ -159,10 +154,6 @@ def sfu_rate():
 def floor_ms(b, d, l, n, bw):
     elems = b * d * l
     return max(8 * elems / bw, (n + 4) * elems / sfu_rate()) * 1e3
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def ours_fns(x, dout):
@@ -260,7 +251,7 @@ def main():
         return
 
     props = torch.cuda.get_device_properties(0)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(bench)
     print(f"{props.name}: copy bandwidth {bw / 1e9:.0f} GB/s, SFU rate {sfu_rate() / 1e12:.2f}e12/s",
           flush=True)
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
@@ -302,15 +293,11 @@ def main():
         args.out.write_text(report(table, props, tune_lines))
 
 
-def fmt(v, spec=".3f"):
-    return "-" if v is None or v != v else format(v, spec)
-
-
 def format_table(rows):
     head = ("| shape | ours fwd ms | peer fwd ms | fwd ours/peer | floor ms | floor/ours fwd "
             "| ours fwd+bwd ms | peer fwd+bwd ms | fwd+bwd ours/peer | ours peak MiB | peer peak MiB "
             "| ref fwd ms | ref fwd+bwd ms | out vs peer |")
-    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    lines = table_head(head)
     for r in rows:
         pf, pfb = r.get("pfwd"), r.get("pfb")
         lines.append("| " + " | ".join([
