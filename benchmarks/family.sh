@@ -9,9 +9,9 @@
 # byte-mamba and bpe-transformer also with the seeds in EXTRA_SEEDS (default "1 2") to show the
 # spread. All runs start at once (small models leave the GPU mostly idle one at a time), and so
 # do the evaluations. MEMBERS and EXTRA_SEEDS split the family over several calls of a time-
-# limited machine (e.g. MEMBERS="" EXTRA_SEEDS="1 2" for the extra seeds alone). A smoke test, not the experiment: MAX_STEPS=N shortens every
-# run, EXTRA_ARGS adds train.py overrides to every run (e.g. a tiny model on the CPU) and
-# BPE_VOCAB changes the BPE members' vocabulary.
+# limited machine (e.g. MEMBERS="" EXTRA_SEEDS="1 2" for the extra seeds alone). A smoke test,
+# not the experiment: MAX_STEPS=N shortens every run, EXTRA_ARGS adds train.py overrides to every
+# run (e.g. a tiny model on the CPU) and BPE_VOCAB changes the BPE members' vocabulary.
 # Evaluation per run: eval.bpb, eval.probes (--n PROBES_N), eval.robustness, on the GPU.
 # Wall times of each phase go to OUT_DIR/logs/times.txt.
 set -euo pipefail

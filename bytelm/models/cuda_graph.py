@@ -14,12 +14,11 @@ import dataclasses
 import torch
 
 from bytelm.models.lm import LM, BlockState
-from bytelm.modules.attention import KVCache
 
 
-def graphable(states: list[BlockState]) -> bool:
-    """True when every block's state has a fixed size (no KV cache)."""
-    return not any(isinstance(s, KVCache) for s in states)
+def graphable(model: LM) -> bool:
+    """True when every block's decoding state has a fixed size: no attention (a KV cache)."""
+    return "A" not in model.cfg.blocks
 
 
 def _state_tensors(states: list[BlockState]) -> list[torch.Tensor]:
@@ -42,7 +41,7 @@ class GraphedStep:
 
     def __init__(self, model: LM, states: list[BlockState], example_ids: torch.Tensor,
                  warmup: int = 2):
-        if not graphable(states):
+        if not graphable(model):
             raise ValueError("CUDA-graph decoding needs fixed-size states; attention's KV cache "
                              "grows every step (decode such models eagerly)")
         if example_ids.device.type != "cuda":
@@ -89,7 +88,7 @@ def use_graph(cuda_graph: bool | None, model: LM, device: torch.device, n_steps:
     """Whether to decode from a CUDA graph: cuda_graph if given (True on a model or device that
     cannot be graphed is a ValueError, raised before any work), else on CUDA for models without
     attention that will take at least GRAPH_MIN_STEPS steps."""
-    possible = torch.device(device).type == "cuda" and "A" not in model.cfg.blocks
+    possible = torch.device(device).type == "cuda" and graphable(model)
     if cuda_graph and not possible:
         raise ValueError(f"CUDA-graph decoding needs a CUDA device and a model without attention "
                          f"(its KV cache grows); got {device} and layers {model.cfg.blocks!r}")
