@@ -214,6 +214,9 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         _scan_bwd_segment_kernel[grid + (nseg - 1,)](
             delta, A, Cp, zz, bias, dout, gseg, lseg, length, dim, nstate, n_chunks, cps, nseg,
             *_strides(u, z), HAS_Z=z is not None, **consts)
+    # dB, dC summed over channel lanes by a reduce-scatter (one warp per program, and at least
+    # one (state, step) value per lane at the end: T * NPT >= LD)
+    rs = (cfg.get("reduce_scatter", True) and cfg["WD"] == 1 and 2 <= cfg["LD"] <= cfg["T"] * cfg["NPT"])
     _scan_bwd_kernel[grid + (nseg,)](
         u, delta, A, Bp, Cp, D if D is not None else A, zz, bias, ckpt, dout,
         dlast if dlast is not None else A, gseg, lseg,
@@ -221,7 +224,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
-        STORE_DH0=need_dh0, **consts)
+        STORE_DH0=need_dh0, RS=rs, LOG_LD=cfg["LD"].bit_length() - 1, **consts)
     return du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0
 
 

@@ -265,9 +265,10 @@ def _scan_bwd_kernel(
     HAS_DLAST: tl.constexpr, STORE_DH0: tl.constexpr, FAST_LOG: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
-    AX_LD: tl.constexpr,
+    AX_LD: tl.constexpr, RS: tl.constexpr, LOG_LD: tl.constexpr,
 ):
-    """Program (batch row, channel block, segment): the segment's chunks, last to first."""
+    """Program (batch row, channel block, segment): the segment's chunks, last to first.
+    RS (WD == 1 and 2 <= LD <= T * NPT only): dB, dC summed over channels by a lane reduce-scatter."""
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -316,6 +317,12 @@ def _scan_bwd_kernel(
     ckpt_ptrs = ckpt_ptr + tl.max_contiguous(
         (pid_b * n_chunks + c_hi - 1) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
 
+    if RS:  # index tiles of the reduce-scatter's (KN, LD, values) layout
+        V: tl.constexpr = T * NPT
+        kn_r = tl.arange(0, KN)[:, None, None]
+        ld_q = tl.arange(0, LD)[None, :, None]
+        ld_r = ld_q
+        w_r = tl.arange(0, V // LD)[None, None, :]
     dA_acc = tl.zeros_like(A)
     dD_acc = tl.zeros_like(t_ + d + zero_kn).to(tl.float32)     # (T, channel) accumulators
     dbias_acc = tl.zeros_like(dD_acc)
@@ -399,13 +406,46 @@ def _scan_bwd_kernel(
         s_dhB = tl.reduce(tl.reduce(DH * Bt, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
         s_qA = tl.reduce(tl.reduce(q * A, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
         dA_acc += tl.reduce(q * dt, 0, _add, keep_dims=True)
-        # dB, dC: reduce over this program's channels (lanes, then warps), then one atomic each
-        # into the packed (batch, chunk, state block, T) fp32 buffers
-        dB_c = tl.reduce(tl.reduce(DH * dtu, AX_LD, _add, keep_dims=True), AX_WD, _add, keep_dims=True)
-        dC_c = tl.reduce(tl.reduce(H * dy, AX_LD, _add, keep_dims=True), AX_WD, _add, keep_dims=True)
-        bc_red = (pid_b * (n_chunks + 1) + c) * BN * T + n * T + t_
-        tl.atomic_add(dB_ptr + bc_red, dB_c, sem="relaxed")
-        tl.atomic_add(dC_ptr + bc_red, dC_c, sem="relaxed")
+        if RS:
+            # dB, dC summed over the LD channel lanes by a reduce-scatter: each round a lane
+            # keeps one half of its values, sends the other half to the partner lane (lane xor m)
+            # and adds what the partner sent; after log2(LD) rounds each lane holds the channel
+            # sums of T * NPT / LD (state, step) pairs (1 shuffle per pair and round instead of
+            # log2(LD) shuffles for every value), and the atomics are not replicated over lanes
+            bc_red = ((pid_b * (n_chunks + 1) + c) * BN * T + kn_r * (NPT * T) + ld_r * (V // LD)
+                      + w_r)
+            for kk in tl.static_range(2):
+                if kk == 0:
+                    P = DH * dtu
+                else:
+                    P = H * dy
+                # (KN, LD, V): v = npt * T + t in-thread
+                Q = tl.reshape(tl.permute(P, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (KN, LD, V))
+                for lvl in tl.static_range(LOG_LD):
+                    # Q.shape[2] values per lane before this round; its lane bit (Q.shape[2] * LD
+                    # // (2 V)) is LD / 2, LD / 4, ..., 1 (inline: names assigned in a static_range
+                    # body stop being constexprs). a: v's top bit 0, b: top bit 1; lanes with the
+                    # bit set keep b, so after all rounds v = ld * (V / LD) + w
+                    a, b = tl.split(tl.permute(tl.reshape(Q, (KN, LD, 2, Q.shape[2] // 2)), (0, 1, 3, 2)))
+                    up = (ld_q & (Q.shape[2] * LD // (2 * V))) != 0
+                    send = tl.where(up, a, b)
+                    keep = tl.where(up, b, a)
+                    Q = keep + tl.gather(send, (ld_q ^ (Q.shape[2] * LD // (2 * V)))
+                                         + tl.zeros((KN, LD, Q.shape[2] // 2), tl.int32), 1)
+                if kk == 0:
+                    tl.atomic_add(dB_ptr + bc_red, Q, sem="relaxed")
+                else:
+                    tl.atomic_add(dC_ptr + bc_red, Q, sem="relaxed")
+        else:
+            # dB, dC: reduce over this program's channels (lanes, then warps), then one atomic
+            # each into the packed (batch, chunk, state block, T) fp32 buffers
+            dB_c = tl.reduce(tl.reduce(DH * dtu, AX_LD, _add, keep_dims=True), AX_WD, _add,
+                             keep_dims=True)
+            dC_c = tl.reduce(tl.reduce(H * dy, AX_LD, _add, keep_dims=True), AX_WD, _add,
+                             keep_dims=True)
+            bc_red = (pid_b * (n_chunks + 1) + c) * BN * T + n * T + t_
+            tl.atomic_add(dB_ptr + bc_red, dB_c, sem="relaxed")
+            tl.atomic_add(dC_ptr + bc_red, dC_c, sem="relaxed")
         bc_off -= BN * T
 
         du = dt * s_dhB
