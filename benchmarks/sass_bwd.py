@@ -113,10 +113,12 @@ def main():
             k = compile_captured(fn, a, kw)
             st, sass, ttgir = sass_stats(k)
             cfg = {x: kw[x] for x in ("T", "NPT", "KN", "LD", "WD")}
-            elems = cfg["T"] * cfg["NPT"] * cfg["KN"] * cfg["LD"]     # per warp per loop iteration
-            print(f"N={nstate} {name} {cfg} grid={grid} " + " ".join(f"{k_}={v}" for k_, v in st.items())
-                  + f" loop/elem={st['loop'] / elems * 32 / 32:.2f}"
-                  + f" shfl/elem={st['loop_shfl'] / elems:.2f}")
+            # a thread's (channel, state, step) elements per loop iteration (one chunk)
+            elems = cfg["T"] * cfg["NPT"]
+            extra = {x: kw[x] for x in ("RS", "maxnreg") if x in kw}
+            print(f"triton {triton.__version__} N={nstate} {name} {cfg} {extra} grid={grid} "
+                  + " ".join(f"{k_}={v}" for k_, v in st.items())
+                  + f" instr/elem={st['loop'] / elems:.1f} shfl/elem={st['loop_shfl'] / elems:.2f}")
             if args.dump:
                 os.makedirs(args.dump, exist_ok=True)
                 open(f"{args.dump}/{name}-N{nstate}.sass", "w").write(sass)

@@ -125,6 +125,17 @@ def test_scan_in_segments(nseg, monkeypatch):
     check_scan(*SMALL, 70, 4, torch.bfloat16, seed=nseg + 1, drop=("initial_state",))
 
 
+@pytest.mark.parametrize("reduce_scatter", [True, False], ids=["reduce_scatter", "butterfly"])
+def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
+    """The backward sums dB and dC over channel lanes by a reduce-scatter or by a butterfly
+    (the config picks one per Triton version): both must give the reference's gradients."""
+    config = tss.scan_config
+    monkeypatch.setattr(tss, "scan_config",
+                        lambda *a, **k: dict(config(*a, **k), reduce_scatter=reduce_scatter))
+    check_scan(*SMALL, 33, 16, torch.float32, seed=11)
+    check_scan(*SMALL, 21, 64, torch.bfloat16, seed=12)
+
+
 @pytest.mark.parametrize("nstate", [5, 256])
 def test_scan_odd_and_largest_state(nstate):
     check_scan(*SMALL, 9, nstate, torch.float32, seed=nstate)

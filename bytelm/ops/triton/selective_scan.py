@@ -52,6 +52,7 @@ from bytelm.ops.triton.selective_scan_kernels import (
 )
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_TRITON_VERSION = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,10 +76,20 @@ def scan_config(nstate: int, backward: bool = False) -> dict:
     kn = block_n // npt
     if kn > 32:
         raise ValueError(f"state size {nstate} is over the supported 256")
-    if backward:  # 255 registers a thread: 8 warps an SM
+    if backward:
         npt = 4 if block_n == 16 else npt  # twice the programs; measured faster at N=16
-        return dict(T=4, NPT=npt, KN=block_n // npt, LD=32 // (block_n // npt), WD=1,
-                    warps_per_sm=8)
+        cfg = dict(T=4, NPT=npt, KN=block_n // npt, LD=32 // (block_n // npt), WD=1,
+                   warps_per_sm=8)  # ~225-255 registers a thread: 8 warps an SM
+        if block_n == 16:
+            # capped at 168 registers (ptxas .maxnreg): 12 one-warp programs an SM instead of
+            # 8; the mixer's 8 x 1536 channels are then 1536 programs, one wave on 132 SMs
+            # (1584 slots). Offline sm_90 compiles (benchmarks/sass_bwd.py): no spills with
+            # triton 3.6 (the H200's); triton 3.9 fits 168 only with the butterfly sums of dB
+            # and dC (its reduce-scatter build spills 24 bytes there), so it keeps those (the
+            # interpreter, which has no registers, runs the reduce-scatter that 3.6 compiles).
+            cfg.update(maxnreg=168, warps_per_sm=12,
+                       reduce_scatter=_INTERPRET or _TRITON_VERSION < (3, 9))
+        return cfg
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, prefetch_bc=False)
 
 
@@ -224,7 +235,8 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
-        STORE_DH0=need_dh0, RS=rs, LOG_LD=cfg["LD"].bit_length() - 1, **consts)
+        STORE_DH0=need_dh0, RS=rs, LOG_LD=cfg["LD"].bit_length() - 1,
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}), **consts)
     return du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0
 
 

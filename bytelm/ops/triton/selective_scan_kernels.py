@@ -319,10 +319,10 @@ def _scan_bwd_kernel(
 
     if RS:  # index tiles of the reduce-scatter's (KN, LD, values) layout
         V: tl.constexpr = T * NPT
-        kn_r = tl.arange(0, KN)[:, None, None]
         ld_q = tl.arange(0, LD)[None, :, None]
-        ld_r = ld_q
-        w_r = tl.arange(0, V // LD)[None, None, :]
+        # the (state, step) values a lane holds at the end: v = ld * (V / LD) + w of its KN row
+        rs_tile = (tl.arange(0, KN)[:, None, None] * V + ld_q * (V // LD)
+                   + tl.arange(0, V // LD)[None, None, :])
     dA_acc = tl.zeros_like(A)
     dD_acc = tl.zeros_like(t_ + d + zero_kn).to(tl.float32)     # (T, channel) accumulators
     dbias_acc = tl.zeros_like(dD_acc)
@@ -412,8 +412,7 @@ def _scan_bwd_kernel(
             # and adds what the partner sent; after log2(LD) rounds each lane holds the channel
             # sums of T * NPT / LD (state, step) pairs (1 shuffle per pair and round instead of
             # log2(LD) shuffles for every value), and the atomics are not replicated over lanes
-            bc_red = ((pid_b * (n_chunks + 1) + c) * BN * T + kn_r * (NPT * T) + ld_r * (V // LD)
-                      + w_r)
+            bc_red = (pid_b * (n_chunks + 1) + c) * BN * T + rs_tile
             for kk in tl.static_range(2):
                 if kk == 0:
                     P = DH * dtu
