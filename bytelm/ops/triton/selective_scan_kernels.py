@@ -79,6 +79,7 @@ def _scan_fwd_kernel(
 ):
     """Program (batch row, channel block, segment): the segment's CPS chunks of T steps."""
     LOG2E: tl.constexpr = 1.4426950408889634
+    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     seg = tl.program_id(2)
@@ -175,10 +176,11 @@ def _scan_fwd_kernel(
         H = tl.zeros_like(dBu)
         for k in tl.static_range(T):
             # step k of a tile: its time axis is in-thread, so this sum folds to a register read
-            # (-0.0 because x + -0.0 == x exactly)
+            # (NEG0 = -0.0 because x + -0.0 == x exactly; a literal -0.0 would not do: Triton
+            # makes a scalar equal to 0 its null value, +0.0, which costs an FADD per element)
             at_k = t_ == k
-            h = (tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * h
-                 + tl.reduce(tl.where(at_k, dBu, -0.0), 0, _add, keep_dims=True))
+            h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
+                 + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
             H = tl.where(at_k, h, H)
         # y_t = C_t . h_t: the NPT states in-thread, then over the KN lanes
         y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
@@ -203,6 +205,7 @@ def _scan_fwd_segment_kernel(
     """Program (batch row, channel block, segment < NSEG - 1): the segment's end state from a
     zero start and its summed step sizes, so that later segments can start without waiting."""
     LOG2E: tl.constexpr = 1.4426950408889634
+    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     seg = tl.program_id(2)
@@ -244,8 +247,8 @@ def _scan_fwd_segment_kernel(
         dBu = (dt * u) * Bt
         for k in tl.static_range(T):
             at_k = t_ == k
-            h = (tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * h
-                 + tl.reduce(tl.where(at_k, dBu, -0.0), 0, _add, keep_dims=True))
+            h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
+                 + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
     seg_off = tl.max_contiguous((pid_b * NSEG + seg) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
     tl.store(hseg_ptr + seg_off, h, mask=mask_dn)
     tl.store(lseg_ptr + (pid_b * NSEG + seg) * DIM + d + zero_kn,
@@ -270,6 +273,7 @@ def _scan_bwd_kernel(
     """Program (batch row, channel block, segment): the segment's chunks, last to first.
     RS (WD == 1 and 2 <= LD <= T * NPT only): dB, dC summed over channels by a lane reduce-scatter."""
     LOG2E: tl.constexpr = 1.4426950408889634
+    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     seg = tl.program_id(2)
@@ -374,7 +378,10 @@ def _scan_bwd_kernel(
         H = tl.zeros_like(dBu)
         for k in tl.static_range(T):
             at_k = t_ == k
-            h = (tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * h
+            # NEG0 for the decays (exp2 results: with +0.0 each extraction costs an FADD); the
+            # products dBu and x take Triton's +0.0 for a literal -0.0, which ptxas folds into
+            # the FFMA that makes them, and which compiles to fewer registers under the cap
+            h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
                  + tl.reduce(tl.where(at_k, dBu, -0.0), 0, _add, keep_dims=True))
             H = tl.where(at_k, h, H)
 
@@ -399,7 +406,7 @@ def _scan_bwd_kernel(
             at_k = t_ == k
             dh = g + tl.reduce(tl.where(at_k, x, -0.0), 0, _add, keep_dims=True)
             DH = tl.where(at_k, dh, DH)
-            g = tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * dh
+            g = tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * dh
 
         # q = dh * exp(dt A) h_{t-1} = dh (h_t - dt u B): the gradient of the exponent dt * A
         q = DH * (H - dBu)
@@ -485,6 +492,7 @@ def _scan_bwd_segment_kernel(
     """Program (batch row, channel block, segment >= 1): the gradient its own outputs send to
     the state entering it (zero from later steps) and its summed step sizes."""
     LOG2E: tl.constexpr = 1.4426950408889634
+    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     seg = tl.program_id(2) + 1
@@ -535,8 +543,8 @@ def _scan_bwd_segment_kernel(
         x = Ct * dy
         for k in tl.static_range(T - 1, -1, -1):
             at_k = t_ == k
-            g = tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * (
-                g + tl.reduce(tl.where(at_k, x, -0.0), 0, _add, keep_dims=True))
+            g = tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * (
+                g + tl.reduce(tl.where(at_k, x, NEG0), 0, _add, keep_dims=True))
     seg_off = tl.max_contiguous((pid_b * NSEG + seg) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
     tl.store(gseg_ptr + seg_off, g, mask=mask_dn)
     tl.store(lseg_ptr + (pid_b * NSEG + seg) * DIM + d + zero_kn,
