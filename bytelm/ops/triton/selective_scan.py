@@ -52,7 +52,6 @@ from bytelm.ops.triton.selective_scan_kernels import (
 )
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_TRITON_VERSION = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,11 +83,8 @@ def scan_config(nstate: int, backward: bool = False) -> dict:
             # capped at 168 registers (ptxas .maxnreg): 12 one-warp programs an SM instead of
             # 8; the mixer's 8 x 1536 channels are then 1536 programs, one wave on 132 SMs
             # (1584 slots). Offline sm_90 compiles (benchmarks/sass_bwd.py): no spills with
-            # triton 3.6 (the H200's); triton 3.9 fits 168 only with the butterfly sums of dB
-            # and dC (its reduce-scatter build spills 24 bytes there), so it keeps those (the
-            # interpreter, which has no registers, runs the reduce-scatter that 3.6 compiles).
-            cfg.update(maxnreg=168, warps_per_sm=12,
-                       reduce_scatter=_INTERPRET or _TRITON_VERSION < (3, 9))
+            # triton 3.6 (the H200's) or 3.9.
+            cfg.update(maxnreg=168, warps_per_sm=12)
         return cfg
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, prefetch_bc=False)
 

@@ -123,7 +123,10 @@ def _scan_fwd_kernel(
     TST = T * ST
     TZT = T * ZT
     # B, C packed by the wrapper as (batch, chunk + 1, state block, T) fp32, zero padded
-    bc_off = (pid_b * (n_chunks + 1) + c_lo) * BN * T + n * T + t_ + (wd_ + ld_) * 0
+    # scalar pointers to the chunk's block plus the tile's int32 offsets within it
+    bc_tile = n * T + t_ + (wd_ + ld_) * 0
+    B_chunk = B_ptr + (pid_b * (n_chunks + 1) + c_lo) * BN * T
+    C_chunk = C_ptr + (pid_b * (n_chunks + 1) + c_lo) * BN * T
     # checkpoints (batch, chunk, state, dim); max_contiguous(1) stops Triton from regrouping
     # neighbouring channels into one thread for wider stores, which would cost a layout change
     ckpt_ptrs = ckpt_ptr + tl.max_contiguous((pid_b * n_chunks + c_lo) * NSTATE * DIM + n * DIM + d,
@@ -139,8 +142,8 @@ def _scan_fwd_kernel(
     if HAS_Z:
         z_nx = tl.load(z_ptr + zrow + (zero64 + c_lo) * TZT + tZ, mask=m_nx, other=0.0)
     if PREFETCH_BC:
-        B_nx = tl.load(B_ptr + bc_off)
-        C_nx = tl.load(C_ptr + bc_off)
+        B_nx = tl.load(B_chunk + bc_tile)
+        C_nx = tl.load(C_chunk + bc_tile)
     for c in range(c_lo, c_hi):
         t = c * T + t_
         m_row = (t < L) & mask_row
@@ -157,12 +160,13 @@ def _scan_fwd_kernel(
         if PREFETCH_BC:  # the packed B, C hold a padding chunk past the end: no mask needed
             Bt = B_nx
             Ct = C_nx
-            B_nx = tl.load(B_ptr + bc_off + BN * T)
-            C_nx = tl.load(C_ptr + bc_off + BN * T)
+            B_nx = tl.load(B_chunk + BN * T + bc_tile)
+            C_nx = tl.load(C_chunk + BN * T + bc_tile)
         else:
-            Bt = tl.load(B_ptr + bc_off)
-            Ct = tl.load(C_ptr + bc_off)
-        bc_off += BN * T
+            Bt = tl.load(B_chunk + bc_tile)
+            Ct = tl.load(C_chunk + bc_tile)
+        B_chunk += BN * T
+        C_chunk += BN * T
         if STORE_CKPT:  # the state entering chunk c, for the backward
             tl.store(ckpt_ptrs, h, mask=mask_dn)
             ckpt_ptrs += NSTATE * DIM
@@ -317,7 +321,11 @@ def _scan_bwd_kernel(
     zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
-    bc_off = (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T + n * T + t_ + (wd_ + ld_) * 0   # last chunk
+    # B, C packed (batch, chunk + 1, state block, T): a scalar pointer to the chunk's block
+    # (moved back one chunk per iteration) plus the tile's int32 offsets within it
+    bc_tile = n * T + t_ + (wd_ + ld_) * 0
+    B_chunk = B_ptr + (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T   # last chunk
+    C_chunk = C_ptr + (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T
     ckpt_ptrs = ckpt_ptr + tl.max_contiguous(
         (pid_b * n_chunks + c_hi - 1) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
 
@@ -361,14 +369,19 @@ def _scan_bwd_kernel(
         ckpt_ptrs -= NSTATE * DIM
         h_nx = tl.load(ckpt_ptrs, mask=mask_dn & (zero_kn + c > c_lo), other=0.0)
 
-        Bt = tl.load(B_ptr + bc_off)
-        Ct = tl.load(C_ptr + bc_off)
+        Bt = tl.load(B_chunk + bc_tile)
+        Ct = tl.load(C_chunk + bc_tile)
+        B_chunk -= BN * T
+        C_chunk -= BN * T
         if HAS_BIAS:
             draw += bias
         dt = draw
         if SOFTPLUS:
-            dt = tl.where(draw > 20.0, draw,
-                          _log2(1.0 + tl.exp2(draw * LOG2E), FAST_LOG) * 0.6931471805599453)
+            # softplus and its derivative sigmoid(draw) = e / (1 + e) from one e = exp(draw)
+            # (above 20 softplus is the identity, its derivative 1)
+            e_draw = tl.exp2(draw * LOG2E)
+            dt = tl.where(draw > 20.0, draw, _log2(1.0 + e_draw, FAST_LOG) * 0.6931471805599453)
+            dsp = tl.where(draw > 20.0, 1.0, e_draw * tl.fdiv(1.0, 1.0 + e_draw, ieee_rounding=False))
         dt = tl.where(m_row, dt, 0.0)
         dtu = dt * u
         dA = tl.exp2(dt * A2)
@@ -452,7 +465,6 @@ def _scan_bwd_kernel(
             bc_red = (pid_b * (n_chunks + 1) + c) * BN * T + n * T + t_
             tl.atomic_add(dB_ptr + bc_red, dB_c, sem="relaxed")
             tl.atomic_add(dC_ptr + bc_red, dC_c, sem="relaxed")
-        bc_off -= BN * T
 
         du = dt * s_dhB
         if HAS_D:
@@ -460,8 +472,7 @@ def _scan_bwd_kernel(
         tl.store(du_ptr + o, du.to(du_ptr.dtype.element_ty), mask=m_row)
         ddt = s_qA + u * s_dhB
         if SOFTPLUS:
-            ddt = tl.where(draw > 20.0, ddt,
-                           ddt * tl.fdiv(1.0, 1.0 + tl.exp2(-draw * LOG2E), ieee_rounding=False))
+            ddt = ddt * dsp
         ddt = tl.where(m_row, ddt, 0.0)
         tl.store(ddelta_ptr + o, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_row)
         if HAS_BIAS:
