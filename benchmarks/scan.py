@@ -44,7 +44,8 @@ from bytelm.ops.selective_scan import selective_scan_ref  # noqa: E402
 from bytelm.ops.triton import selective_scan as tss  # noqa: E402
 from common import copy_bandwidth, fmt, rel_err, table_head  # noqa: E402
 
-SHAPES = [(8, 2048, 2048, 16), (4, 2048, 8192, 16), (8, 2048, 2048, 64), (2, 1536, 8192, 16)]
+SHAPES = [(8, 2048, 2048, 16), (4, 2048, 8192, 16), (8, 2048, 2048, 64), (2, 1536, 8192, 16),
+          (8, 1536, 8192, 16)]  # the last: the 90M Mamba's scan in its 8 x 8192 training step
 PEER_NVCC_FLAGS = [  # mamba_ssm's setup.py flags, for sm_90 alone
     "-O3", "-std=c++17", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
     "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
@@ -196,7 +197,11 @@ def tune(x, dout, n):
     for cfg in fwd_variants:
         ms = bench(lambda: tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, cfg=cfg))
         lines.append(f"  fwd {cfg} ({nseg(cfg)} pieces): {ms:.3f} ms")
-    variants = [base_b, dict(base_b, SEG=1), dict(base_b, SEG=2), dict(base_b, SEG=4)]
+    variants = [base_b, dict(base_b, SEG=1), dict(base_b, SEG=2), dict(base_b, SEG=4),
+                dict(base_b, reduce_scatter=False)]  # dB/dC by a full butterfly per value
+    if base_b.get("maxnreg"):  # without the register cap (8 warps an SM)
+        variants += [dict(base_b, maxnreg=None, warps_per_sm=8),
+                     dict(base_b, maxnreg=None, warps_per_sm=8, reduce_scatter=False)]
     if base_b["NPT"] == 8:
         variants.append(dict(base_b, NPT=4, KN=base_b["KN"] * 2, LD=base_b["LD"] // 2))
     for cfg in variants:

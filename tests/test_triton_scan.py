@@ -125,6 +125,25 @@ def test_scan_in_segments(nseg, monkeypatch):
     check_scan(*SMALL, 70, 4, torch.bfloat16, seed=nseg + 1, drop=("initial_state",))
 
 
+@pytest.mark.parametrize("reduce_scatter", [True, False], ids=["reduce_scatter", "butterfly"])
+def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
+    """The backward sums dB and dC over channel lanes by a reduce-scatter (the default) or by
+    a butterfly (other tile shapes, or reduce_scatter=False): both must give the reference's
+    gradients."""
+    config = tss.scan_config
+    monkeypatch.setattr(tss, "scan_config",
+                        lambda *a, **k: dict(config(*a, **k), reduce_scatter=reduce_scatter))
+    check_scan(*SMALL, 33, 16, torch.float32, seed=11)
+    check_scan(*SMALL, 21, 64, torch.bfloat16, seed=12)
+
+
+def test_scan_forward_prefetching_bc(monkeypatch):
+    """The forward's optional prefetch of the next chunk's B and C rows (off by default)."""
+    config = tss.scan_config
+    monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), prefetch_bc=True))
+    check_scan(*SMALL, 33, 16, torch.float32, seed=13)
+
+
 @pytest.mark.parametrize("nstate", [5, 256])
 def test_scan_odd_and_largest_state(nstate):
     check_scan(*SMALL, 9, nstate, torch.float32, seed=nstate)

@@ -75,10 +75,17 @@ def scan_config(nstate: int, backward: bool = False) -> dict:
     kn = block_n // npt
     if kn > 32:
         raise ValueError(f"state size {nstate} is over the supported 256")
-    if backward:  # 255 registers a thread: 8 warps an SM
+    if backward:
         npt = 4 if block_n == 16 else npt  # twice the programs; measured faster at N=16
-        return dict(T=4, NPT=npt, KN=block_n // npt, LD=32 // (block_n // npt), WD=1,
-                    warps_per_sm=8)
+        cfg = dict(T=4, NPT=npt, KN=block_n // npt, LD=32 // (block_n // npt), WD=1,
+                   warps_per_sm=8)  # ~225-255 registers a thread: 8 warps an SM
+        if block_n == 16:
+            # capped at 168 registers (ptxas .maxnreg): 12 one-warp programs an SM instead of
+            # 8; the mixer's 8 x 1536 channels are then 1536 programs, one wave on 132 SMs
+            # (1584 slots). Offline sm_90 compiles (benchmarks/sass_bwd.py): no spills with
+            # triton 3.6 (the H200's) or 3.9.
+            cfg.update(maxnreg=168, warps_per_sm=12)
+        return cfg
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, prefetch_bc=False)
 
 
@@ -214,6 +221,9 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         _scan_bwd_segment_kernel[grid + (nseg - 1,)](
             delta, A, Cp, zz, bias, dout, gseg, lseg, length, dim, nstate, n_chunks, cps, nseg,
             *_strides(u, z), HAS_Z=z is not None, **consts)
+    # dB, dC summed over channel lanes by a reduce-scatter (one warp per program, and at least
+    # one (state, step) value per lane at the end: T * NPT >= LD)
+    rs = (cfg.get("reduce_scatter", True) and cfg["WD"] == 1 and 2 <= cfg["LD"] <= cfg["T"] * cfg["NPT"])
     _scan_bwd_kernel[grid + (nseg,)](
         u, delta, A, Bp, Cp, D if D is not None else A, zz, bias, ckpt, dout,
         dlast if dlast is not None else A, gseg, lseg,
@@ -221,7 +231,8 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
-        STORE_DH0=need_dh0, **consts)
+        STORE_DH0=need_dh0, RS=rs, LOG_LD=cfg["LD"].bit_length() - 1,
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}), **consts)
     return du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0
 
 

@@ -79,6 +79,7 @@ def _scan_fwd_kernel(
 ):
     """Program (batch row, channel block, segment): the segment's CPS chunks of T steps."""
     LOG2E: tl.constexpr = 1.4426950408889634
+    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     seg = tl.program_id(2)
@@ -122,7 +123,10 @@ def _scan_fwd_kernel(
     TST = T * ST
     TZT = T * ZT
     # B, C packed by the wrapper as (batch, chunk + 1, state block, T) fp32, zero padded
-    bc_off = (pid_b * (n_chunks + 1) + c_lo) * BN * T + n * T + t_ + (wd_ + ld_) * 0
+    # scalar pointers to the chunk's block plus the tile's int32 offsets within it
+    bc_tile = n * T + t_ + (wd_ + ld_) * 0
+    B_chunk = B_ptr + (pid_b * (n_chunks + 1) + c_lo) * BN * T
+    C_chunk = C_ptr + (pid_b * (n_chunks + 1) + c_lo) * BN * T
     # checkpoints (batch, chunk, state, dim); max_contiguous(1) stops Triton from regrouping
     # neighbouring channels into one thread for wider stores, which would cost a layout change
     ckpt_ptrs = ckpt_ptr + tl.max_contiguous((pid_b * n_chunks + c_lo) * NSTATE * DIM + n * DIM + d,
@@ -138,8 +142,8 @@ def _scan_fwd_kernel(
     if HAS_Z:
         z_nx = tl.load(z_ptr + zrow + (zero64 + c_lo) * TZT + tZ, mask=m_nx, other=0.0)
     if PREFETCH_BC:
-        B_nx = tl.load(B_ptr + bc_off)
-        C_nx = tl.load(C_ptr + bc_off)
+        B_nx = tl.load(B_chunk + bc_tile)
+        C_nx = tl.load(C_chunk + bc_tile)
     for c in range(c_lo, c_hi):
         t = c * T + t_
         m_row = (t < L) & mask_row
@@ -156,12 +160,13 @@ def _scan_fwd_kernel(
         if PREFETCH_BC:  # the packed B, C hold a padding chunk past the end: no mask needed
             Bt = B_nx
             Ct = C_nx
-            B_nx = tl.load(B_ptr + bc_off + BN * T)
-            C_nx = tl.load(C_ptr + bc_off + BN * T)
+            B_nx = tl.load(B_chunk + BN * T + bc_tile)
+            C_nx = tl.load(C_chunk + BN * T + bc_tile)
         else:
-            Bt = tl.load(B_ptr + bc_off)
-            Ct = tl.load(C_ptr + bc_off)
-        bc_off += BN * T
+            Bt = tl.load(B_chunk + bc_tile)
+            Ct = tl.load(C_chunk + bc_tile)
+        B_chunk += BN * T
+        C_chunk += BN * T
         if STORE_CKPT:  # the state entering chunk c, for the backward
             tl.store(ckpt_ptrs, h, mask=mask_dn)
             ckpt_ptrs += NSTATE * DIM
@@ -175,10 +180,11 @@ def _scan_fwd_kernel(
         H = tl.zeros_like(dBu)
         for k in tl.static_range(T):
             # step k of a tile: its time axis is in-thread, so this sum folds to a register read
-            # (-0.0 because x + -0.0 == x exactly)
+            # (NEG0 = -0.0 because x + -0.0 == x exactly; a literal -0.0 would not do: Triton
+            # makes a scalar equal to 0 its null value, +0.0, which costs an FADD per element)
             at_k = t_ == k
-            h = (tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * h
-                 + tl.reduce(tl.where(at_k, dBu, -0.0), 0, _add, keep_dims=True))
+            h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
+                 + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
             H = tl.where(at_k, h, H)
         # y_t = C_t . h_t: the NPT states in-thread, then over the KN lanes
         y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
@@ -203,6 +209,7 @@ def _scan_fwd_segment_kernel(
     """Program (batch row, channel block, segment < NSEG - 1): the segment's end state from a
     zero start and its summed step sizes, so that later segments can start without waiting."""
     LOG2E: tl.constexpr = 1.4426950408889634
+    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     seg = tl.program_id(2)
@@ -244,8 +251,8 @@ def _scan_fwd_segment_kernel(
         dBu = (dt * u) * Bt
         for k in tl.static_range(T):
             at_k = t_ == k
-            h = (tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * h
-                 + tl.reduce(tl.where(at_k, dBu, -0.0), 0, _add, keep_dims=True))
+            h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
+                 + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
     seg_off = tl.max_contiguous((pid_b * NSEG + seg) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
     tl.store(hseg_ptr + seg_off, h, mask=mask_dn)
     tl.store(lseg_ptr + (pid_b * NSEG + seg) * DIM + d + zero_kn,
@@ -265,10 +272,12 @@ def _scan_bwd_kernel(
     HAS_DLAST: tl.constexpr, STORE_DH0: tl.constexpr, FAST_LOG: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
-    AX_LD: tl.constexpr,
+    AX_LD: tl.constexpr, RS: tl.constexpr, LOG_LD: tl.constexpr,
 ):
-    """Program (batch row, channel block, segment): the segment's chunks, last to first."""
+    """Program (batch row, channel block, segment): the segment's chunks, last to first.
+    RS (WD == 1 and 2 <= LD <= T * NPT only): dB, dC summed over channels by a lane reduce-scatter."""
     LOG2E: tl.constexpr = 1.4426950408889634
+    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     seg = tl.program_id(2)
@@ -312,10 +321,20 @@ def _scan_bwd_kernel(
     zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
-    bc_off = (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T + n * T + t_ + (wd_ + ld_) * 0   # last chunk
+    # B, C packed (batch, chunk + 1, state block, T): a scalar pointer to the chunk's block
+    # (moved back one chunk per iteration) plus the tile's int32 offsets within it
+    bc_tile = n * T + t_ + (wd_ + ld_) * 0
+    B_chunk = B_ptr + (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T   # last chunk
+    C_chunk = C_ptr + (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T
     ckpt_ptrs = ckpt_ptr + tl.max_contiguous(
         (pid_b * n_chunks + c_hi - 1) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
 
+    if RS:  # index tiles of the reduce-scatter's (KN, LD, values) layout
+        V: tl.constexpr = T * NPT
+        ld_q = tl.arange(0, LD)[None, :, None]
+        # the (state, step) values a lane holds at the end: v = ld * (V / LD) + w of its KN row
+        rs_tile = (tl.arange(0, KN)[:, None, None] * V + ld_q * (V // LD)
+                   + tl.arange(0, V // LD)[None, None, :])
     dA_acc = tl.zeros_like(A)
     dD_acc = tl.zeros_like(t_ + d + zero_kn).to(tl.float32)     # (T, channel) accumulators
     dbias_acc = tl.zeros_like(dD_acc)
@@ -350,14 +369,19 @@ def _scan_bwd_kernel(
         ckpt_ptrs -= NSTATE * DIM
         h_nx = tl.load(ckpt_ptrs, mask=mask_dn & (zero_kn + c > c_lo), other=0.0)
 
-        Bt = tl.load(B_ptr + bc_off)
-        Ct = tl.load(C_ptr + bc_off)
+        Bt = tl.load(B_chunk + bc_tile)
+        Ct = tl.load(C_chunk + bc_tile)
+        B_chunk -= BN * T
+        C_chunk -= BN * T
         if HAS_BIAS:
             draw += bias
         dt = draw
         if SOFTPLUS:
-            dt = tl.where(draw > 20.0, draw,
-                          _log2(1.0 + tl.exp2(draw * LOG2E), FAST_LOG) * 0.6931471805599453)
+            # softplus and its derivative sigmoid(draw) = e / (1 + e) from one e = exp(draw)
+            # (above 20 softplus is the identity, its derivative 1)
+            e_draw = tl.exp2(draw * LOG2E)
+            dt = tl.where(draw > 20.0, draw, _log2(1.0 + e_draw, FAST_LOG) * 0.6931471805599453)
+            dsp = tl.where(draw > 20.0, 1.0, e_draw * tl.fdiv(1.0, 1.0 + e_draw, ieee_rounding=False))
         dt = tl.where(m_row, dt, 0.0)
         dtu = dt * u
         dA = tl.exp2(dt * A2)
@@ -367,7 +391,10 @@ def _scan_bwd_kernel(
         H = tl.zeros_like(dBu)
         for k in tl.static_range(T):
             at_k = t_ == k
-            h = (tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * h
+            # NEG0 for the decays (exp2 results: with +0.0 each extraction costs an FADD); the
+            # products dBu and x take Triton's +0.0 for a literal -0.0, which ptxas folds into
+            # the FFMA that makes them, and which compiles to fewer registers under the cap
+            h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
                  + tl.reduce(tl.where(at_k, dBu, -0.0), 0, _add, keep_dims=True))
             H = tl.where(at_k, h, H)
 
@@ -392,21 +419,52 @@ def _scan_bwd_kernel(
             at_k = t_ == k
             dh = g + tl.reduce(tl.where(at_k, x, -0.0), 0, _add, keep_dims=True)
             DH = tl.where(at_k, dh, DH)
-            g = tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * dh
+            g = tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * dh
 
         # q = dh * exp(dt A) h_{t-1} = dh (h_t - dt u B): the gradient of the exponent dt * A
         q = DH * (H - dBu)
         s_dhB = tl.reduce(tl.reduce(DH * Bt, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
         s_qA = tl.reduce(tl.reduce(q * A, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
         dA_acc += tl.reduce(q * dt, 0, _add, keep_dims=True)
-        # dB, dC: reduce over this program's channels (lanes, then warps), then one atomic each
-        # into the packed (batch, chunk, state block, T) fp32 buffers
-        dB_c = tl.reduce(tl.reduce(DH * dtu, AX_LD, _add, keep_dims=True), AX_WD, _add, keep_dims=True)
-        dC_c = tl.reduce(tl.reduce(H * dy, AX_LD, _add, keep_dims=True), AX_WD, _add, keep_dims=True)
-        bc_red = (pid_b * (n_chunks + 1) + c) * BN * T + n * T + t_
-        tl.atomic_add(dB_ptr + bc_red, dB_c, sem="relaxed")
-        tl.atomic_add(dC_ptr + bc_red, dC_c, sem="relaxed")
-        bc_off -= BN * T
+        if RS:
+            # dB, dC summed over the LD channel lanes by a reduce-scatter: each round a lane
+            # keeps one half of its values, sends the other half to the partner lane (lane xor m)
+            # and adds what the partner sent; after log2(LD) rounds each lane holds the channel
+            # sums of T * NPT / LD (state, step) pairs (1 shuffle per pair and round instead of
+            # log2(LD) shuffles for every value), and the atomics are not replicated over lanes
+            bc_red = (pid_b * (n_chunks + 1) + c) * BN * T + rs_tile
+            for kk in tl.static_range(2):
+                if kk == 0:
+                    P = DH * dtu
+                else:
+                    P = H * dy
+                # (KN, LD, V): v = npt * T + t in-thread
+                Q = tl.reshape(tl.permute(P, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (KN, LD, V))
+                for lvl in tl.static_range(LOG_LD):
+                    # Q.shape[2] values per lane before this round; its lane bit (Q.shape[2] * LD
+                    # // (2 V)) is LD / 2, LD / 4, ..., 1 (inline: names assigned in a static_range
+                    # body stop being constexprs). a: v's top bit 0, b: top bit 1; lanes with the
+                    # bit set keep b, so after all rounds v = ld * (V / LD) + w
+                    a, b = tl.split(tl.permute(tl.reshape(Q, (KN, LD, 2, Q.shape[2] // 2)), (0, 1, 3, 2)))
+                    up = (ld_q & (Q.shape[2] * LD // (2 * V))) != 0
+                    send = tl.where(up, a, b)
+                    keep = tl.where(up, b, a)
+                    Q = keep + tl.gather(send, (ld_q ^ (Q.shape[2] * LD // (2 * V)))
+                                         + tl.zeros((KN, LD, Q.shape[2] // 2), tl.int32), 1)
+                if kk == 0:
+                    tl.atomic_add(dB_ptr + bc_red, Q, sem="relaxed")
+                else:
+                    tl.atomic_add(dC_ptr + bc_red, Q, sem="relaxed")
+        else:
+            # dB, dC: reduce over this program's channels (lanes, then warps), then one atomic
+            # each into the packed (batch, chunk, state block, T) fp32 buffers
+            dB_c = tl.reduce(tl.reduce(DH * dtu, AX_LD, _add, keep_dims=True), AX_WD, _add,
+                             keep_dims=True)
+            dC_c = tl.reduce(tl.reduce(H * dy, AX_LD, _add, keep_dims=True), AX_WD, _add,
+                             keep_dims=True)
+            bc_red = (pid_b * (n_chunks + 1) + c) * BN * T + n * T + t_
+            tl.atomic_add(dB_ptr + bc_red, dB_c, sem="relaxed")
+            tl.atomic_add(dC_ptr + bc_red, dC_c, sem="relaxed")
 
         du = dt * s_dhB
         if HAS_D:
@@ -414,8 +472,7 @@ def _scan_bwd_kernel(
         tl.store(du_ptr + o, du.to(du_ptr.dtype.element_ty), mask=m_row)
         ddt = s_qA + u * s_dhB
         if SOFTPLUS:
-            ddt = tl.where(draw > 20.0, ddt,
-                           ddt * tl.fdiv(1.0, 1.0 + tl.exp2(-draw * LOG2E), ieee_rounding=False))
+            ddt = ddt * dsp
         ddt = tl.where(m_row, ddt, 0.0)
         tl.store(ddelta_ptr + o, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_row)
         if HAS_BIAS:
@@ -446,6 +503,7 @@ def _scan_bwd_segment_kernel(
     """Program (batch row, channel block, segment >= 1): the gradient its own outputs send to
     the state entering it (zero from later steps) and its summed step sizes."""
     LOG2E: tl.constexpr = 1.4426950408889634
+    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     seg = tl.program_id(2) + 1
@@ -496,8 +554,8 @@ def _scan_bwd_segment_kernel(
         x = Ct * dy
         for k in tl.static_range(T - 1, -1, -1):
             at_k = t_ == k
-            g = tl.reduce(tl.where(at_k, dA, -0.0), 0, _add, keep_dims=True) * (
-                g + tl.reduce(tl.where(at_k, x, -0.0), 0, _add, keep_dims=True))
+            g = tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * (
+                g + tl.reduce(tl.where(at_k, x, NEG0), 0, _add, keep_dims=True))
     seg_off = tl.max_contiguous((pid_b * NSEG + seg) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
     tl.store(gseg_ptr + seg_off, g, mask=mask_dn)
     tl.store(lseg_ptr + (pid_b * NSEG + seg) * DIM + d + zero_kn,

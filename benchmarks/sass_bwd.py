@@ -1,0 +1,129 @@
+"""Offline SASS statistics of the scan kernels for sm_90 (no GPU): the launch arguments that
+`scan_bwd` / `scan_fwd` would pass for the Mamba mixer's channel-major case are captured with a
+stub kernel, specialised the way Triton's launcher does (ints equal to 1 -> constexpr, multiples
+of 16 -> divisibility), compiled with triton.compile for GPUTarget("cuda", 90, 32), and the cubin
+is read with the wheel's cuobjdump.
+
+    PYTHONPATH=. python benchmarks/sass_bwd.py [--nstate 16 64] [--dump DIR]
+"""
+import argparse, os, re, subprocess, tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+import bytelm.ops.triton.selective_scan as S
+import bytelm.ops.triton.selective_scan_kernels as K
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.dirname(triton.__file__) + "/backends/nvidia/bin/cuobjdump"
+
+
+class _Capture:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((grid, args, kwargs))
+        return launch
+
+
+def compile_captured(fn, args, kwargs):
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args,
+                                                          specialization, options)
+    src = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(src, target=TARGET, options=options.__dict__)
+
+
+def sass_stats(k):
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    lines = [l for l in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", l)]
+    ops = [re.sub(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?", "", l).split()[0] for l in lines]
+    # the main loop: the longest backward branch's body (target address <= its own address)
+    addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", l).group(1), 16) for l in lines]
+    best = (0, 0)
+    for i, l in enumerate(lines):
+        b = re.search(r"BRA\s+(?:`\(.*?\)\s*)?0x([0-9a-f]+)", l)
+        if b:
+            tgt = int(b.group(1), 16)
+            if tgt < addr[i] and addr[i] - tgt > best[1] - best[0]:
+                best = (tgt, addr[i])
+    loop = [o for a, o in zip(addr, ops) if best[0] <= a <= best[1]]
+    cnt = lambda seq, p: sum(1 for o in seq if o.startswith(p))
+    return dict(regs=int(m.group(1)), stack=int(m.group(2)), shared=int(m.group(3)),
+                total=len(ops), loop=len(loop),
+                loop_shfl=cnt(loop, "SHFL"), loop_atom=cnt(loop, "RED") + cnt(loop, "ATOM"),
+                loop_mufu=cnt(loop, "MUFU"), loop_bar=cnt(loop, "BAR"), loop_sts=cnt(loop, "STS"),
+                loop_lds=cnt(loop, "LDS"), loop_ldg=cnt(loop, "LDG"), loop_stg=cnt(loop, "STG"),
+                loop_ffma=cnt(loop, "FFMA"), loop_fadd=cnt(loop, "FADD"), loop_fmul=cnt(loop, "FMUL"),
+                loop_mov=cnt(loop, "MOV"), loop_sel=cnt(loop, "FSEL") + cnt(loop, "SEL")), sass, k.asm["ttgir"]
+
+
+def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None):
+    """Run scan_fwd / scan_bwd on CPU tensors shaped like the mixer's (channel-major storage)
+    with the kernels stubbed; returns the captured launches."""
+    bf = torch.bfloat16
+    def cm(nch, dtype=bf):  # (channels, batch * length) storage viewed (batch, channels, length)
+        return torch.zeros(nch, batch * length, dtype=dtype).view(nch, batch, length).transpose(0, 1)
+    xz = torch.zeros(2 * dim, batch * length, dtype=bf)
+    z = xz[dim:].view(dim, batch, length).transpose(0, 1)
+    u, delta, dout = cm(dim), cm(dim), cm(dim)
+    A = torch.zeros(dim, nstate); D = torch.zeros(dim); bias = torch.zeros(dim)
+    B = cm(nstate, torch.float32); C = cm(nstate, torch.float32)
+    fwd, bwd = _Capture(K._scan_fwd_kernel), _Capture(K._scan_bwd_kernel)
+    S._scan_fwd_kernel, S._scan_bwd_kernel = fwd, bwd
+    cfg = S.scan_config(nstate)
+    Bp, Cp = S.pack_bc(B, cfg), S.pack_bc(C, cfg)
+    n_chunks = triton.cdiv(length, cfg["T"])
+    ckpt = torch.zeros(batch, n_chunks, nstate, dim)
+    S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True, cfg=cfg)
+    S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False,
+               cfg=cfg_bwd)
+    S._scan_fwd_kernel, S._scan_bwd_kernel = K._scan_fwd_kernel, K._scan_bwd_kernel
+    return fwd.calls, bwd.calls
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nstate", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--dump", default=None)
+    ap.add_argument("--fwd", action="store_true")
+    args = ap.parse_args()
+    S._INTERPRET = False
+    asc = triton.__version__.startswith("3.6")  # 3.6 (the H200's) gives lanes in dim order
+    S.tie_order_ascending = lambda: asc
+    for nstate in args.nstate:
+        fcalls, bcalls = capture(nstate)
+        todo = [("bwd", K._scan_bwd_kernel, bcalls[-1])]
+        if args.fwd:
+            todo.append(("fwd", K._scan_fwd_kernel, fcalls[-1]))
+        for name, fn, (grid, a, kw) in todo:
+            kw = dict(kw); kw["FAST_LOG"] = True
+            k = compile_captured(fn, a, kw)
+            st, sass, ttgir = sass_stats(k)
+            cfg = {x: kw[x] for x in ("T", "NPT", "KN", "LD", "WD")}
+            # a thread's (channel, state, step) elements per loop iteration (one chunk)
+            elems = cfg["T"] * cfg["NPT"]
+            extra = {x: kw[x] for x in ("RS", "maxnreg") if x in kw}
+            print(f"triton {triton.__version__} N={nstate} {name} {cfg} {extra} grid={grid} "
+                  + " ".join(f"{k_}={v}" for k_, v in st.items())
+                  + f" instr/elem={st['loop'] / elems:.1f} shfl/elem={st['loop_shfl'] / elems:.2f}")
+            if args.dump:
+                os.makedirs(args.dump, exist_ok=True)
+                open(f"{args.dump}/{name}-N{nstate}.sass", "w").write(sass)
+                open(f"{args.dump}/{name}-N{nstate}.ttgir", "w").write(ttgir)
+
+
+if __name__ == "__main__":
+    main()
