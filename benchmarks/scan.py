@@ -192,11 +192,15 @@ def tune(x, dout, n):
     ref_grads = bwd(dict(base_b, SEG=1))
     nseg = lambda cfg: tss.segments(u.shape[0], u.shape[1], ckpt.shape[1], cfg, u.device)  # noqa: E731
     lines = []
-    fwd_variants = [base_f, dict(base_f, prefetch_bc=True), dict(base_f, SEG=1),
-                    dict(base_f, WD=3 - base_f["WD"])]
+    flip = not base_f["prefetch_bc"]
+    fwd_variants = [base_f, dict(base_f, prefetch_bc=flip), dict(base_f, SEG=1),
+                    dict(base_f, WD=3 - base_f["WD"]), dict(base_f, WD=3 - base_f["WD"], prefetch_bc=flip),
+                    dict(base_f, maxnreg=128, warps_per_sm=16)]  # more warps an SM to hide latency
     for cfg in fwd_variants:
-        ms = bench(lambda: tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, cfg=cfg))
-        lines.append(f"  fwd {cfg} ({nseg(cfg)} pieces): {ms:.3f} ms")
+        # the training forward also writes the chunk checkpoints: time both
+        ms = [bench(lambda: tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=ck, cfg=cfg))
+              for ck in (False, True)]
+        lines.append(f"  fwd {cfg} ({nseg(cfg)} pieces): {ms[0]:.3f} ms, {ms[1]:.3f} ms with checkpoints")
     variants = [base_b, dict(base_b, SEG=1), dict(base_b, SEG=2), dict(base_b, SEG=4),
                 dict(base_b, reduce_scatter=False)]  # dB/dC by a full butterfly per value
     if base_b.get("maxnreg"):  # without the register cap (8 warps an SM)

@@ -137,11 +137,13 @@ def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=12)
 
 
-def test_scan_forward_prefetching_bc(monkeypatch):
-    """The forward's optional prefetch of the next chunk's B and C rows (off by default)."""
+@pytest.mark.parametrize("prefetch_bc", [True, False])
+def test_scan_forward_with_and_without_bc_prefetch(monkeypatch, prefetch_bc):
+    """The forward's prefetch of the next chunk's B and C rows (on by default at N <= 16 only)."""
     config = tss.scan_config
-    monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), prefetch_bc=True))
+    monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), prefetch_bc=prefetch_bc))
     check_scan(*SMALL, 33, 16, torch.float32, seed=13)
+    check_scan(*SMALL, 21, 64, torch.bfloat16, seed=14)
 
 
 @pytest.mark.parametrize("nstate", [5, 256])

@@ -86,7 +86,9 @@ def scan_config(nstate: int, backward: bool = False) -> dict:
             # triton 3.6 (the H200's) or 3.9.
             cfg.update(maxnreg=168, warps_per_sm=12)
         return cfg
-    return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, prefetch_bc=False)
+    # prefetch_bc: chunk c + 1's B and C rows are loaded while chunk c runs. Off at N=64, where
+    # it once pushed the checkpointing forward past 255 registers (NOTES.md, run 5).
+    return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, prefetch_bc=block_n <= 16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -187,7 +189,8 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
         out, h_last, ckpt if ckpt is not None else h_last,
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None,
-        STORE_CKPT=store_ckpt, PREFETCH_BC=cfg.get("prefetch_bc", True), **consts)
+        STORE_CKPT=store_ckpt, PREFETCH_BC=cfg.get("prefetch_bc", True),
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}), **consts)
     return out, h_last, ckpt
 
 
