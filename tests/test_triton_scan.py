@@ -139,7 +139,7 @@ def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
 
 @pytest.mark.parametrize("prefetch_bc", [True, False])
 def test_scan_forward_with_and_without_bc_prefetch(monkeypatch, prefetch_bc):
-    """The forward's prefetch of the next chunk's B and C rows (on by default at N <= 16 only)."""
+    """The forward's prefetch of the next chunk's B and C rows (on by default) and its absence."""
     config = tss.scan_config
     monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), prefetch_bc=prefetch_bc))
     check_scan(*SMALL, 33, 16, torch.float32, seed=13)
