@@ -256,7 +256,6 @@ def bwd_iters(n_tiles: int, programs: int, device) -> int:
     return max(1, min(8, n_tiles, n_tiles * programs // (8 * sms)))
 
 
-
 def _fit_strides(t):
     """Offsets along length are 32-bit in the kernels: make x contiguous when they would not fit
     (length * stride beyond 2**31), which also takes it to the fast, length-contiguous path."""

@@ -120,7 +120,6 @@ def _n_programs(cfg, n_tiles, device) -> int:
     return max(1, min(n, n_tiles))
 
 
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t (..., dim) as (rows, dim) with unit column stride (a view when possible)."""
     t2 = t.reshape(-1, t.shape[-1])

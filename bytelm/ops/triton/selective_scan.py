@@ -110,7 +110,6 @@ def _layout_constexprs() -> dict:
     return dict(ASC=False, AX_NPT=1, AX_WD=2, AX_KN=3, AX_LD=4)
 
 
-
 def _tile(cfg):
     return {k: cfg[k] for k in ("T", "NPT", "WD", "KN", "LD")}
 
@@ -153,6 +152,11 @@ def segments(batch, dim, n_chunks, cfg, device) -> int:
     return max(1, min(fit // warps, n_chunks // 16))
 
 
+def _register_cap(cfg) -> dict:
+    """Launch option capping a kernel's registers per thread (ptxas .maxnreg), when cfg sets one."""
+    return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
+
+
 def _launch_consts(cfg, delta_softplus, delta_bias):
     return dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                 FAST_LOG=not _INTERPRET, num_warps=cfg["WD"], **_layout_constexprs(), **_tile(cfg))
@@ -190,7 +194,7 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None,
         STORE_CKPT=store_ckpt, PREFETCH_BC=cfg.get("prefetch_bc", True),
-        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}), **consts)
+        **_register_cap(cfg), **consts)
     return out, h_last, ckpt
 
 
@@ -235,7 +239,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
         STORE_DH0=need_dh0, RS=rs, LOG_LD=cfg["LD"].bit_length() - 1,
-        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}), **consts)
+        **_register_cap(cfg), **consts)
     return du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0
 
 
