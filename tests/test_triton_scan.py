@@ -115,12 +115,17 @@ def test_scan_long_sequences(length, nstate, dtype):
     check_scan(*LONG, length, nstate, dtype, seed=length + nstate)
 
 
+def override_scan_config(monkeypatch, **overrides):
+    """Make every scan launch of the test use scan_config's tile shape with `overrides`."""
+    config = tss.scan_config
+    monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), **overrides))
+
+
 @pytest.mark.parametrize("nseg", [2, 3])
 def test_scan_in_segments(nseg, monkeypatch):
     """Long sequences are cut into pieces run side by side (end states from zero, then the
     true start states): the results must not change."""
-    config = tss.scan_config
-    monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), SEG=nseg))
+    override_scan_config(monkeypatch, SEG=nseg)
     check_scan(*SMALL, 150, 16, torch.float32, seed=nseg)
     check_scan(*SMALL, 70, 4, torch.bfloat16, seed=nseg + 1, drop=("initial_state",))
 
@@ -130,9 +135,7 @@ def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
     """The backward sums dB and dC over channel lanes by a reduce-scatter (the default) or by
     a butterfly (other tile shapes, or reduce_scatter=False): both must give the reference's
     gradients."""
-    config = tss.scan_config
-    monkeypatch.setattr(tss, "scan_config",
-                        lambda *a, **k: dict(config(*a, **k), reduce_scatter=reduce_scatter))
+    override_scan_config(monkeypatch, reduce_scatter=reduce_scatter)
     check_scan(*SMALL, 33, 16, torch.float32, seed=11)
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=12)
 
@@ -140,8 +143,7 @@ def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
 @pytest.mark.parametrize("prefetch_bc", [True, False])
 def test_scan_forward_with_and_without_bc_prefetch(monkeypatch, prefetch_bc):
     """The forward's prefetch of the next chunk's B and C rows (on by default) and its absence."""
-    config = tss.scan_config
-    monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), prefetch_bc=prefetch_bc))
+    override_scan_config(monkeypatch, prefetch_bc=prefetch_bc)
     check_scan(*SMALL, 33, 16, torch.float32, seed=13)
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=14)
 
@@ -173,8 +175,7 @@ def test_scan_layouts(layout, dtype):
 
 
 def test_scan_channel_major_in_segments(monkeypatch):
-    config = tss.scan_config
-    monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), SEG=3))
+    override_scan_config(monkeypatch, SEG=3)
     check_scan(*SMALL, 90, 8, torch.float32, seed=12, layout=dict(u="cm1", delta="cm1", z="cm2"))
 
 
