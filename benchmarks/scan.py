@@ -192,10 +192,10 @@ def tune(x, dout, n):
     ref_grads = bwd(dict(base_b, SEG=1))
     nseg = lambda cfg: tss.segments(u.shape[0], u.shape[1], ckpt.shape[1], cfg, u.device)  # noqa: E731
     lines = []
-    flip = not base_f["prefetch_bc"]
-    fwd_variants = [base_f, dict(base_f, prefetch_bc=flip), dict(base_f, SEG=1),
-                    dict(base_f, WD=3 - base_f["WD"]), dict(base_f, WD=3 - base_f["WD"], prefetch_bc=flip),
-                    dict(base_f, maxnreg=128, warps_per_sm=16)]  # more warps an SM to hide latency
+    one_chunk = dict(base_f, pipeline=False)  # the fourth session's loop (B/C prefetch)
+    fwd_variants = [base_f, one_chunk, dict(one_chunk, prefetch_bc=False), dict(base_f, SEG=1),
+                    dict(base_f, WD=3 - base_f["WD"]), dict(one_chunk, WD=3 - base_f["WD"]),
+                    dict(base_f, maxnreg=168, warps_per_sm=12)]  # more warps an SM to hide latency
     for cfg in fwd_variants:
         # the training forward also writes the chunk checkpoints: time both
         ms = [bench(lambda: tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=ck, cfg=cfg))

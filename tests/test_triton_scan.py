@@ -137,13 +137,21 @@ def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=12)
 
 
-@pytest.mark.parametrize("prefetch_bc", [True, False])
-def test_scan_forward_with_and_without_bc_prefetch(monkeypatch, prefetch_bc):
-    """The forward's prefetch of the next chunk's B and C rows (on by default) and its absence."""
+@pytest.mark.parametrize("pipeline,prefetch_bc", [(True, True), (False, True), (False, False)],
+                         ids=["pipelined", "prefetch_bc", "plain"])
+def test_scan_forward_loop_variants(monkeypatch, pipeline, prefetch_bc):
+    """The forward's software-pipelined loop (the default; two chunks per iteration, 9 and 6
+    chunks here: odd and even counts) and the one-chunk loop with and without its prefetch of
+    the next chunk's B and C rows; also cut into pieces (3 and 2 chunks each)."""
     config = tss.scan_config
-    monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), prefetch_bc=prefetch_bc))
+    monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(
+        config(*a, **k), pipeline=pipeline, prefetch_bc=prefetch_bc))
     check_scan(*SMALL, 33, 16, torch.float32, seed=13)
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=14)
+    monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(
+        config(*a, **k), pipeline=pipeline, prefetch_bc=prefetch_bc, SEG=3))
+    check_scan(*SMALL, 33, 16, torch.bfloat16, seed=15)
+    check_scan(*SMALL, 21, 16, torch.float32, seed=16, drop=("initial_state",))
 
 
 @pytest.mark.parametrize("nstate", [5, 256])

@@ -21,7 +21,7 @@ axis and folds to a register read. No associative scan: each thread runs its sta
 sequentially, so the decays exp2(dt * A * log2 e) are the only per-element transcendental and
 the backward's reverse recurrence finds exp(dt_{t+1} A) in registers.
 
-B and C are small, so the wrapper packs them once as (batch, chunk + 1, state block, T) fp32
+B and C are small, so the wrapper packs them once as (batch, chunk + 2, state block, T) fp32
 (`pack_bc`): no bf16 unpacking or masks per (channel, state, step). The forward stores the state
 entering every chunk (batch, n_chunks, state, dim) fp32 when gradients are needed; the backward
 reloads it, recomputes the chunk's states, walks the chunk in reverse for dh, sums dB and dC over
@@ -86,9 +86,14 @@ def scan_config(nstate: int, backward: bool = False) -> dict:
             # triton 3.6 (the H200's) or 3.9.
             cfg.update(maxnreg=168, warps_per_sm=12)
         return cfg
-    # prefetch_bc: chunk c + 1's B and C rows are loaded while chunk c runs (H200: forward with
-    # checkpoints 0.57 -> 0.54 ms at N=16, 7.8 -> 3.2 ms at N=64; NOTES.md, fourth session)
-    return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, prefetch_bc=True)
+    # pipeline: chunk c + 1's step sizes, decays and rows are computed / loaded while chunk c's
+    # recurrence runs, two chunks an iteration (offline SASS: 417 -> 351 instructions a chunk at
+    # N=16, no register copies; not yet timed on the H200: NOTES.md, fifth session candidate).
+    # pipeline=False: the one-chunk loop, where prefetch_bc loads chunk c + 1's B and C rows
+    # while chunk c runs (H200: forward with checkpoints 0.57 -> 0.54 ms at N=16, 7.8 -> 3.2 ms
+    # at N=64; NOTES.md, fourth session)
+    return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, prefetch_bc=True,
+                pipeline=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,15 +127,16 @@ def _strides(u, z):
 
 
 def pack_bc(x, cfg):
-    """(batch, state, length) -> (batch, n_chunks, state block, T) fp32, zero padded: each
+    """(batch, state, length) -> (batch, n_chunks + 2, state block, T) fp32, zero padded: each
     thread's rows of a chunk sit together, and the kernels need no masks to read them."""
     batch, nstate, length = x.shape
     T, block_n = cfg["T"], cfg["NPT"] * cfg["KN"]
     n_chunks = triton.cdiv(length, T)
-    out = x.new_zeros(batch, block_n, (n_chunks + 1) * T, dtype=torch.float32)
+    out = x.new_zeros(batch, block_n, (n_chunks + 2) * T, dtype=torch.float32)
     out[:, :nstate, :length] = x
-    # one chunk of padding beyond the last: the forward prefetches chunk c + 1 unmasked
-    return out.view(batch, block_n, n_chunks + 1, T).transpose(1, 2).contiguous()
+    # two chunks of padding beyond the last: the forward loads chunk c + 1 unmasked, and its
+    # pipelined loop ends with a no-op chunk when it has an odd number of chunks
+    return out.view(batch, block_n, n_chunks + 2, T).transpose(1, 2).contiguous()
 
 
 def unpack_bc(x, nstate, length, dtype):
@@ -190,6 +196,7 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None,
         STORE_CKPT=store_ckpt, PREFETCH_BC=cfg.get("prefetch_bc", True),
+        PIPELINE=cfg.get("pipeline", True),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}), **consts)
     return out, h_last, ckpt
 

@@ -72,7 +72,7 @@ def _scan_fwd_kernel(
     L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr, FAST_LOG: tl.constexpr,
-    PREFETCH_BC: tl.constexpr,
+    PREFETCH_BC: tl.constexpr, PIPELINE: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
     AX_LD: tl.constexpr,
@@ -122,77 +122,153 @@ def _scan_fwd_kernel(
     zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
-    # B, C packed by the wrapper as (batch, chunk + 1, state block, T) fp32, zero padded
+    # B, C packed by the wrapper as (batch, chunk + 2, state block, T) fp32, zero padded
     # scalar pointers to the chunk's block plus the tile's int32 offsets within it
     bc_tile = n * T + t_ + (wd_ + ld_) * 0
-    B_chunk = B_ptr + (pid_b * (n_chunks + 1) + c_lo) * BN * T
-    C_chunk = C_ptr + (pid_b * (n_chunks + 1) + c_lo) * BN * T
+    B_chunk = B_ptr + (pid_b * (n_chunks + 2) + c_lo) * BN * T
+    C_chunk = C_ptr + (pid_b * (n_chunks + 2) + c_lo) * BN * T
     # checkpoints (batch, chunk, state, dim); max_contiguous(1) stops Triton from regrouping
     # neighbouring channels into one thread for wider stores, which would cost a layout change
-    ckpt_ptrs = ckpt_ptr + tl.max_contiguous((pid_b * n_chunks + c_lo) * NSTATE * DIM + n * DIM + d,
-                                             [1, 1, 1, 1, 1])
+    ckpt_tile = tl.max_contiguous(n * DIM + d, [1, 1, 1, 1, 1])
 
-    # the per-channel rows of chunk c + 1 are loaded while chunk c computes; so are its B and C
-    # rows with PREFETCH_BC (their cache latency was a third of the stalls; costs registers)
-    t = c_lo * T + t_
-    m_nx = (t < L) & mask_row
-    o = row + (zero64 + c_lo) * TST + tS
-    u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
-    dl_nx = tl.load(delta_ptr + o, mask=m_nx, other=0.0)
-    if HAS_Z:
-        z_nx = tl.load(z_ptr + zrow + (zero64 + c_lo) * TZT + tZ, mask=m_nx, other=0.0)
-    if PREFETCH_BC:
-        B_nx = tl.load(B_chunk + bc_tile)
-        C_nx = tl.load(C_chunk + bc_tile)
-    for c in range(c_lo, c_hi):
-        t = c * T + t_
-        m_row = (t < L) & mask_row
-        u = u_nx.to(tl.float32)
-        dt = dl_nx.to(tl.float32)
+    if PIPELINE:
+        # Software pipeline: while chunk cc's recurrence runs, chunk cc + 1's step sizes and
+        # decays (softplus, exp2: independent of the state) are computed, chunk cc + 1's u, z,
+        # B, C rows and chunk cc + 2's delta row are loaded. Two chunks per iteration
+        # (tl.static_range(2)) so that every value carried to the next chunk is defined in one
+        # half and dead in the other: no register copies at the loop's back edge (the
+        # one-chunk prefetch below cost ~60 MOVs per chunk). The loop starts one chunk early, at
+        # a warm-up chunk c_lo - 1 with decay 1, no input and no stores, which computes chunk
+        # c_lo's decays; a chunk past c_hi (odd count) is the same no-op.
+        o = row + (zero64 + c_lo) * TST + tS
+        dl_nx = tl.load(delta_ptr + o, mask=(c_lo * T + t_ < L) & mask_row, other=0.0)
+        u_cur = tl.zeros_like(o).to(u_ptr.dtype.element_ty)
         if HAS_Z:
-            zz = z_nx.to(tl.float32)
-        m_nx = (t + T < L) & mask_row
-        o = row + (zero64 + c) * TST + tS              # chunk c; c + 1 is prefetched
-        u_nx = tl.load(u_ptr + o + TST, mask=m_nx, other=0.0)
-        dl_nx = tl.load(delta_ptr + o + TST, mask=m_nx, other=0.0)
+            z_cur = tl.zeros_like(o).to(z_ptr.dtype.element_ty)
+        B_cur = tl.zeros_like(bc_tile).to(tl.float32)
+        C_cur = B_cur
+        dt_cur = tl.zeros_like(o).to(tl.float32)
+        dA_cur = B_cur + 1.0
+        for c in range(c_lo - 1, c_hi, 2):
+            for half in tl.static_range(2):
+                cc = c + half
+                t = cc * T + t_
+                o = row + (zero64 + cc) * TST + tS
+                m_nx = (t + T < L) & mask_row
+                u_nx = tl.load(u_ptr + o + TST, mask=m_nx, other=0.0)
+                if HAS_Z:
+                    z_nx = tl.load(z_ptr + zrow + (zero64 + cc + 1) * TZT + tZ, mask=m_nx, other=0.0)
+                dl_nn = tl.load(delta_ptr + o + 2 * TST, mask=(t + 2 * T < L) & mask_row, other=0.0)
+                # packed B, C: two padding chunks past the end cover the odd no-op chunk's
+                # (a loop-carried scalar pointer: ptxas then folds the tile's offsets into
+                # the loads' immediates; a clamped chunk index cost an IMAD.WIDE per load)
+                B_nx = tl.load(B_chunk + bc_tile)
+                C_nx = tl.load(C_chunk + bc_tile)
+                B_chunk += BN * T
+                C_chunk += BN * T
+
+                # chunk cc + 1's step sizes and decays (0 and 1 past the segment or the end)
+                dt_nx = dl_nx.to(tl.float32)
+                if HAS_BIAS:
+                    dt_nx += bias
+                if SOFTPLUS:  # torch's softplus: x itself above 20
+                    dt_nx = tl.where(dt_nx > 20.0, dt_nx,
+                                     _log2(1.0 + tl.exp2(dt_nx * LOG2E), FAST_LOG) * 0.6931471805599453)
+                dt_nx = tl.where(m_nx & (zero_kn + cc + 1 < c_hi), dt_nx, 0.0)
+                dA_nx = tl.exp2(dt_nx * A2)
+
+                # chunk cc's recurrence, output and checkpoint
+                in_seg = (zero_kn + cc >= c_lo) & (zero_kn + cc < c_hi)
+                if STORE_CKPT:  # the state entering chunk cc, for the backward
+                    tl.store(ckpt_ptr + (pid_b * n_chunks + cc) * NSTATE * DIM + ckpt_tile, h,
+                             mask=mask_dn & in_seg)
+                u = u_cur.to(tl.float32)
+                dBu = (dt_cur * u) * B_cur
+                H = tl.zeros_like(dBu)
+                for k in tl.static_range(T):
+                    at_k = t_ == k  # step k: a register read (NEG0: see the other loop)
+                    h = (tl.reduce(tl.where(at_k, dA_cur, NEG0), 0, _add, keep_dims=True) * h
+                         + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
+                    H = tl.where(at_k, h, H)
+                y = tl.reduce(tl.reduce(H * C_cur, AX_NPT, _add, keep_dims=True), AX_KN, _add,
+                              keep_dims=True)
+                if HAS_D:
+                    y = y + Dv * u
+                if HAS_Z:  # y z sigmoid(z); zz * -LOG2E: a negation would cost an FADD
+                    zz = z_cur.to(tl.float32)
+                    if FAST_LOG:  # rcp.approx: no range scaling (4 instructions per value)
+                        y = y * zz * libdevice.fast_dividef(1.0, 1.0 + tl.exp2(zz * -LOG2E))
+                    else:
+                        y = y * zz * tl.fdiv(1.0, 1.0 + tl.exp2(zz * -LOG2E), ieee_rounding=False)
+                tl.store(out_ptr + o, y.to(out_ptr.dtype.element_ty), mask=(t < L) & mask_row & in_seg)
+
+                u_cur, B_cur, C_cur, dt_cur, dA_cur, dl_nx = u_nx, B_nx, C_nx, dt_nx, dA_nx, dl_nn
+                if HAS_Z:
+                    z_cur = z_nx
+    else:
+        # the per-channel rows of chunk c + 1 are loaded while chunk c computes; so are its B and C
+        # rows with PREFETCH_BC (their cache latency was a third of the stalls; costs registers)
+        t = c_lo * T + t_
+        m_nx = (t < L) & mask_row
+        o = row + (zero64 + c_lo) * TST + tS
+        u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
+        dl_nx = tl.load(delta_ptr + o, mask=m_nx, other=0.0)
         if HAS_Z:
-            z_nx = tl.load(z_ptr + zrow + (zero64 + c + 1) * TZT + tZ, mask=m_nx, other=0.0)
-        if PREFETCH_BC:  # the packed B, C hold a padding chunk past the end: no mask needed
-            Bt = B_nx
-            Ct = C_nx
-            B_nx = tl.load(B_chunk + BN * T + bc_tile)
-            C_nx = tl.load(C_chunk + BN * T + bc_tile)
-        else:
-            Bt = tl.load(B_chunk + bc_tile)
-            Ct = tl.load(C_chunk + bc_tile)
-        B_chunk += BN * T
-        C_chunk += BN * T
-        if STORE_CKPT:  # the state entering chunk c, for the backward
-            tl.store(ckpt_ptrs, h, mask=mask_dn)
-            ckpt_ptrs += NSTATE * DIM
-        if HAS_BIAS:
-            dt += bias
-        if SOFTPLUS:  # torch's softplus: x itself above 20
-            dt = tl.where(dt > 20.0, dt, _log2(1.0 + tl.exp2(dt * LOG2E), FAST_LOG) * 0.6931471805599453)
-        dt = tl.where(m_row, dt, 0.0)       # steps past the end: decay 1, no input
-        dA = tl.exp2(dt * A2)
-        dBu = (dt * u) * Bt
-        H = tl.zeros_like(dBu)
-        for k in tl.static_range(T):
-            # step k of a tile: its time axis is in-thread, so this sum folds to a register read
-            # (NEG0 = -0.0 because x + -0.0 == x exactly; a literal -0.0 would not do: Triton
-            # makes a scalar equal to 0 its null value, +0.0, which costs an FADD per element)
-            at_k = t_ == k
-            h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
-                 + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
-            H = tl.where(at_k, h, H)
-        # y_t = C_t . h_t: the NPT states in-thread, then over the KN lanes
-        y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
-        if HAS_D:
-            y = y + Dv * u
-        if HAS_Z:
-            y = y * zz * tl.fdiv(1.0, 1.0 + tl.exp2(-zz * LOG2E), ieee_rounding=False)
-        tl.store(out_ptr + o, y.to(out_ptr.dtype.element_ty), mask=m_row)
+            z_nx = tl.load(z_ptr + zrow + (zero64 + c_lo) * TZT + tZ, mask=m_nx, other=0.0)
+        ckpt_ptrs = ckpt_ptr + (pid_b * n_chunks + c_lo) * NSTATE * DIM + ckpt_tile
+        if PREFETCH_BC:
+            B_nx = tl.load(B_chunk + bc_tile)
+            C_nx = tl.load(C_chunk + bc_tile)
+        for c in range(c_lo, c_hi):
+            t = c * T + t_
+            m_row = (t < L) & mask_row
+            u = u_nx.to(tl.float32)
+            dt = dl_nx.to(tl.float32)
+            if HAS_Z:
+                zz = z_nx.to(tl.float32)
+            m_nx = (t + T < L) & mask_row
+            o = row + (zero64 + c) * TST + tS              # chunk c; c + 1 is prefetched
+            u_nx = tl.load(u_ptr + o + TST, mask=m_nx, other=0.0)
+            dl_nx = tl.load(delta_ptr + o + TST, mask=m_nx, other=0.0)
+            if HAS_Z:
+                z_nx = tl.load(z_ptr + zrow + (zero64 + c + 1) * TZT + tZ, mask=m_nx, other=0.0)
+            if PREFETCH_BC:  # the packed B, C hold padding chunks past the end: no mask needed
+                Bt = B_nx
+                Ct = C_nx
+                B_nx = tl.load(B_chunk + BN * T + bc_tile)
+                C_nx = tl.load(C_chunk + BN * T + bc_tile)
+            else:
+                Bt = tl.load(B_chunk + bc_tile)
+                Ct = tl.load(C_chunk + bc_tile)
+            B_chunk += BN * T
+            C_chunk += BN * T
+            if STORE_CKPT:  # the state entering chunk c, for the backward
+                tl.store(ckpt_ptrs, h, mask=mask_dn)
+                ckpt_ptrs += NSTATE * DIM
+            if HAS_BIAS:
+                dt += bias
+            if SOFTPLUS:  # torch's softplus: x itself above 20
+                dt = tl.where(dt > 20.0, dt, _log2(1.0 + tl.exp2(dt * LOG2E), FAST_LOG) * 0.6931471805599453)
+            dt = tl.where(m_row, dt, 0.0)       # steps past the end: decay 1, no input
+            dA = tl.exp2(dt * A2)
+            dBu = (dt * u) * Bt
+            H = tl.zeros_like(dBu)
+            for k in tl.static_range(T):
+                # step k of a tile: its time axis is in-thread, so this sum folds to a register read
+                # (NEG0 = -0.0 because x + -0.0 == x exactly; a literal -0.0 would not do: Triton
+                # makes a scalar equal to 0 its null value, +0.0, which costs an FADD per element)
+                at_k = t_ == k
+                h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
+                     + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
+                H = tl.where(at_k, h, H)
+            # y_t = C_t . h_t: the NPT states in-thread, then over the KN lanes
+            y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
+            if HAS_D:
+                y = y + Dv * u
+            if HAS_Z:
+                y = y * zz * tl.fdiv(1.0, 1.0 + tl.exp2(-zz * LOG2E), ieee_rounding=False)
+            tl.store(out_ptr + o, y.to(out_ptr.dtype.element_ty), mask=m_row)
+
 
     tl.store(hlast_ptr + state_off, h, mask=mask_dn & (zero_kn + seg == NSEG - 1))
 
@@ -230,29 +306,45 @@ def _scan_fwd_segment_kernel(
     zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     c_lo = seg * CPS
-    bc_off = (pid_b * (n_chunks + 1) + c_lo) * BN * T + n * T + t_ + (wd_ + ld_) * 0
+    c_hi = c_lo + CPS                       # segments before the last are full
+    # pipelined like _scan_fwd_kernel's loop: chunk cc + 1's step sizes and decays and the
+    # next rows' loads overlap chunk cc's recurrence; two chunks per iteration, a no-op
+    # warm-up chunk c_lo - 1 and a no-op chunk c_hi when the count is odd
+    bc_tile = n * T + t_ + (wd_ + ld_) * 0
+    B_chunk = B_ptr + (pid_b * (n_chunks + 2) + c_lo) * BN * T
+    o = row + (zero64 + c_lo) * TST + tS
+    dl_nx = tl.load(delta_ptr + o, mask=(c_lo * T + t_ < L) & mask_row, other=0.0)
+    u_cur = tl.zeros_like(o).to(u_ptr.dtype.element_ty)
+    B_cur = tl.zeros_like(bc_tile).to(tl.float32)
+    dt_cur = tl.zeros_like(o).to(tl.float32)
+    dA_cur = B_cur + 1.0
     h = tl.zeros_like(A2)
-    lam = tl.zeros_like(t_ + d + zero_kn).to(tl.float32)
-    for c in range(c_lo, c_lo + CPS):      # segments before the last are full
-        t = c * T + t_
-        m_row = (t < L) & mask_row
-        o = row + (zero64 + c) * TST + tS
-        u = tl.load(u_ptr + o, mask=m_row, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptr + o, mask=m_row, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + bc_off)
-        bc_off += BN * T
-        if HAS_BIAS:
-            dt += bias
-        if SOFTPLUS:
-            dt = tl.where(dt > 20.0, dt, _log2(1.0 + tl.exp2(dt * LOG2E), FAST_LOG) * 0.6931471805599453)
-        dt = tl.where(m_row, dt, 0.0)
-        lam += dt
-        dA = tl.exp2(dt * A2)
-        dBu = (dt * u) * Bt
-        for k in tl.static_range(T):
-            at_k = t_ == k
-            h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
-                 + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
+    lam = dt_cur
+    for c in range(c_lo - 1, c_hi, 2):
+        for half in tl.static_range(2):
+            cc = c + half
+            t = cc * T + t_
+            o = row + (zero64 + cc) * TST + tS
+            m_nx = (t + T < L) & mask_row & (zero_kn + cc + 1 < c_hi)
+            u_nx = tl.load(u_ptr + o + TST, mask=m_nx, other=0.0)
+            dl_nn = tl.load(delta_ptr + o + 2 * TST, mask=(t + 2 * T < L) & mask_row, other=0.0)
+            B_nx = tl.load(B_chunk + bc_tile)
+            B_chunk += BN * T
+            dt_nx = dl_nx.to(tl.float32)
+            if HAS_BIAS:
+                dt_nx += bias
+            if SOFTPLUS:
+                dt_nx = tl.where(dt_nx > 20.0, dt_nx,
+                                 _log2(1.0 + tl.exp2(dt_nx * LOG2E), FAST_LOG) * 0.6931471805599453)
+            dt_nx = tl.where(m_nx, dt_nx, 0.0)
+            lam += dt_nx
+            dA_nx = tl.exp2(dt_nx * A2)
+            dBu = (dt_cur * u_cur.to(tl.float32)) * B_cur
+            for k in tl.static_range(T):
+                at_k = t_ == k
+                h = (tl.reduce(tl.where(at_k, dA_cur, NEG0), 0, _add, keep_dims=True) * h
+                     + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
+            u_cur, B_cur, dt_cur, dA_cur, dl_nx = u_nx, B_nx, dt_nx, dA_nx, dl_nn
     seg_off = tl.max_contiguous((pid_b * NSEG + seg) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
     tl.store(hseg_ptr + seg_off, h, mask=mask_dn)
     tl.store(lseg_ptr + (pid_b * NSEG + seg) * DIM + d + zero_kn,
@@ -321,11 +413,11 @@ def _scan_bwd_kernel(
     zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
-    # B, C packed (batch, chunk + 1, state block, T): a scalar pointer to the chunk's block
+    # B, C packed (batch, chunk + 2, state block, T): a scalar pointer to the chunk's block
     # (moved back one chunk per iteration) plus the tile's int32 offsets within it
     bc_tile = n * T + t_ + (wd_ + ld_) * 0
-    B_chunk = B_ptr + (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T   # last chunk
-    C_chunk = C_ptr + (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T
+    B_chunk = B_ptr + (pid_b * (n_chunks + 2) + c_hi - 1) * BN * T   # last chunk
+    C_chunk = C_ptr + (pid_b * (n_chunks + 2) + c_hi - 1) * BN * T
     ckpt_ptrs = ckpt_ptr + tl.max_contiguous(
         (pid_b * n_chunks + c_hi - 1) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
 
@@ -432,7 +524,7 @@ def _scan_bwd_kernel(
             # and adds what the partner sent; after log2(LD) rounds each lane holds the channel
             # sums of T * NPT / LD (state, step) pairs (1 shuffle per pair and round instead of
             # log2(LD) shuffles for every value), and the atomics are not replicated over lanes
-            bc_red = (pid_b * (n_chunks + 1) + c) * BN * T + rs_tile
+            bc_red = (pid_b * (n_chunks + 2) + c) * BN * T + rs_tile
             for kk in tl.static_range(2):
                 if kk == 0:
                     P = DH * dtu
@@ -462,7 +554,7 @@ def _scan_bwd_kernel(
                              keep_dims=True)
             dC_c = tl.reduce(tl.reduce(H * dy, AX_LD, _add, keep_dims=True), AX_WD, _add,
                              keep_dims=True)
-            bc_red = (pid_b * (n_chunks + 1) + c) * BN * T + n * T + t_
+            bc_red = (pid_b * (n_chunks + 2) + c) * BN * T + n * T + t_
             tl.atomic_add(dB_ptr + bc_red, dB_c, sem="relaxed")
             tl.atomic_add(dC_ptr + bc_red, dC_c, sem="relaxed")
 
@@ -529,7 +621,7 @@ def _scan_bwd_segment_kernel(
     TZT = T * ZT
     c_lo = seg * CPS
     c_hi = tl.minimum(c_lo + CPS, n_chunks)
-    bc_off = (pid_b * (n_chunks + 1) + c_hi - 1) * BN * T + n * T + t_ + (wd_ + ld_) * 0
+    bc_off = (pid_b * (n_chunks + 2) + c_hi - 1) * BN * T + n * T + t_ + (wd_ + ld_) * 0
     g = tl.zeros_like(A2)
     lam = tl.zeros_like(t_ + d + zero_kn).to(tl.float32)
     for cc in range(0, c_hi - c_lo):
