@@ -167,8 +167,8 @@ def _scan_fwd_kernel(
             Ct = tl.load(C_chunk + bc_tile)
         B_chunk += BN * T
         C_chunk += BN * T
-        if STORE_CKPT:  # the state entering chunk c, for the backward
-            tl.store(ckpt_ptrs, h, mask=mask_dn)
+        if STORE_CKPT:  # the state entering chunk c, for the backward (fp32 or bf16 buffer)
+            tl.store(ckpt_ptrs, h.to(ckpt_ptr.dtype.element_ty), mask=mask_dn)
             ckpt_ptrs += NSTATE * DIM
         if HAS_BIAS:
             dt += bias
@@ -358,7 +358,7 @@ def _scan_bwd_kernel(
         dout = do_nx.to(tl.float32)
         if HAS_Z:
             zz = z_nx.to(tl.float32)
-        h = h_nx
+        h = h_nx.to(tl.float32)          # the checkpoint may be bf16; the recurrence runs in fp32
         m_nx = (t - T >= c_lo * T) & mask_row            # chunk c - 1 is in this segment
         o = row + (zero64 + c) * TST + tS              # chunk c; c - 1 is prefetched
         u_nx = tl.load(u_ptr + o - TST, mask=m_nx, other=0.0)
