@@ -180,8 +180,8 @@ def _scan_fwd_kernel(
                 # chunk cc's recurrence, output and checkpoint
                 in_seg = (zero_kn + cc >= c_lo) & (zero_kn + cc < c_hi)
                 if STORE_CKPT:  # the state entering chunk cc, for the backward
-                    tl.store(ckpt_ptr + (pid_b * n_chunks + cc) * NSTATE * DIM + ckpt_tile, h,
-                             mask=mask_dn & in_seg)
+                    tl.store(ckpt_ptr + (pid_b * n_chunks + cc) * NSTATE * DIM + ckpt_tile,
+                             h.to(ckpt_ptr.dtype.element_ty), mask=mask_dn & in_seg)  # fp32 or bf16
                 u = u_cur.to(tl.float32)
                 dBu = (dt_cur * u) * B_cur
                 H = tl.zeros_like(dBu)
@@ -243,7 +243,7 @@ def _scan_fwd_kernel(
             B_chunk += BN * T
             C_chunk += BN * T
             if STORE_CKPT:  # the state entering chunk c, for the backward
-                tl.store(ckpt_ptrs, h, mask=mask_dn)
+                tl.store(ckpt_ptrs, h.to(ckpt_ptr.dtype.element_ty), mask=mask_dn)  # fp32 or bf16
                 ckpt_ptrs += NSTATE * DIM
             if HAS_BIAS:
                 dt += bias
@@ -450,7 +450,7 @@ def _scan_bwd_kernel(
         dout = do_nx.to(tl.float32)
         if HAS_Z:
             zz = z_nx.to(tl.float32)
-        h = h_nx
+        h = h_nx.to(tl.float32)          # the checkpoint may be bf16; the recurrence runs in fp32
         m_nx = (t - T >= c_lo * T) & mask_row            # chunk c - 1 is in this segment
         o = row + (zero64 + c) * TST + tS              # chunk c; c - 1 is prefetched
         u_nx = tl.load(u_ptr + o - TST, mask=m_nx, other=0.0)
