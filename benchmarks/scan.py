@@ -203,8 +203,10 @@ def tune(x, dout, n):
               for ck in (False, True)]
         lines.append(f"  fwd {cfg} ({nseg(cfg)} pieces): {ms[0]:.3f} ms, {ms[1]:.3f} ms with checkpoints")
     variants = [base_b, dict(base_b, SEG=1), dict(base_b, SEG=2), dict(base_b, SEG=4),
-                dict(base_b, reduce_scatter=False)]  # dB/dC by a full butterfly per value
-    if base_b.get("maxnreg"):  # without the register cap (8 warps an SM)
+                dict(base_b, reduce_scatter=False),  # dB/dC by a full butterfly per value
+                dict(base_b, pipeline=not base_b["pipeline"])]  # the other chunk loop
+    if base_b.get("maxnreg"):  # without the register cap (one-chunk loop: 225 registers,
+        # 8 warps an SM; pipelined: 180, 11 warps an SM)
         variants += [dict(base_b, maxnreg=None, warps_per_sm=8),
                      dict(base_b, maxnreg=None, warps_per_sm=8, reduce_scatter=False)]
     if base_b["NPT"] == 8:

@@ -173,6 +173,21 @@ def test_scan_forward_loop_variants(monkeypatch, pipeline, prefetch_bc):
     check_scan(*SMALL, 21, 16, torch.float32, seed=16, drop=("initial_state",))
 
 
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "one_chunk"])
+def test_scan_backward_loop_variants(monkeypatch, pipeline):
+    """The backward's software-pipelined loop (two chunks an iteration after one or two no-op
+    chunks: 9 and 6 chunks here, odd and even counts) and the one-chunk loop, at N = 16 and 64,
+    with and without the optional inputs, and cut into pieces (3 and 2 chunks each)."""
+    config = tss.scan_config
+    monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), pipeline=pipeline))
+    check_scan(*SMALL, 33, 16, torch.float32, seed=31)
+    check_scan(*SMALL, 21, 64, torch.bfloat16, seed=32)
+    check_scan(*SMALL, 24, 16, torch.float32, seed=33, drop=("z", "D", "delta_bias"), softplus=False)
+    monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), pipeline=pipeline, SEG=3))
+    check_scan(*SMALL, 33, 16, torch.bfloat16, seed=34)
+    check_scan(*SMALL, 21, 16, torch.float32, seed=35, drop=("initial_state",))
+
+
 @pytest.mark.parametrize("ckpt_dtype", [torch.float32, torch.bfloat16], ids=["fp32_ckpt", "bf16_ckpt"])
 def test_scan_checkpoint_dtypes_with_bf16_inputs(ckpt_dtype, monkeypatch):
     """bf16 inputs store bf16 checkpoints by default; either checkpoint dtype must give the

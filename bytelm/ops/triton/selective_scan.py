@@ -96,6 +96,13 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
             # (1584 slots). Offline sm_90 compiles (benchmarks/sass_bwd.py): no spills with
             # triton 3.6 (the H200's) or 3.9.
             cfg.update(maxnreg=168, warps_per_sm=12)
+        # pipeline: chunk c - 1's step sizes, decays, softplus derivative and gate are computed
+        # while chunk c walks back, its rows loaded a chunk ahead (two chunks an iteration).
+        # Offline sm_90 SASS (triton 3.6, N=16, 168 registers): 44.2 -> 45.2 instructions an
+        # element (24-byte stack), one warp's latency-bound chunk ~1180 -> ~990 cycles by a
+        # simple in-order model; not yet timed on the H200 (NOTES.md, "Backward: offline
+        # pipelining"). Off at N=64: 255 registers and a 136-byte stack there.
+        cfg.update(pipeline=block_n <= 16)
         return cfg
     # pipeline: chunk c + 1's step sizes, decays and rows are computed / loaded while chunk c's
     # recurrence runs, two chunks an iteration (offline SASS: 417 -> 351 instructions a chunk at
@@ -262,6 +269,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
         STORE_DH0=need_dh0, RS=rs, LOG_LD=cfg["LD"].bit_length() - 1,
+        PIPELINE=rs and cfg.get("pipeline", True),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}), **consts)
     return du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0
 
