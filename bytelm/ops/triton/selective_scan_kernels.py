@@ -479,9 +479,8 @@ def _scan_bwd_kernel(
                 h_nx = tl.load(ckpt_ptr + (pid_b * n_chunks + cn) * NSTATE * DIM + ckpt_tile,
                                mask=mask_dn & (zero_kn + cn >= c_lo) & (zero_kn + cn < c_hi),
                                other=0.0)
-                # (the packed B, C: one chunk ahead from a loop-carried scalar pointer; at most
-                # one chunk before c_lo, which the padding of the previous batch row holds
-                # except for the first row: clamped there)
+                # (B, C: the chunk index clamped to c_lo, as chunk -1 lies before the buffer;
+                # that no-op chunk only multiplies them by dt = 0 and dy = 0)
                 bc_chunk = (pid_b * (n_chunks + 2) + tl.maximum(cn, c_lo)) * BN * T
                 B_nx = tl.load(B_ptr + bc_chunk + bc_tile)
                 C_nx = tl.load(C_ptr + bc_chunk + bc_tile)
