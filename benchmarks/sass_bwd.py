@@ -4,7 +4,10 @@ stub kernel, specialised the way Triton's launcher does (ints equal to 1 -> cons
 of 16 -> divisibility), compiled with triton.compile for GPUTarget("cuda", 90, 32), and the cubin
 is read with the wheel's cuobjdump.
 
-    PYTHONPATH=. python benchmarks/sass_bwd.py [--nstate 16 64] [--dump DIR]
+    PYTHONPATH=. python benchmarks/sass_bwd.py [--nstate 16 64] [--fwd] [--ckpt-dtype fp32] [--dump DIR]
+
+--fwd adds the forward with checkpoints (fwd, the training forward), without them (fwd-infer)
+and the forward's segment pre-pass (fwd-seg, launched when the sequence is cut into pieces).
 """
 import argparse, os, re, subprocess, tempfile
 
@@ -70,9 +73,10 @@ def sass_stats(k):
                 loop_mov=cnt(loop, "MOV"), loop_sel=cnt(loop, "FSEL") + cnt(loop, "SEL")), sass, k.asm["ttgir"]
 
 
-def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None):
+def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=None):
     """Run scan_fwd / scan_bwd on CPU tensors shaped like the mixer's (channel-major storage)
-    with the kernels stubbed; returns the captured launches."""
+    with the kernels stubbed; returns the captured launches. ckpt_dtype overrides the
+    checkpoints' dtype (default: scan_config's for the mixer's bf16 inputs)."""
     bf = torch.bfloat16
     def cm(nch, dtype=bf):  # (channels, batch * length) storage viewed (batch, channels, length)
         return torch.zeros(nch, batch * length, dtype=dtype).view(nch, batch, length).transpose(0, 1)
@@ -82,16 +86,21 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None):
     A = torch.zeros(dim, nstate); D = torch.zeros(dim); bias = torch.zeros(dim)
     B = cm(nstate, torch.float32); C = cm(nstate, torch.float32)
     fwd, bwd = _Capture(K._scan_fwd_kernel), _Capture(K._scan_bwd_kernel)
-    S._scan_fwd_kernel, S._scan_bwd_kernel = fwd, bwd
-    cfg = S.scan_config(nstate)
+    seg = _Capture(K._scan_fwd_segment_kernel)
+    S._scan_fwd_kernel, S._scan_bwd_kernel, S._scan_fwd_segment_kernel = fwd, bwd, seg
+    cfg = S.scan_config(nstate, input_dtype=bf)
+    if ckpt_dtype is not None:
+        cfg["ckpt_dtype"] = ckpt_dtype
     Bp, Cp = S.pack_bc(B, cfg), S.pack_bc(C, cfg)
     n_chunks = triton.cdiv(length, cfg["T"])
-    ckpt = torch.zeros(batch, n_chunks, nstate, dim)
+    ckpt = torch.zeros(batch, n_chunks, nstate, dim, dtype=cfg["ckpt_dtype"])
+    S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=False, cfg=dict(cfg, SEG=2))
     S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True, cfg=cfg)
     S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False,
                cfg=cfg_bwd)
     S._scan_fwd_kernel, S._scan_bwd_kernel = K._scan_fwd_kernel, K._scan_bwd_kernel
-    return fwd.calls, bwd.calls
+    S._scan_fwd_segment_kernel = K._scan_fwd_segment_kernel
+    return fwd.calls, bwd.calls, seg.calls
 
 
 def main():
@@ -99,23 +108,31 @@ def main():
     ap.add_argument("--nstate", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--dump", default=None)
     ap.add_argument("--fwd", action="store_true")
+    ap.add_argument("--ckpt-dtype", choices=["fp32", "bf16"], help="default: scan_config's for bf16 inputs")
     args = ap.parse_args()
+    ckpt_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.ckpt_dtype]
     S._INTERPRET = False
     asc = triton.__version__.startswith("3.6")  # 3.6 (the H200's) gives lanes in dim order
     S.tie_order_ascending = lambda: asc
     for nstate in args.nstate:
-        fcalls, bcalls = capture(nstate)
+        fcalls, bcalls, scalls = capture(nstate, ckpt_dtype=ckpt_dtype)
         todo = [("bwd", K._scan_bwd_kernel, bcalls[-1])]
         if args.fwd:
-            todo.append(("fwd", K._scan_fwd_kernel, fcalls[-1]))
+            todo += [("fwd", K._scan_fwd_kernel, fcalls[-1]),
+                     ("fwd-infer", K._scan_fwd_kernel, fcalls[0]),
+                     ("fwd-seg", K._scan_fwd_segment_kernel, scalls[0])]
         for name, fn, (grid, a, kw) in todo:
             kw = dict(kw); kw["FAST_LOG"] = True
             k = compile_captured(fn, a, kw)
             st, sass, ttgir = sass_stats(k)
             cfg = {x: kw[x] for x in ("T", "NPT", "KN", "LD", "WD")}
             # a thread's (channel, state, step) elements per loop iteration (one chunk)
-            elems = cfg["T"] * cfg["NPT"]
-            extra = {x: kw[x] for x in ("RS", "maxnreg") if x in kw}
+            # (the pipelined forward and its segment pre-pass run two chunks per iteration)
+            two = kw.get("PIPELINE") or fn is K._scan_fwd_segment_kernel
+            elems = cfg["T"] * cfg["NPT"] * (2 if two else 1)
+            extra = {x: kw[x] for x in ("RS", "maxnreg", "PIPELINE") if x in kw}
+            if "ckpt_ptr" in fn.arg_names:  # the segment pre-pass stores none
+                extra["ckpt"] = str(a[list(fn.arg_names).index("ckpt_ptr")].dtype).removeprefix("torch.")
             print(f"triton {triton.__version__} N={nstate} {name} {cfg} {extra} grid={grid} "
                   + " ".join(f"{k_}={v}" for k_, v in st.items())
                   + f" instr/elem={st['loop'] / elems:.1f} shfl/elem={st['loop_shfl'] / elems:.2f}")

@@ -184,7 +184,7 @@ def ref_fns(x, dout):
 def tune(x, dout, n):
     """Time the raw kernels for a few tile shapes and sequence cuts; one line per variant."""
     u, delta, A, D, z, bias = x["u"], x["delta"], x["A"], x["D"], x["z"], x["delta_bias"]
-    base_f, base_b = tss.scan_config(n), tss.scan_config(n, backward=True)
+    base_f, base_b = tss.scan_config(n, input_dtype=u.dtype), tss.scan_config(n, backward=True)
     Bp, Cp = tss.pack_bc(x["B"], base_f), tss.pack_bc(x["C"], base_f)
     _, _, ckpt = tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True)
     bwd = lambda cfg: tss.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, base_f["T"],  # noqa: E731
@@ -192,18 +192,21 @@ def tune(x, dout, n):
     ref_grads = bwd(dict(base_b, SEG=1))
     nseg = lambda cfg: tss.segments(u.shape[0], u.shape[1], ckpt.shape[1], cfg, u.device)  # noqa: E731
     lines = []
-    flip = not base_f["prefetch_bc"]
-    fwd_variants = [base_f, dict(base_f, prefetch_bc=flip), dict(base_f, SEG=1),
-                    dict(base_f, WD=3 - base_f["WD"]), dict(base_f, WD=3 - base_f["WD"], prefetch_bc=flip),
-                    dict(base_f, maxnreg=128, warps_per_sm=16)]  # more warps an SM to hide latency
+    one_chunk = dict(base_f, pipeline=False)  # the fourth session's loop (B/C prefetch)
+    fwd_variants = [base_f, one_chunk, dict(one_chunk, prefetch_bc=False), dict(base_f, SEG=1),
+                    dict(base_f, WD=3 - base_f["WD"]), dict(one_chunk, WD=3 - base_f["WD"]),
+                    dict(base_f, maxnreg=168, warps_per_sm=12),  # more warps an SM to hide latency
+                    dict(base_f, ckpt_dtype=torch.float32)]  # the checkpoints bf16 inputs had before
     for cfg in fwd_variants:
         # the training forward also writes the chunk checkpoints: time both
         ms = [bench(lambda: tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=ck, cfg=cfg))
               for ck in (False, True)]
         lines.append(f"  fwd {cfg} ({nseg(cfg)} pieces): {ms[0]:.3f} ms, {ms[1]:.3f} ms with checkpoints")
     variants = [base_b, dict(base_b, SEG=1), dict(base_b, SEG=2), dict(base_b, SEG=4),
-                dict(base_b, reduce_scatter=False)]  # dB/dC by a full butterfly per value
-    if base_b.get("maxnreg"):  # without the register cap (8 warps an SM)
+                dict(base_b, reduce_scatter=False),  # dB/dC by a full butterfly per value
+                dict(base_b, pipeline=not base_b["pipeline"])]  # the other chunk loop
+    if base_b.get("maxnreg"):  # without the register cap (one-chunk loop: 225 registers,
+        # 8 warps an SM; pipelined: 180, 11 warps an SM)
         variants += [dict(base_b, maxnreg=None, warps_per_sm=8),
                      dict(base_b, maxnreg=None, warps_per_sm=8, reduce_scatter=False)]
     if base_b["NPT"] == 8:
@@ -218,6 +221,14 @@ def tune(x, dout, n):
             f = lambda: bwd(cfg)  # noqa: E731
             err = max(rel_err(a, b) for a, b in zip(f()[:5], ref_grads[:5]))
         lines.append(f"  bwd {cfg} ({nseg(cfg)} pieces): {bench(f):.3f} ms (max rel diff {err:.1e})")
+    # the default backward reading fp32 checkpoints (bf16 inputs' default until bf16 ones)
+    ckpt32 = tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
+                          cfg=dict(base_f, ckpt_dtype=torch.float32))[2]
+    f = lambda: tss.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt32, base_f["T"],  # noqa: E731
+                             dout, None, False, cfg=base_b)
+    err = max(rel_err(a, b) for a, b in zip(f()[:5], ref_grads[:5]))
+    lines.append(f"  bwd {base_b} ({nseg(base_b)} pieces) on fp32 checkpoints: {bench(f):.3f} ms "
+                 f"(max rel diff {err:.1e})")
     print("\n".join(lines), flush=True)
     return lines
 

@@ -83,6 +83,31 @@ def test_lm_on_triton_kernels_trains_like_reference(autocast):
     assert losses["triton"] == pytest.approx(losses["ref"], rel=2e-2 if autocast else 1e-4)
 
 
+@pytest.mark.parametrize("autocast,ckpt_dtype", [(False, torch.float32), (True, torch.bfloat16)],
+                         ids=["fp32", "bf16_autocast"])
+def test_mixer_scan_checkpoints_follow_autocast(autocast, ckpt_dtype, monkeypatch):
+    """Training under bf16 autocast hands the scan bf16 inputs, so it stores bf16 chunk
+    checkpoints (half the memory); fp32 training keeps fp32 ones."""
+    import bytelm.ops.triton.selective_scan as tss
+
+    stored = []
+    scan_fwd = tss.scan_fwd
+
+    def recording_scan_fwd(*args, **kwargs):
+        out, h_last, ckpt = scan_fwd(*args, **kwargs)
+        stored.append(ckpt.dtype)
+        return out, h_last, ckpt
+
+    monkeypatch.setattr(tss, "scan_fwd", recording_scan_fwd)
+    torch.manual_seed(3)
+    mixer = MambaMixer(d_model=8, d_state=4, expand=2, scan_backend="triton").to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        out = mixer(torch.randn(2, 9, 8, device=DEVICE))
+    out.float().sum().backward()
+    assert stored == [ckpt_dtype]
+    assert all(torch.isfinite(p.grad).all() for p in mixer.parameters())
+
+
 class _KeepLayout(torch.autograd.Function):
     """Stands in for a kernel that writes its output, and its inputs' gradients, in its
     inputs' layouts (as the Triton conv and scan do) without computing anything."""

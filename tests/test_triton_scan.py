@@ -11,7 +11,7 @@ import torch
 from bytelm.ops.selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update_ref
 from bytelm.ops.triton import selective_scan as tss
 
-from kernel_checks import nan_empty, rel_err
+from kernel_checks import nan_empty, rel_err, round_bf16_like_the_gpu
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -44,6 +44,15 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(tss, "_empty", nan_empty)
 
 
+@pytest.fixture(autouse=True)
+def bf16_rounding_of_the_gpu(monkeypatch):
+    """The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: make it round, so
+    that bf16 outputs and checkpoints carry the GPU's errors (truncated bf16 checkpoints took
+    dC at length 1, N = 1 from 1.3e-2 to 2.1e-2, over the tolerance; rounded: 1.3e-2)."""
+    if not CUDA:
+        round_bf16_like_the_gpu(monkeypatch.setattr)
+
+
 def arrange(t, kind):
     """t (batch, dim, length) in another storage, as a model hands it over; kind is
     "cl<w>": a view of (batch, length, w * dim) storage (a linear layer's output, transposed), or
@@ -60,7 +69,10 @@ def arrange(t, kind):
     return wide[(width - 1) * dim:].transpose(0, 1)
 
 
-def check_scan(batch, dim, length, nstate, dtype, seed, drop=(), softplus=True, layout=None):
+def scan_vs_reference(batch, dim, length, nstate, dtype, seed, drop=(), softplus=True, layout=None):
+    """The kernels' and the float64 reference's results on the same inputs: three dicts
+    (inputs, kernels, reference) keyed out, last and "d" + the name of each input with a
+    gradient (the gradients of a random weighting of out and last)."""
     x = make_inputs(batch, dim, length, nstate, dtype, seed)
     for name, kind in (layout or {}).items():
         x[name] = arrange(x[name], kind)
@@ -74,11 +86,6 @@ def check_scan(batch, dim, length, nstate, dtype, seed, drop=(), softplus=True, 
 
     out, last = tss.selective_scan_triton(**x, **kw)
     out_ref, last_ref = selective_scan_ref(**x64, **kw)
-    tol_out, tol_grad = TOL[dtype]
-    assert out.dtype == dtype and last.dtype == torch.float32
-    assert rel_err(out, out_ref) < tol_out
-    assert rel_err(last, last_ref) < 1e-5
-
     g = torch.Generator().manual_seed(seed + 1)
     w_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEVICE)
     w_last = torch.randn(last.shape, generator=g, dtype=torch.float64).to(DEVICE)
@@ -86,7 +93,19 @@ def check_scan(batch, dim, length, nstate, dtype, seed, drop=(), softplus=True, 
                                 list(leaves.values()))
     grads_ref = torch.autograd.grad((out_ref * w_out).sum() + (last_ref * w_last).sum(),
                                     [x64[k] for k in leaves])
-    for name, a, b in zip(leaves, grads, grads_ref):
+    ours = dict(out=out, last=last, **{"d" + k: v for k, v in zip(leaves, grads)})
+    ref = dict(out=out_ref, last=last_ref, **{"d" + k: v for k, v in zip(leaves, grads_ref)})
+    return x, ours, ref
+
+
+def check_scan(batch, dim, length, nstate, dtype, seed, drop=(), softplus=True, layout=None):
+    x, ours, ref = scan_vs_reference(batch, dim, length, nstate, dtype, seed, drop, softplus, layout)
+    tol_out, tol_grad = TOL[dtype]
+    assert ours["out"].dtype == dtype and ours["last"].dtype == torch.float32
+    assert rel_err(ours["out"], ref["out"]) < tol_out
+    assert rel_err(ours["last"], ref["last"]) < 1e-5
+    for name in [k for k, v in x.items() if v is not None]:
+        a, b = ours["d" + name], ref["d" + name]
         assert a.dtype == x[name].dtype, name
         assert torch.isfinite(a).all(), name
         assert rel_err(a, b) < tol_grad, f"d{name}: {rel_err(a, b):.2e}"
@@ -140,12 +159,83 @@ def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=12)
 
 
-@pytest.mark.parametrize("prefetch_bc", [True, False])
-def test_scan_forward_with_and_without_bc_prefetch(monkeypatch, prefetch_bc):
-    """The forward's prefetch of the next chunk's B and C rows (on by default) and its absence."""
-    override_scan_config(monkeypatch, prefetch_bc=prefetch_bc)
+@pytest.mark.parametrize("pipeline,prefetch_bc", [(True, True), (False, True), (False, False)],
+                         ids=["pipelined", "prefetch_bc", "plain"])
+def test_scan_forward_loop_variants(monkeypatch, pipeline, prefetch_bc):
+    """The forward's software-pipelined loop (the default; two chunks per iteration, 9 and 6
+    chunks here: odd and even counts) and the one-chunk loop with and without its prefetch of
+    the next chunk's B and C rows; also cut into pieces (3 and 2 chunks each)."""
+    override_scan_config(monkeypatch, pipeline=pipeline, prefetch_bc=prefetch_bc)
     check_scan(*SMALL, 33, 16, torch.float32, seed=13)
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=14)
+    override_scan_config(monkeypatch, SEG=3)
+    check_scan(*SMALL, 33, 16, torch.bfloat16, seed=15)
+    check_scan(*SMALL, 21, 16, torch.float32, seed=16, drop=("initial_state",))
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "one_chunk"])
+def test_scan_backward_loop_variants(monkeypatch, pipeline):
+    """The backward's software-pipelined loop (two chunks an iteration after one or two no-op
+    chunks: 9 and 6 chunks here, odd and even counts) and the one-chunk loop, at N = 16 and 64,
+    with and without the optional inputs, and cut into pieces (3 and 2 chunks each)."""
+    override_scan_config(monkeypatch, pipeline=pipeline)
+    check_scan(*SMALL, 33, 16, torch.float32, seed=31)
+    check_scan(*SMALL, 21, 64, torch.bfloat16, seed=32)
+    check_scan(*SMALL, 24, 16, torch.float32, seed=33, drop=("z", "D", "delta_bias"), softplus=False)
+    override_scan_config(monkeypatch, SEG=3)
+    check_scan(*SMALL, 33, 16, torch.bfloat16, seed=34)
+    check_scan(*SMALL, 21, 16, torch.float32, seed=35, drop=("initial_state",))
+
+
+@pytest.mark.parametrize("ckpt_dtype", [torch.float32, torch.bfloat16], ids=["fp32_ckpt", "bf16_ckpt"])
+def test_scan_checkpoint_dtypes_with_bf16_inputs(ckpt_dtype, monkeypatch):
+    """bf16 inputs store bf16 checkpoints by default; either checkpoint dtype must give the
+    reference's gradients within bf16 tolerances (pieces included: they reload checkpoints too)."""
+    override_scan_config(monkeypatch, ckpt_dtype=ckpt_dtype)
+    check_scan(*SMALL, 63, 16, torch.bfloat16, seed=21)
+    check_scan(*SMALL, 45, 64, torch.bfloat16, seed=22)
+    override_scan_config(monkeypatch, SEG=3)
+    check_scan(*SMALL, 90, 16, torch.bfloat16, seed=23)
+
+
+def test_scan_bf16_checkpoints_with_fp32_inputs_are_bf16_accurate(monkeypatch):
+    """Forced on fp32 inputs, bf16 checkpoints leave the outputs, du, dB, dD and the state
+    gradients exact to fp32 (they do not depend on the recomputed states) and the others within
+    bf16 tolerance: why fp32 inputs keep fp32 checkpoints by default."""
+    override_scan_config(monkeypatch, ckpt_dtype=torch.bfloat16)
+    x, ours, ref = scan_vs_reference(*SMALL, 63, 16, torch.float32, seed=24)
+    for key in ("out", "last", "du", "dB", "dD", "dinitial_state"):
+        assert rel_err(ours[key], ref[key]) < 1e-5, key
+    for key in ("ddelta", "dA", "dC", "dz", "ddelta_bias"):
+        assert rel_err(ours[key], ref[key]) < TOL[torch.bfloat16][1], key
+
+
+@pytest.mark.parametrize("dtype,expected", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+])
+def test_checkpoint_dtype_follows_the_inputs(dtype, expected):
+    """scan_fwd stores the checkpoints in scan_config's dtype for the inputs, the size that
+    checkpoint_nbytes says, and bf16 checkpoints are the fp32 states rounded to bf16."""
+    batch, dim, length, nstate = 2, 5, 23, 16
+    x = make_inputs(batch, dim, length, nstate, dtype, seed=25)
+    A, D, bias, h0 = x["A"], x["D"], x["delta_bias"], x["initial_state"]
+    cfg = tss.scan_config(nstate, input_dtype=dtype)
+    assert cfg["ckpt_dtype"] == expected
+    Bp, Cp = tss.pack_bc(x["B"], cfg), tss.pack_bc(x["C"], cfg)
+
+    def checkpoints(ckpt_dtype):
+        _, _, ckpt = tss.scan_fwd(x["u"], x["delta"], A, Bp, Cp, D, x["z"], bias, True, h0,
+                                  store_ckpt=True, cfg=dict(cfg, ckpt_dtype=ckpt_dtype))
+        return ckpt
+
+    ckpt = tss.scan_fwd(x["u"], x["delta"], A, Bp, Cp, D, x["z"], bias, True, h0, store_ckpt=True)[2]
+    assert ckpt.dtype == expected and ckpt.shape == (batch, 6, nstate, dim)
+    assert ckpt.nbytes == tss.checkpoint_nbytes(batch, dim, length, nstate, cfg)
+    exact, rounded = checkpoints(torch.float32), checkpoints(torch.bfloat16).float()
+    # rounded to nearest (also in the interpreter: bf16_rounding_of_the_gpu): half a bf16 unit
+    # in the last place, 2^-8 relative at most
+    assert ((rounded - exact).abs() <= exact.abs() * 2.0 ** -8).all()
+    assert rel_err(rounded, exact) > 0
 
 
 @pytest.mark.parametrize("nstate", [5, 256])

@@ -21,7 +21,7 @@ axis and folds to a register read. No associative scan: each thread runs its sta
 sequentially, so the decays exp2(dt * A * log2 e) are the only per-element transcendental and
 the backward's reverse recurrence finds exp(dt_{t+1} A) in registers.
 
-B and C are small, so the wrapper packs them once as (batch, chunk + 1, state block, T) fp32
+B and C are small, so the wrapper packs them once as (batch, chunk + 2, state block, T) fp32
 (`pack_bc`): no bf16 unpacking or masks per (channel, state, step). The forward stores the state
 entering every chunk (batch, n_chunks, state, dim) fp32 when gradients are needed; the backward
 reloads it, recomputes the chunk's states, walks the chunk in reverse for dh, sums dB and dC over
@@ -57,8 +57,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # --------------------------------------------------------------------------------------------
 # launch configuration
 # --------------------------------------------------------------------------------------------
-def scan_config(nstate: int, backward: bool = False) -> dict:
-    """Tile shape for a scan launch.
+def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) -> dict:
+    """Tile shape for a scan launch (and, forward, the checkpoints' dtype).
 
     T = 4 steps per chunk: one 16-byte load per fp32 row of B and C (the wrapper hands the
     kernels fp32 B and C, so no per-element bf16 unpacking), and a small enough chunk that the
@@ -69,6 +69,17 @@ def scan_config(nstate: int, backward: bool = False) -> dict:
     WD warps hold more channels: 2 in the forward; 1 in the backward, where
     more warps per program cost more than the atomics they save (cross-warp sums of dB and dC
     go through shared memory and barriers). All measured on the H200: benchmarks/NOTES.md.
+
+    ckpt_dtype: the dtype of the chunk checkpoints the forward stores for the backward (the
+    backward reads either). Rule: bf16 when the inputs (u) are bf16, fp32 otherwise. bf16
+    halves their memory (90M model at 8 x 8192: 38.7 -> 19.3 GB) and the backward's reads of
+    them. Rounding a checkpoint to bf16 (<= 2^-8 relative) perturbs only the states recomputed
+    from it, for 4 steps (each chunk restarts from its own checkpoint, so nothing compounds):
+    out, du, dB, dD and the state gradients do not change; ddelta, dA, dC, dz, ddelta_bias
+    move by about one bf16 rounding (<= 5e-3 relative in the interpreter, lengths 1 to 1000,
+    N = 16 / 64: NOTES.md, "Checkpoints in bf16"). With bf16 inputs that is the size of the
+    error they already carry (bf16 outputs, upstream gradient and results: largest error
+    4.1e-3 -> 4.8e-3); with fp32 inputs it would be ~10^3-10^4 x their error: fp32 stays.
     """
     block_n = triton.next_power_of_2(max(nstate, 1))
     npt = min(block_n, 8)
@@ -85,10 +96,23 @@ def scan_config(nstate: int, backward: bool = False) -> dict:
             # (1584 slots). Offline sm_90 compiles (benchmarks/sass_bwd.py): no spills with
             # triton 3.6 (the H200's) or 3.9.
             cfg.update(maxnreg=168, warps_per_sm=12)
+        # pipeline: chunk c - 1's step sizes, decays, softplus derivative and gate are computed
+        # while chunk c walks back, its rows loaded a chunk ahead (two chunks an iteration).
+        # Offline sm_90 SASS (triton 3.6, N=16, 168 registers): 44.2 -> 45.2 instructions an
+        # element (24-byte stack), one warp's latency-bound chunk ~1180 -> ~990 cycles by a
+        # simple in-order model; not yet timed on the H200 (NOTES.md, "Backward: offline
+        # pipelining"). Off at N=64: 255 registers and a 136-byte stack there.
+        cfg.update(pipeline=block_n <= 16)
         return cfg
-    # prefetch_bc: chunk c + 1's B and C rows are loaded while chunk c runs (H200: forward with
-    # checkpoints 0.57 -> 0.54 ms at N=16, 7.8 -> 3.2 ms at N=64; NOTES.md, fourth session)
-    return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, prefetch_bc=True)
+    # pipeline: chunk c + 1's step sizes, decays and rows are computed / loaded while chunk c's
+    # recurrence runs, two chunks an iteration (offline SASS: 417 -> 351 instructions a chunk at
+    # N=16, no register copies; not yet timed on the H200: NOTES.md, fifth session candidate).
+    # pipeline=False: the one-chunk loop, where prefetch_bc loads chunk c + 1's B and C rows
+    # while chunk c runs (H200: forward with checkpoints 0.57 -> 0.54 ms at N=16, 7.8 -> 3.2 ms
+    # at N=64; NOTES.md, fourth session)
+    ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
+    return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, prefetch_bc=True,
+                pipeline=True, ckpt_dtype=ckpt_dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,15 +145,16 @@ def _strides(u, z):
 
 
 def pack_bc(x, cfg):
-    """(batch, state, length) -> (batch, n_chunks, state block, T) fp32, zero padded: each
+    """(batch, state, length) -> (batch, n_chunks + 2, state block, T) fp32, zero padded: each
     thread's rows of a chunk sit together, and the kernels need no masks to read them."""
     batch, nstate, length = x.shape
     T, block_n = cfg["T"], cfg["NPT"] * cfg["KN"]
     n_chunks = triton.cdiv(length, T)
-    out = x.new_zeros(batch, block_n, (n_chunks + 1) * T, dtype=torch.float32)
+    out = x.new_zeros(batch, block_n, (n_chunks + 2) * T, dtype=torch.float32)
     out[:, :nstate, :length] = x
-    # one chunk of padding beyond the last: the forward prefetches chunk c + 1 unmasked
-    return out.view(batch, block_n, n_chunks + 1, T).transpose(1, 2).contiguous()
+    # two chunks of padding beyond the last: the forward loads chunk c + 1 unmasked, and its
+    # pipelined loop ends with a no-op chunk when it has an odd number of chunks
+    return out.view(batch, block_n, n_chunks + 2, T).transpose(1, 2).contiguous()
 
 
 def unpack_bc(x, nstate, length, dtype):
@@ -162,14 +187,21 @@ def _launch_consts(cfg, delta_softplus, delta_bias):
                 FAST_LOG=not _INTERPRET, num_warps=cfg["WD"], **_layout_constexprs(), **_tile(cfg))
 
 
+def checkpoint_nbytes(batch, dim, length, nstate, cfg) -> int:
+    """Bytes of the chunk checkpoints `scan_fwd` stores for the backward with this cfg."""
+    itemsize = torch.empty(0, dtype=cfg.get("ckpt_dtype", torch.float32)).element_size()
+    return batch * triton.cdiv(length, cfg["T"]) * nstate * dim * itemsize
+
+
 def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplus=False,
              initial_state=None, store_ckpt=False, cfg=None):
     """Launch the forward. Bp, Cp: B and C packed by `pack_bc` with the same cfg. Returns out
     (u.dtype), the final state (fp32) and the chunk checkpoints (batch, n_chunks, state, dim)
-    fp32, or None when not asked for."""
+    in cfg["ckpt_dtype"] (bf16 for bf16 inputs by default: `scan_config`), or None when not
+    asked for."""
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    cfg = cfg or scan_config(nstate)
+    cfg = cfg or scan_config(nstate, input_dtype=u.dtype)
     n_chunks = triton.cdiv(length, cfg["T"])
     nseg = segments(batch, dim, n_chunks, cfg, u.device)
     cps = triton.cdiv(n_chunks, nseg)
@@ -177,7 +209,8 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
     f32 = dict(device=u.device, dtype=torch.float32)
     out = _empty(like=u)
     h_last = _empty(batch, dim, nstate, **f32)
-    ckpt = _empty(batch, n_chunks, nstate, dim, **f32) if store_ckpt else None
+    ckpt = (_empty(batch, n_chunks, nstate, dim, device=u.device,
+                   dtype=cfg.get("ckpt_dtype", torch.float32)) if store_ckpt else None)
     hseg = torch.empty(batch, nseg, nstate, dim, **f32)
     lseg = torch.empty(batch, nseg, dim, **f32)
     consts = _launch_consts(cfg, delta_softplus, delta_bias)
@@ -194,15 +227,15 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None,
         STORE_CKPT=store_ckpt, PREFETCH_BC=cfg.get("prefetch_bc", True),
-        **_register_cap(cfg), **consts)
+        PIPELINE=cfg.get("pipeline", True), **_register_cap(cfg), **consts)
     return out, h_last, ckpt
 
 
 def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chunk, dout, dlast,
              need_dh0, cfg=None):
-    """Launch the backward over checkpoints written with chunks of t_chunk steps. Returns du,
-    ddelta, dz in the inputs' dtypes, dB and dC packed like Bp (fp32), dA, dD, ddelta_bias fp32
-    and the initial state's gradient (or None)."""
+    """Launch the backward over checkpoints written with chunks of t_chunk steps, fp32 or bf16
+    (the kernel reads ckpt's dtype). Returns du, ddelta, dz in the inputs' dtypes, dB and dC
+    packed like Bp (fp32), dA, dD, ddelta_bias fp32 and the initial state's gradient (or None)."""
     batch, dim, length = u.shape
     nstate = A.shape[1]
     cfg = dict(cfg or scan_config(nstate, backward=True), T=t_chunk)
@@ -239,13 +272,14 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
         STORE_DH0=need_dh0, RS=rs, LOG_LD=cfg["LD"].bit_length() - 1,
-        **_register_cap(cfg), **consts)
+        PIPELINE=rs and cfg.get("pipeline", True), **_register_cap(cfg), **consts)
     return du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0
 
 
 class SelectiveScanFn(torch.autograd.Function):
     """Fused selective scan; arguments and shapes as `selective_scan_ref`. Saves the inputs and
-    fp32 state checkpoints every chunk (T steps), never the per-step states."""
+    state checkpoints every chunk (T steps; bf16 for bf16 inputs, else fp32), never the per-step
+    states."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
@@ -257,7 +291,7 @@ class SelectiveScanFn(torch.autograd.Function):
         delta_bias = delta_bias.contiguous().float() if delta_bias is not None else None
         h0 = initial_state.contiguous().float() if initial_state is not None else None
         need_grad = any(ctx.needs_input_grad)
-        cfg = scan_config(A.shape[1])
+        cfg = scan_config(A.shape[1], input_dtype=u.dtype)
         # B and C are small (batch, state, length): one packed fp32 copy saves the kernels
         # unpacking bf16 and computing masks for every (channel, state, step)
         Bp, Cp = pack_bc(B, cfg), pack_bc(C, cfg)
