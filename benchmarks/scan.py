@@ -192,21 +192,24 @@ def tune(x, dout, n):
     ref_grads = bwd(dict(base_b, SEG=1))
     nseg = lambda cfg: tss.segments(u.shape[0], u.shape[1], ckpt.shape[1], cfg, u.device)  # noqa: E731
     lines = []
-    one_chunk = dict(base_f, pipeline=False)  # the fourth session's loop (B/C prefetch)
-    fwd_variants = [base_f, one_chunk, dict(one_chunk, prefetch_bc=False), dict(base_f, SEG=1),
-                    dict(base_f, WD=3 - base_f["WD"]), dict(one_chunk, WD=3 - base_f["WD"]),
+    # the chunk loop: pipelined (two chunks an iteration) or one chunk (with B/C prefetch), each
+    # with and without checkpoints; the default picks per case
+    piped = dict(base_f, pipeline=True, pipeline_ckpt=True)
+    one_chunk = dict(base_f, pipeline=False, pipeline_ckpt=False)
+    fwd_variants = [base_f, piped, one_chunk, dict(one_chunk, prefetch_bc=False), dict(base_f, SEG=1),
+                    dict(piped, WD=3 - base_f["WD"]), dict(one_chunk, WD=3 - base_f["WD"]),
                     dict(base_f, maxnreg=168, warps_per_sm=12),  # more warps an SM to hide latency
-                    dict(base_f, ckpt_dtype=torch.float32)]  # the checkpoints bf16 inputs had before
+                    dict(piped, ckpt_dtype=torch.float32),  # the checkpoints bf16 inputs had before
+                    dict(one_chunk, ckpt_dtype=torch.float32)]
+    fwd_variants = [c for i, c in enumerate(fwd_variants) if c not in fwd_variants[:i]]
     for cfg in fwd_variants:
         # the training forward also writes the chunk checkpoints: time both
         ms = [bench(lambda: tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=ck, cfg=cfg))
               for ck in (False, True)]
         lines.append(f"  fwd {cfg} ({nseg(cfg)} pieces): {ms[0]:.3f} ms, {ms[1]:.3f} ms with checkpoints")
     variants = [base_b, dict(base_b, SEG=1), dict(base_b, SEG=2), dict(base_b, SEG=4),
-                dict(base_b, reduce_scatter=False),  # dB/dC by a full butterfly per value
-                dict(base_b, pipeline=not base_b["pipeline"])]  # the other chunk loop
-    if base_b.get("maxnreg"):  # without the register cap (one-chunk loop: 225 registers,
-        # 8 warps an SM; pipelined: 180, 11 warps an SM)
+                dict(base_b, reduce_scatter=False)]  # dB/dC by a full butterfly per value
+    if base_b.get("maxnreg"):  # without the register cap (8 warps an SM)
         variants += [dict(base_b, maxnreg=None, warps_per_sm=8),
                      dict(base_b, maxnreg=None, warps_per_sm=8, reduce_scatter=False)]
     if base_b["NPT"] == 8:

@@ -162,29 +162,15 @@ def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
 @pytest.mark.parametrize("pipeline,prefetch_bc", [(True, True), (False, True), (False, False)],
                          ids=["pipelined", "prefetch_bc", "plain"])
 def test_scan_forward_loop_variants(monkeypatch, pipeline, prefetch_bc):
-    """The forward's software-pipelined loop (the default; two chunks per iteration, 9 and 6
-    chunks here: odd and even counts) and the one-chunk loop with and without its prefetch of
+    """The forward's software-pipelined loop (the default but for N > 16 with checkpoints; two
+    chunks per iteration, 9 and 6 chunks here: odd and even counts) and the one-chunk loop with and without its prefetch of
     the next chunk's B and C rows; also cut into pieces (3 and 2 chunks each)."""
-    override_scan_config(monkeypatch, pipeline=pipeline, prefetch_bc=prefetch_bc)
+    override_scan_config(monkeypatch, pipeline=pipeline, pipeline_ckpt=pipeline, prefetch_bc=prefetch_bc)
     check_scan(*SMALL, 33, 16, torch.float32, seed=13)
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=14)
     override_scan_config(monkeypatch, SEG=3)
     check_scan(*SMALL, 33, 16, torch.bfloat16, seed=15)
     check_scan(*SMALL, 21, 16, torch.float32, seed=16, drop=("initial_state",))
-
-
-@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "one_chunk"])
-def test_scan_backward_loop_variants(monkeypatch, pipeline):
-    """The backward's software-pipelined loop (two chunks an iteration after one or two no-op
-    chunks: 9 and 6 chunks here, odd and even counts) and the one-chunk loop, at N = 16 and 64,
-    with and without the optional inputs, and cut into pieces (3 and 2 chunks each)."""
-    override_scan_config(monkeypatch, pipeline=pipeline)
-    check_scan(*SMALL, 33, 16, torch.float32, seed=31)
-    check_scan(*SMALL, 21, 64, torch.bfloat16, seed=32)
-    check_scan(*SMALL, 24, 16, torch.float32, seed=33, drop=("z", "D", "delta_bias"), softplus=False)
-    override_scan_config(monkeypatch, SEG=3)
-    check_scan(*SMALL, 33, 16, torch.bfloat16, seed=34)
-    check_scan(*SMALL, 21, 16, torch.float32, seed=35, drop=("initial_state",))
 
 
 @pytest.mark.parametrize("ckpt_dtype", [torch.float32, torch.bfloat16], ids=["fp32_ckpt", "bf16_ckpt"])

@@ -96,23 +96,17 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
             # (1584 slots). Offline sm_90 compiles (benchmarks/sass_bwd.py): no spills with
             # triton 3.6 (the H200's) or 3.9.
             cfg.update(maxnreg=168, warps_per_sm=12)
-        # pipeline: chunk c - 1's step sizes, decays, softplus derivative and gate are computed
-        # while chunk c walks back, its rows loaded a chunk ahead (two chunks an iteration).
-        # Offline sm_90 SASS (triton 3.6, N=16, 168 registers): 44.2 -> 45.2 instructions an
-        # element (24-byte stack), one warp's latency-bound chunk ~1180 -> ~990 cycles by a
-        # simple in-order model; not yet timed on the H200 (NOTES.md, "Backward: offline
-        # pipelining"). Off at N=64: 255 registers and a 136-byte stack there.
-        cfg.update(pipeline=block_n <= 16)
         return cfg
     # pipeline: chunk c + 1's step sizes, decays and rows are computed / loaded while chunk c's
-    # recurrence runs, two chunks an iteration (offline SASS: 417 -> 351 instructions a chunk at
-    # N=16, no register copies; not yet timed on the H200: NOTES.md, fifth session candidate).
-    # pipeline=False: the one-chunk loop, where prefetch_bc loads chunk c + 1's B and C rows
-    # while chunk c runs (H200: forward with checkpoints 0.57 -> 0.54 ms at N=16, 7.8 -> 3.2 ms
-    # at N=64; NOTES.md, fourth session)
+    # recurrence runs, two chunks an iteration; pipeline=False: the one-chunk loop, where
+    # prefetch_bc loads chunk c + 1's B and C rows while chunk c runs. pipeline applies to the
+    # inference forward, pipeline_ckpt to the training forward (which also stores checkpoints).
+    # H200, bf16, 8 x 2048 x 2048 (NOTES.md, fifth session): N=16 pipelined 0.499 -> 0.467 ms
+    # (0.529 -> 0.527 with checkpoints; 8 x 1536 x 8192: 1.78 -> 1.52, 1.78 -> 1.74); N=64
+    # inference 1.76 -> 1.64, but with checkpoints 3.70 -> 5.66: the one-chunk loop there
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, prefetch_bc=True,
-                pipeline=True, ckpt_dtype=ckpt_dtype)
+                pipeline=True, pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,7 +221,8 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None,
         STORE_CKPT=store_ckpt, PREFETCH_BC=cfg.get("prefetch_bc", True),
-        PIPELINE=cfg.get("pipeline", True), **_register_cap(cfg), **consts)
+        PIPELINE=cfg.get("pipeline_ckpt" if store_ckpt else "pipeline", True),
+        **_register_cap(cfg), **consts)
     return out, h_last, ckpt
 
 
@@ -272,7 +267,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
         STORE_DH0=need_dh0, RS=rs, LOG_LD=cfg["LD"].bit_length() - 1,
-        PIPELINE=rs and cfg.get("pipeline", True), **_register_cap(cfg), **consts)
+        **_register_cap(cfg), **consts)
     return du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0
 
 
