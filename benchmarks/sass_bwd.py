@@ -100,7 +100,7 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
         cfg["ckpt_dtype"] = ckpt_dtype
     Bp, Cp = S.pack_bc(B, cfg), S.pack_bc(C, cfg)
     n_chunks = triton.cdiv(length, cfg["T"])
-    ckpt = torch.zeros(batch, n_chunks, nstate, dim, dtype=cfg["ckpt_dtype"])
+    ckpt = torch.zeros(batch, n_chunks, dim, nstate, dtype=cfg["ckpt_dtype"])
     S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=False, cfg=dict(cfg, SEG=2))
     for pipe in (True, False):  # the training forward in both loops
         S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
