@@ -6,8 +6,10 @@ is read with the wheel's cuobjdump.
 
     PYTHONPATH=. python benchmarks/sass_bwd.py [--nstate 16 64] [--fwd] [--ckpt-dtype fp32] [--dump DIR]
 
---fwd adds the forward with checkpoints (fwd, the training forward), without them (fwd-infer)
-and the forward's segment pre-pass (fwd-seg, launched when the sequence is cut into pieces).
+--fwd adds the forward with checkpoints (the training forward) in both its loops (fwd-pipelined,
+fwd-one-chunk; scan_config's pipeline_ckpt picks one per N), without them (fwd-infer) and the
+forward's segment pre-pass (fwd-seg, launched when the sequence is cut into pieces). stg_kinds /
+ldg_kinds: the main loop's global stores / loads by width (U16: 2 bytes, 32: 4, 64, 128 bits).
 """
 import argparse, os, re, subprocess, tempfile
 
@@ -64,13 +66,18 @@ def sass_stats(k):
                 best = (tgt, addr[i])
     loop = [o for a, o in zip(addr, ops) if best[0] <= a <= best[1]]
     cnt = lambda seq, p: sum(1 for o in seq if o.startswith(p))
+
+    def kinds(p):  # the loop's global loads / stores by width: "U16:16,128:2" (E alone: 32-bit)
+        ops_p = sorted(set(o for o in loop if o.startswith(p + ".")))
+        return ",".join(f"{o.removeprefix(p + '.E').lstrip('.') or '32'}:{loop.count(o)}" for o in ops_p)
     return dict(regs=int(m.group(1)), stack=int(m.group(2)), shared=int(m.group(3)),
                 total=len(ops), loop=len(loop),
                 loop_shfl=cnt(loop, "SHFL"), loop_atom=cnt(loop, "RED") + cnt(loop, "ATOM"),
                 loop_mufu=cnt(loop, "MUFU"), loop_bar=cnt(loop, "BAR"), loop_sts=cnt(loop, "STS"),
                 loop_lds=cnt(loop, "LDS"), loop_ldg=cnt(loop, "LDG"), loop_stg=cnt(loop, "STG"),
                 loop_ffma=cnt(loop, "FFMA"), loop_fadd=cnt(loop, "FADD"), loop_fmul=cnt(loop, "FMUL"),
-                loop_mov=cnt(loop, "MOV"), loop_sel=cnt(loop, "FSEL") + cnt(loop, "SEL")), sass, k.asm["ttgir"]
+                loop_mov=cnt(loop, "MOV"), loop_sel=cnt(loop, "FSEL") + cnt(loop, "SEL"),
+                stg_kinds=kinds("STG"), ldg_kinds=kinds("LDG")), sass, k.asm["ttgir"]
 
 
 def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=None):
@@ -93,9 +100,11 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
         cfg["ckpt_dtype"] = ckpt_dtype
     Bp, Cp = S.pack_bc(B, cfg), S.pack_bc(C, cfg)
     n_chunks = triton.cdiv(length, cfg["T"])
-    ckpt = torch.zeros(batch, n_chunks, nstate, dim, dtype=cfg["ckpt_dtype"])
+    ckpt = torch.zeros(batch, n_chunks, dim, nstate, dtype=cfg["ckpt_dtype"])
     S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=False, cfg=dict(cfg, SEG=2))
-    S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True, cfg=cfg)
+    for pipe in (True, False):  # the training forward in both loops
+        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
+                   cfg=dict(cfg, pipeline_ckpt=pipe))
     S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False,
                cfg=cfg_bwd)
     S._scan_fwd_kernel, S._scan_bwd_kernel = K._scan_fwd_kernel, K._scan_bwd_kernel
@@ -118,7 +127,8 @@ def main():
         fcalls, bcalls, scalls = capture(nstate, ckpt_dtype=ckpt_dtype)
         todo = [("bwd", K._scan_bwd_kernel, bcalls[-1])]
         if args.fwd:
-            todo += [("fwd", K._scan_fwd_kernel, fcalls[-1]),
+            todo += [("fwd-pipelined", K._scan_fwd_kernel, fcalls[1]),
+                     ("fwd-one-chunk", K._scan_fwd_kernel, fcalls[2]),
                      ("fwd-infer", K._scan_fwd_kernel, fcalls[0]),
                      ("fwd-seg", K._scan_fwd_segment_kernel, scalls[0])]
         for name, fn, (grid, a, kw) in todo:

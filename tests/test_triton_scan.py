@@ -200,8 +200,9 @@ def test_scan_bf16_checkpoints_with_fp32_inputs_are_bf16_accurate(monkeypatch):
     (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
 ])
 def test_checkpoint_dtype_follows_the_inputs(dtype, expected):
-    """scan_fwd stores the checkpoints in scan_config's dtype for the inputs, the size that
-    checkpoint_nbytes says, and bf16 checkpoints are the fp32 states rounded to bf16."""
+    """scan_fwd stores the checkpoints (batch, chunk, dim, state) in scan_config's dtype for the
+    inputs, the size that checkpoint_nbytes says, and bf16 checkpoints are the fp32 states
+    rounded to bf16."""
     batch, dim, length, nstate = 2, 5, 23, 16
     x = make_inputs(batch, dim, length, nstate, dtype, seed=25)
     A, D, bias, h0 = x["A"], x["D"], x["delta_bias"], x["initial_state"]
@@ -215,9 +216,11 @@ def test_checkpoint_dtype_follows_the_inputs(dtype, expected):
         return ckpt
 
     ckpt = tss.scan_fwd(x["u"], x["delta"], A, Bp, Cp, D, x["z"], bias, True, h0, store_ckpt=True)[2]
-    assert ckpt.dtype == expected and ckpt.shape == (batch, 6, nstate, dim)
+    assert ckpt.dtype == expected and ckpt.shape == (batch, 6, dim, nstate)
     assert ckpt.nbytes == tss.checkpoint_nbytes(batch, dim, length, nstate, cfg)
     exact, rounded = checkpoints(torch.float32), checkpoints(torch.bfloat16).float()
+    # (batch, chunk, dim, state): the state entering chunk 0 is the initial state, same layout
+    assert torch.equal(exact[:, 0], h0)
     # rounded to nearest (also in the interpreter: bf16_rounding_of_the_gpu): half a bf16 unit
     # in the last place, 2^-8 relative at most
     assert ((rounded - exact).abs() <= exact.abs() * 2.0 ** -8).all()

@@ -23,7 +23,8 @@ the backward's reverse recurrence finds exp(dt_{t+1} A) in registers.
 
 B and C are small, so the wrapper packs them once as (batch, chunk + 2, state block, T) fp32
 (`pack_bc`): no bf16 unpacking or masks per (channel, state, step). The forward stores the state
-entering every chunk (batch, n_chunks, state, dim) fp32 when gradients are needed; the backward
+entering every chunk (batch, n_chunks, dim, state) when gradients are needed (state last: each
+thread's NPT states of a channel are adjacent, one 16-byte store a chunk in bf16); the backward
 reloads it, recomputes the chunk's states, walks the chunk in reverse for dh, sums dB and dC over
 its channels before one atomic add per (state, step) per program. Nothing of size (batch, dim,
 length, state) is stored. With few (batch, channel-block) programs the sequence is cut into
@@ -190,7 +191,7 @@ def checkpoint_nbytes(batch, dim, length, nstate, cfg) -> int:
 def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplus=False,
              initial_state=None, store_ckpt=False, cfg=None):
     """Launch the forward. Bp, Cp: B and C packed by `pack_bc` with the same cfg. Returns out
-    (u.dtype), the final state (fp32) and the chunk checkpoints (batch, n_chunks, state, dim)
+    (u.dtype), the final state (fp32) and the chunk checkpoints (batch, n_chunks, dim, state)
     in cfg["ckpt_dtype"] (bf16 for bf16 inputs by default: `scan_config`), or None when not
     asked for."""
     batch, dim, length = u.shape
@@ -203,7 +204,7 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
     f32 = dict(device=u.device, dtype=torch.float32)
     out = _empty(like=u)
     h_last = _empty(batch, dim, nstate, **f32)
-    ckpt = (_empty(batch, n_chunks, nstate, dim, device=u.device,
+    ckpt = (_empty(batch, n_chunks, dim, nstate, device=u.device,
                    dtype=cfg.get("ckpt_dtype", torch.float32)) if store_ckpt else None)
     hseg = torch.empty(batch, nseg, nstate, dim, **f32)
     lseg = torch.empty(batch, nseg, dim, **f32)

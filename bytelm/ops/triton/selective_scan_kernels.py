@@ -127,9 +127,12 @@ def _scan_fwd_kernel(
     bc_tile = n * T + t_ + (wd_ + ld_) * 0
     B_chunk = B_ptr + (pid_b * (n_chunks + 2) + c_lo) * BN * T
     C_chunk = C_ptr + (pid_b * (n_chunks + 2) + c_lo) * BN * T
-    # checkpoints (batch, chunk, state, dim); max_contiguous(1) stops Triton from regrouping
-    # neighbouring channels into one thread for wider stores, which would cost a layout change
-    ckpt_tile = tl.max_contiguous(n * DIM + d, [1, 1, 1, 1, 1])
+    # checkpoints (batch, chunk, dim, state): a thread's NPT states of a channel are adjacent,
+    # one 16-byte store a chunk in bf16 (NPT = 8), whole 32-byte sectors per program (the old
+    # (state, dim) layout left bf16 half sectors at N = 64). fp32's 32 bytes a thread are over
+    # the 16 that Triton lets one thread store, so it regroups the tile through shared memory
+    # for the store (2 STS, LDS, BAR a chunk)
+    ckpt_tile = d * NSTATE + n
 
     if PIPELINE:
         # Software pipeline: while chunk cc's recurrence runs, chunk cc + 1's step sizes and
@@ -180,7 +183,7 @@ def _scan_fwd_kernel(
                 # chunk cc's recurrence, output and checkpoint
                 in_seg = (zero_kn + cc >= c_lo) & (zero_kn + cc < c_hi)
                 if STORE_CKPT:  # the state entering chunk cc, for the backward
-                    tl.store(ckpt_ptr + (pid_b * n_chunks + cc) * NSTATE * DIM + ckpt_tile,
+                    tl.store(ckpt_ptr + (pid_b * n_chunks + cc) * DIM * NSTATE + ckpt_tile,
                              h.to(ckpt_ptr.dtype.element_ty), mask=mask_dn & in_seg)  # fp32 or bf16
                 u = u_cur.to(tl.float32)
                 dBu = (dt_cur * u) * B_cur
@@ -215,7 +218,7 @@ def _scan_fwd_kernel(
         dl_nx = tl.load(delta_ptr + o, mask=m_nx, other=0.0)
         if HAS_Z:
             z_nx = tl.load(z_ptr + zrow + (zero64 + c_lo) * TZT + tZ, mask=m_nx, other=0.0)
-        ckpt_ptrs = ckpt_ptr + (pid_b * n_chunks + c_lo) * NSTATE * DIM + ckpt_tile
+        ckpt_ptrs = ckpt_ptr + (pid_b * n_chunks + c_lo) * DIM * NSTATE + ckpt_tile
         if PREFETCH_BC:
             B_nx = tl.load(B_chunk + bc_tile)
             C_nx = tl.load(C_chunk + bc_tile)
@@ -244,7 +247,7 @@ def _scan_fwd_kernel(
             C_chunk += BN * T
             if STORE_CKPT:  # the state entering chunk c, for the backward
                 tl.store(ckpt_ptrs, h.to(ckpt_ptr.dtype.element_ty), mask=mask_dn)  # fp32 or bf16
-                ckpt_ptrs += NSTATE * DIM
+                ckpt_ptrs += DIM * NSTATE
             if HAS_BIAS:
                 dt += bias
             if SOFTPLUS:  # torch's softplus: x itself above 20
@@ -418,8 +421,8 @@ def _scan_bwd_kernel(
     bc_tile = n * T + t_ + (wd_ + ld_) * 0
     B_chunk = B_ptr + (pid_b * (n_chunks + 2) + c_hi - 1) * BN * T   # last chunk
     C_chunk = C_ptr + (pid_b * (n_chunks + 2) + c_hi - 1) * BN * T
-    ckpt_ptrs = ckpt_ptr + tl.max_contiguous(
-        (pid_b * n_chunks + c_hi - 1) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
+    # checkpoints (batch, chunk, dim, state): NPT adjacent states a thread, wide loads
+    ckpt_ptrs = ckpt_ptr + (pid_b * n_chunks + c_hi - 1) * DIM * NSTATE + d * NSTATE + n
 
     if RS:  # index tiles of the reduce-scatter's (KN, LD, values) layout
         V: tl.constexpr = T * NPT
@@ -458,7 +461,7 @@ def _scan_bwd_kernel(
         do_nx = tl.load(dout_ptr + o - TST, mask=m_nx, other=0.0)
         if HAS_Z:
             z_nx = tl.load(z_ptr + zrow + (zero64 + c - 1) * TZT + tZ, mask=m_nx, other=0.0)
-        ckpt_ptrs -= NSTATE * DIM
+        ckpt_ptrs -= DIM * NSTATE
         h_nx = tl.load(ckpt_ptrs, mask=mask_dn & (zero_kn + c > c_lo), other=0.0)
 
         Bt = tl.load(B_chunk + bc_tile)
