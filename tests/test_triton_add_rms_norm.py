@@ -195,3 +195,113 @@ def test_add_rms_norm_errors():
             add_rms_norm_fn(x, res[:, :4], w, EPS, backend=backend)
     with pytest.raises(ValueError, match="unknown rms_norm backend 'cuda'"):
         add_rms_norm_fn(x, res, w, EPS, backend="cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# the LM on the fused op against the unfused blocks it replaced
+# --------------------------------------------------------------------------------------------
+def unfused_forward(model, ids):
+    """The LM's forward as it was before the fused add: x + drop(mixer(norm(x))) per block."""
+    x = model.drop(model.embedding(ids))
+    for layer in model.layers:
+        x = x + layer.drop(layer.mixer(layer.norm(x)))
+    return F.linear(model.norm_f(x), model.embedding.weight)
+
+
+def unfused_prefill(model, ids):
+    x, states = model.embedding(ids), []
+    for layer in model.layers:
+        if layer.kind == "F":
+            y, state = layer.mixer(layer.norm(x)), None
+        else:
+            y, state = layer.mixer(layer.norm(x), return_state=True)
+        x = x + y
+        states.append(state)
+    return F.linear(model.norm_f(x[:, -1]), model.embedding.weight), states
+
+
+def unfused_step(model, ids, states):
+    x = model.embedding(ids)
+    for layer, state in zip(model.layers, states):
+        normed = layer.norm(x)
+        x = x + (layer.mixer(normed) if layer.kind == "F" else layer.mixer.step(normed, state))
+    return F.linear(model.norm_f(x), model.embedding.weight)
+
+
+def tiny_lm(pattern, backend="ref", dropout=0.0):
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_layer=2, layer_pattern=pattern, d_state=4, n_head=4,
+                      scan_backend=backend, dropout=dropout)
+    return LM(cfg)
+
+
+def logits_and_grads(model, forward, ids, autocast):
+    """Logits and every parameter's gradient (by name) of a cross-entropy loss, in train mode
+    (dropout on) from a fixed RNG seed."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = forward(model, ids[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+    return logits, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("pattern", ["M", "MF", "MA"])
+def test_lm_on_the_reference_is_bit_identical_to_the_unfused_blocks(pattern, autocast):
+    """Ref backend, CPU: the same logits and parameter gradients, bit for bit, dropout included
+    (the fused reference is the unfused add then norm, in the same order)."""
+    model = tiny_lm(pattern, dropout=0.1).train()
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(3))
+    logits, grads = logits_and_grads(model, lambda m, i: m(i), ids, autocast)
+    logits_old, grads_old = logits_and_grads(model, unfused_forward, ids, autocast)
+    assert logits.dtype == logits_old.dtype and torch.equal(logits, logits_old)
+    assert grads.keys() == grads_old.keys()
+    for name in grads:
+        assert torch.equal(grads[name], grads_old[name]), name
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("pattern", ["M", "MA"])
+def test_lm_generation_is_bit_identical_to_the_unfused_blocks(pattern, autocast):
+    """prefill and step (Mamba states, attention's KV cache) give the unfused logits and states.
+    Under autocast this pins y's dtype: Mamba's step casts to its input's dtype, so the norm must
+    return the stream's fp32 as the unfused one did, not the bf16 of the block output."""
+    model = tiny_lm(pattern).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        runs = []
+        for prefill, step in ((model.prefill, model.step),
+                              (lambda i: unfused_prefill(model, i),
+                               lambda i, s: unfused_step(model, i, s))):
+            last, states = prefill(ids[:, :7])
+            runs.append(([last] + [step(ids[:, t], states) for t in range(7, 12)], states))
+    (new, new_states), (old, old_states) = runs
+    assert all(torch.equal(a, b) for a, b in zip(new, old))
+    for a, b in zip(new_states, old_states):
+        for name in a.__dataclass_fields__:
+            va, vb = getattr(a, name), getattr(b, name)
+            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb
+
+
+def test_lm_state_dict_keys_unchanged():
+    """Checkpoints from before the fused add load: the same parameter names."""
+    model = tiny_lm("MF")
+    assert "norm_f.weight" in model.state_dict() and "layers.0.norm.weight" in model.state_dict()
+    copy.deepcopy(model).load_state_dict(model.state_dict(), strict=True)
+    assert not [k for k in model.state_dict() if "residual" in k]
+
+
+@pytest.mark.parametrize("pattern", ["M", "MF"])
+def test_lm_on_triton_matches_the_unfused_reference(pattern):
+    """Triton backend (the interpreter without a GPU): the LM's logits and every parameter
+    gradient against the unfused blocks on the reference, fp32."""
+    ref = tiny_lm(pattern, "ref").to(DEVICE)
+    ours = tiny_lm(pattern, "triton").to(DEVICE)
+    ours.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    logits, grads = logits_and_grads(ours, lambda m, i: m(i), ids, autocast=False)
+    logits_ref, grads_ref = logits_and_grads(ref, unfused_forward, ids, autocast=False)
+    assert rel_err(logits, logits_ref) < 1e-5
+    for name in grads:
+        assert rel_err(grads[name], grads_ref[name]) < 1e-4, (name, rel_err(grads[name], grads_ref[name]))
