@@ -305,3 +305,18 @@ def test_lm_on_triton_matches_the_unfused_reference(pattern):
     assert rel_err(logits, logits_ref) < 1e-5
     for name in grads:
         assert rel_err(grads[name], grads_ref[name]) < 1e-4, (name, rel_err(grads[name], grads_ref[name]))
+
+
+def test_add_norm_benchmark_runs(tmp_path):
+    """benchmarks/rms_norm.py --op add-norm runs (tiny shapes; on the CPU through the interpreter)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import rms_norm
+
+    out = tmp_path / "add_norm.md"
+    rows = rms_norm.main(["--op", "add-norm", "--device", DEVICE, "--shapes", "64x100,3x5",
+                          "--reps", "1", "--out", str(out)])
+    assert out.read_text().count("| 64 x 100 |") == 2 and len(rows) == 4
+    assert all(r["check"] < 1e-5 and r["gcheck"] < 1e-2 for r in rows)
