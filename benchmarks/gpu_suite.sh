@@ -38,7 +38,8 @@ stage() {  # name seconds command...
 xdist=()
 python -c "import xdist" 2> /dev/null && xdist=(-n 8)
 stage tests 90 python -m pytest -q ${xdist[@]+"${xdist[@]}"} tests/test_triton_scan.py \
-    tests/test_triton_conv1d.py tests/test_triton_rms_norm.py tests/test_triton_mixer.py \
+    tests/test_triton_conv1d.py tests/test_triton_rms_norm.py tests/test_triton_add_rms_norm.py \
+    tests/test_triton_mixer.py \
     tests/test_channel_major.py tests/test_cuda_graph.py
 stage profile 30 python benchmarks/profile_step.py --context 8192 --top 20
 peer_args=()
@@ -48,4 +49,5 @@ stage throughput 150 python benchmarks/throughput.py --sizes 90m,350m --steps 6
 stage generate 130 python benchmarks/generate.py
 stage conv1d 60 python benchmarks/conv1d.py --layout channel-major
 stage rms_norm 60 python benchmarks/rms_norm.py
+stage add_norm 60 python benchmarks/rms_norm.py --op add-norm
 exit $status

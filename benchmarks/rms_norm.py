@@ -3,6 +3,7 @@
     python benchmarks/rms_norm.py                        # (65536, 768) and (65536, 1024), fp32 and bf16
     python benchmarks/rms_norm.py --tune --out benchmarks/results/rms-norm-h200.md
     python benchmarks/rms_norm.py --device cpu --shapes 64x100 --reps 1   # smoke run (interpreter)
+    python benchmarks/rms_norm.py --op add-norm          # fused residual add + norm vs add, then norm
 
 Op: y = x32 * rsqrt(mean(x32 ** 2, -1) + eps) * weight, cast to x.dtype, on x of shape (rows, dim)
 (fp32 or bf16) with an fp32 weight (dim,). "ref" is `rms_norm_ref`, what the RMSNorm module ran
@@ -19,6 +20,15 @@ GB/s counts the bytes the op cannot avoid, at x's element size: the forward read
 (2 x elements), the backward reads x and dy and writes dx (3 x elements), so fwd+bwd moves 5 x
 elements; weight, rstd and the per-program dweight partials are negligible. The device-to-device
 copy bandwidth (bytes read + written) is the practical ceiling.
+
+--op add-norm: a block boundary of the LM, x (rows, dim) the block output in --dtypes (bf16 in
+bf16-mixed training) and the fp32 residual stream. "fused" is `add_rms_norm_fn` (y fp32 as the
+model asks, residual_out fp32); "unfused" is what the model ran before: torch's `residual + x`,
+then our Triton norm, and in the backward autograd's sum of the norm's dx and the gradient along
+the stream, plus the cast of that sum to x's dtype. fwd+bwd takes gradients of y and of
+residual_out (both fp32) for x, residual and weight. GB/s counts the fused op's bytes: forward
+reads x and residual, writes y and residual_out; backward reads residual_out, dy and
+d(residual_out), writes dx and dresidual.
 """
 
 from __future__ import annotations
@@ -106,6 +116,8 @@ def main(argv=None):
     ap.add_argument("--eager", action="store_true", help="CUDA: time with do_bench, not CUDA graphs")
     ap.add_argument("--tune", action="store_true", help="also time a few tiles of the raw kernels")
     ap.add_argument("--out", type=Path, help="write the markdown table here too")
+    ap.add_argument("--op", default="norm", choices=["norm", "add-norm"],
+                    help="norm: Triton vs reference; add-norm: fused residual add + norm vs unfused")
     args = ap.parse_args(argv)
 
     if args.device == "cpu":  # Triton kernels run through the interpreter there
@@ -115,6 +127,12 @@ def main(argv=None):
     header = environment(args.device, eager_bench)
     print("\n".join(header), flush=True)
 
+    if args.op == "add-norm":
+        rows = [add_norm_row(n, d, DTYPES[name], name, args.device, bench, eager_bench, seed=i)
+                for i, (n, d) in enumerate(parse_shapes(args.shapes, SHAPES))
+                for name in args.dtypes.split(",")]
+        return write_table(args, argv, header, rows, format_add_norm_table(rows), [],
+                           "Residual add + RMSNorm: fused (Triton) vs torch add, then Triton norm")
     rows, tune_lines = [], []
     for i, (n, d) in enumerate(parse_shapes(args.shapes, SHAPES)):
         for name in args.dtypes.split(","):
@@ -139,11 +157,15 @@ def main(argv=None):
             if args.device == "cuda":
                 torch.cuda.empty_cache()
 
-    table = format_table(rows)
+    return write_table(args, argv, header, rows, format_table(rows), tune_lines,
+                       "RMSNorm: bytelm Triton vs the PyTorch reference (eager)")
+
+
+def write_table(args, argv, header, rows, table, tune_lines, title):
     print(table)
     if args.out:
         cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))
-        parts = ["# RMSNorm: bytelm Triton vs the PyTorch reference (eager)", "",
+        parts = [f"# {title}", "",
                  *header, f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
                  f"- command: `{cmd}`",
                  "- fp32 weight, eps 1e-5; GB/s and timing as defined in benchmarks/rms_norm.py", "", table]
@@ -152,6 +174,64 @@ def main(argv=None):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(parts) + "\n")
     return rows
+
+
+def add_norm_fns(x, residual, weight, dy, dres, fused):
+    """Forward (no autograd) and fwd+bwd of one block boundary, fused or as the model ran it
+    before; both return y and residual_out (fp32 stream, fp32 y)."""
+    from bytelm.ops.rms_norm import add_rms_norm_fn, rms_norm_fn
+
+    def forward():
+        if fused:
+            return add_rms_norm_fn(x, residual, weight, EPS, torch.float32, backend="triton")
+        h = residual + x
+        return rms_norm_fn(h, weight, EPS, backend="triton"), h
+
+    def fwd():
+        with torch.no_grad():
+            return forward()
+
+    def fwd_bwd():
+        return torch.autograd.grad(forward(), (x, residual, weight), (dy, dres))
+    return fwd, fwd_bwd
+
+
+def add_norm_row(n, d, dtype, name, device, bench, eager_bench, seed):
+    x, weight, _ = make_inputs(n, d, dtype, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    residual = (3 * torch.randn(n, d, generator=g)).to(device).requires_grad_()
+    dy, dres = (torch.randn(n, d, generator=g).to(device) for _ in range(2))
+    ours_f, ours_fb = add_norm_fns(x, residual, weight, dy, dres, fused=True)
+    old_f, old_fb = add_norm_fns(x, residual, weight, dy, dres, fused=False)
+    row = dict(shape=f"{n} x {d}", dtype=name)
+    row["check"] = max(rel_err(a, b) for a, b in zip(ours_f(), old_f()))
+    row["gcheck"] = max(rel_err(a, b) for a, b in zip(ours_fb(), old_fb()))
+    row["fwd"], row["fb"], row["ofwd"], row["ofb"] = (bench(f) for f in (ours_f, ours_fb, old_f, old_fb))
+    row["efb"], row["eofb"] = eager_bench(ours_fb), eager_bench(old_fb)
+    xb, nel = x.element_size(), x.numel()
+    row["fwd_gbs"] = (xb + 12) * nel / row["fwd"] / 1e6   # x, residual in; y, residual_out out
+    row["fb_gbs"] = (2 * xb + 36) * nel / row["fb"] / 1e6  # + h, dy, dres in; dx, dresidual out
+    print(row, flush=True)
+    if device == "cuda":
+        del x, residual, weight, dy, dres
+        torch.cuda.empty_cache()
+    return row
+
+
+def format_add_norm_table(rows):
+    head = ("| shape (rows x dim) | x dtype | fused fwd ms | unfused fwd ms | fwd speed-up "
+            "| fused fwd GB/s | fused fwd+bwd ms | unfused fwd+bwd ms | fwd+bwd speed-up "
+            "| fused fwd+bwd GB/s | eager launches: fused / unfused fwd+bwd ms "
+            "| out / grads vs unfused |")
+    lines = table_head(head)
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["shape"], r["dtype"], f"{r['fwd']:.3f}", f"{r['ofwd']:.3f}", f"{r['ofwd'] / r['fwd']:.2f}",
+            f"{r['fwd_gbs']:.0f}", f"{r['fb']:.3f}", f"{r['ofb']:.3f}", f"{r['ofb'] / r['fb']:.2f}",
+            f"{r['fb_gbs']:.0f}", f"{r['efb']:.3f} / {r['eofb']:.3f}",
+            f"{r['check']:.1e} / {r['gcheck']:.1e}",
+        ]) + " |")
+    return "\n".join(lines)
 
 
 def format_table(rows):

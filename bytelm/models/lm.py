@@ -7,7 +7,10 @@ from a layer pattern, final RMSNorm, tied LM head. Imports nothing from Lightnin
     layer_pattern "MMMA" / "MMMMMMMA" -> hybrids with one attention layer in 4 / in 8
 
 Every block is x + mixer(norm(x)), so existing Mamba checkpoints (layers.i.norm, layers.i.mixer)
-load unchanged.
+load unchanged. As in mamba_ssm, the add is done by the next norm: blocks pass (hidden, residual)
+= (their mixer's output, the fp32 stream before it), and each norm (norm_f too) computes
+residual + hidden and normalises it in one fused pass; the maths is unchanged (same fp32 add,
+same norm; the plain-PyTorch path reproduces the unfused blocks bit for bit).
 """
 
 from __future__ import annotations
@@ -91,7 +94,11 @@ class ModelConfig:
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), where the mixer is a Mamba mixer ("M"), attention ("A") or an MLP ("F")."""
+    """x + mixer(norm(x)), where the mixer is a Mamba mixer ("M"), attention ("A") or an MLP ("F").
+
+    Takes and returns (hidden, residual): x = residual + hidden is formed by this block's norm
+    (residual None: x = hidden, the embeddings), and the block returns its mixer's output
+    beside x, for the next norm to add."""
 
     def __init__(self, kind: str, cfg: ModelConfig):
         super().__init__()
@@ -108,21 +115,25 @@ class Block(nn.Module):
         else:
             self.mixer = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
-    def forward(self, x, return_state=False):
+    def forward(self, hidden, residual=None, return_state=False):
+        """hidden, residual: (batch, length, d_model) -> hidden, residual [, state]."""
+        normed, residual = self.norm.add_norm(hidden, residual)
         if not return_state:
-            return x + self.drop(self.mixer(self.norm(x)))
+            return self.drop(self.mixer(normed)), residual
         if self.kind == "F":
-            return x + self.mixer(self.norm(x)), None
-        y, state = self.mixer(self.norm(x), return_state=True)
-        return x + y, state
+            return self.mixer(normed), residual, None
+        out, state = self.mixer(normed, return_state=True)
+        return out, residual, state
 
     def init_state(self, batch: int, device=None, dtype=None):
         return None if self.kind == "F" else self.mixer.init_state(batch, device, dtype)
 
-    def step(self, x, state):
+    def step(self, hidden, residual, state):
+        """hidden, residual: (batch, d_model) -> hidden, residual; `state` updated in place."""
+        normed, residual = self.norm.add_norm(hidden, residual)
         if self.kind == "F":
-            return x + self.mixer(self.norm(x))
-        return x + self.mixer.step(self.norm(x), state)
+            return self.mixer(normed), residual
+        return self.mixer.step(normed, state), residual
 
     def extra_flops_per_token(self, seq_len: int | None) -> int:
         """Forward FLOPs per token beyond the linear layers."""
@@ -165,10 +176,10 @@ class LM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: (batch, length) int64 -> logits (batch, length, padded_vocab)."""
-        x = self.drop(self.embedding(input_ids))
+        hidden, residual = self.drop(self.embedding(input_ids)), None
         for layer in self.layers:
-            x = layer(x)
-        return F.linear(self.norm_f(x), self.embedding.weight)
+            hidden, residual = layer(hidden, residual)
+        return F.linear(self.norm_f.add_norm(hidden, residual)[0], self.embedding.weight)
 
     # ---- incremental inference -----------------------------------------------------------
     def init_state(self, batch: int, device=None, dtype=None) -> list[BlockState]:
@@ -178,19 +189,20 @@ class LM(nn.Module):
     def prefill(self, input_ids: torch.Tensor):
         """Parallel forward over a prompt that also returns the per-block state after it.
         input_ids: (batch, length) -> logits of the last position (batch, vocab), states."""
-        x = self.embedding(input_ids)
+        hidden, residual = self.embedding(input_ids), None
         states = []
         for layer in self.layers:
-            x, state = layer(x, return_state=True)
+            hidden, residual, state = layer(hidden, residual, return_state=True)
             states.append(state)
-        return F.linear(self.norm_f(x[:, -1]), self.embedding.weight), states
+        last = None if residual is None else residual[:, -1]
+        return F.linear(self.norm_f.add_norm(hidden[:, -1], last)[0], self.embedding.weight), states
 
     def step(self, input_ids: torch.Tensor, states: list[BlockState]) -> torch.Tensor:
         """One id per sequence. input_ids: (batch,) -> logits (batch, vocab); states in place."""
-        x = self.embedding(input_ids)
+        hidden, residual = self.embedding(input_ids), None
         for layer, state in zip(self.layers, states):
-            x = layer.step(x, state)
-        return F.linear(self.norm_f(x), self.embedding.weight)
+            hidden, residual = layer.step(hidden, residual, state)
+        return F.linear(self.norm_f.add_norm(hidden, residual)[0], self.embedding.weight)
 
     # ---- accounting ----------------------------------------------------------------------
     def num_params(self, exclude_embedding: bool = False) -> int:

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from bytelm.ops.rms_norm import rms_norm_fn
+from bytelm.ops.rms_norm import add_rms_norm_fn, rms_norm_fn
 
 
 class RMSNorm(nn.Module):
@@ -17,3 +17,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm_fn(x, self.weight, self.eps, self.backend)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """residual + x in fp32 (x.float() when residual is None), then the norm of that sum,
+        in one pass (bytelm.ops.rms_norm.add_rms_norm_fn). x, residual: (..., dim). Returns
+        (y, residual_out fp32). y is in the weight's dtype: what forward() returned for the
+        residual stream, whose dtype the mixers' decoding steps follow."""
+        return add_rms_norm_fn(x, residual, self.weight, self.eps, self.weight.dtype, self.backend)

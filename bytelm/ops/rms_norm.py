@@ -10,6 +10,17 @@ all in fp32 whatever the input dtype (x32 = x.float()), so under autocast an fp3
 stream stays fp32. `rms_norm_fn` picks a backend: "ref" (this file, autograd gives the
 gradients) or "triton" (fused forward and backward kernels, bytelm/ops/triton/rms_norm.py;
 CUDA or the Triton interpreter); "auto" means triton on CUDA tensors and ref elsewhere.
+
+Residual add + RMSNorm in one pass (a pre-norm block's `residual + x`, then the next norm):
+
+    x            : (..., dim)   any float dtype (a block's output)
+    residual     : (..., dim)   any float dtype, normally fp32 (the residual stream); None for the
+                                first block (nothing to add yet)
+    weight       : (dim,)
+    y            : (..., dim)   out_dtype (None: x.dtype)
+    residual_out : (..., dim)   fp32, residual + x computed in fp32 (x.float() when residual is None)
+
+    y = rms_norm(residual_out) * weight, cast to out_dtype
 """
 
 from __future__ import annotations
@@ -38,3 +49,34 @@ def rms_norm_fn(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
         from bytelm.ops.triton.rms_norm import rms_norm_triton
         return rms_norm_triton(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
+
+
+def _check_add_norm(x, residual, weight):
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"add_rms_norm: weight of shape {tuple(weight.shape)} for rows of {x.shape[-1]}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"add_rms_norm: residual of shape {tuple(residual.shape)} for x of "
+                         f"shape {tuple(x.shape)}")
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float = 1e-5, out_dtype: torch.dtype | None = None):
+    """x, residual (or None): (..., dim); weight: (dim,). Returns (y in out_dtype (None:
+    x.dtype), residual_out fp32), both (..., dim); shapes and maths in the module docstring.
+
+    The same operations as the unfused `residual + x` then `rms_norm_ref` (fp32 + bf16 adds in
+    fp32 in PyTorch too), so a model built on it reproduces the unfused one bit for bit."""
+    _check_add_norm(x, residual, weight)
+    residual_out = x.float() if residual is None else residual.float() + x.float()
+    return rms_norm_ref(residual_out, weight, eps).to(out_dtype or x.dtype), residual_out
+
+
+def add_rms_norm_fn(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                    eps: float = 1e-5, out_dtype: torch.dtype | None = None,
+                    backend: str = "auto"):
+    """Residual add + RMSNorm through the chosen backend; arguments, shapes and results as
+    `add_rms_norm_ref`."""
+    if _resolve("rms_norm", backend, x.device, BACKENDS) == "triton":
+        from bytelm.ops.triton.rms_norm import add_rms_norm_triton
+        return add_rms_norm_triton(x, residual, weight, eps, out_dtype)
+    return add_rms_norm_ref(x, residual, weight, eps, out_dtype)

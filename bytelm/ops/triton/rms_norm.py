@@ -10,6 +10,14 @@ Same maths and shapes as `bytelm.ops.rms_norm.rms_norm_ref` (the reference besid
     backward: dx = rstd * (dy*w - xhat * mean(dy*w * xhat))
               dw = sum over rows of dy * xhat
 
+The residual add + RMSNorm (`add_rms_norm_ref`) runs the same two kernels with flags on: the
+forward reads x and residual once, normalises h = residual + x (fp32) and writes y and h
+(residual_out, fp32); the backward reads h, dy and the gradient arriving along the residual
+stream, d(residual_out), and writes their sum dh = norm backward + d(residual_out) once per
+input that needs it (dx in x's dtype, dresidual in residual's), with dw as for the norm. That
+folds the block's `residual + x` and autograd's accumulation of the residual gradient (two
+element-wise kernels and an fp32 round trip of the residual stream each) into the norm's passes.
+
 How the kernels work
 --------------------
 A program takes a tile of BLOCK_M whole rows (BLOCK_N = next power of two >= dim columns, the
@@ -42,8 +50,10 @@ MAX_FUSED_DIM = 16384  # widest row held in registers; wider rows take the refer
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, dim, stride_x, stride_y, eps,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STORE_RSTD: tl.constexpr):
+def _rms_norm_fwd_kernel(X, RES, W, Y, RES_OUT, RSTD, n_rows, dim, stride_x, stride_res, stride_y,
+                         stride_res_out, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HAS_RESIDUAL: tl.constexpr, STORE_RESIDUAL: tl.constexpr,
+                         STORE_RSTD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -51,6 +61,10 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, dim, stride_x, stride_y, eps,
     mask = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:  # the fused add: x becomes residual + x, in fp32
+        x += tl.load(RES + rows64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if STORE_RESIDUAL:
+        tl.store(RES_OUT + rows64 * stride_res_out + cols[None, :], x, mask=mask)
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / dim + eps)
     y = x * rstd[:, None] * w[None, :]
@@ -60,8 +74,10 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, dim, stride_x, stride_y, eps,
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(X, W, DY, RSTD, DX, DW, n_rows, dim, n_tiles, stride_x, stride_dy, stride_dx,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DW: tl.constexpr):
+def _rms_norm_bwd_kernel(X, W, DY, DRES_OUT, RSTD, DX, DRES, DW, n_rows, dim, n_tiles, stride_x,
+                         stride_dy, stride_dres_out, stride_dx, stride_dres,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DRES_OUT: tl.constexpr,
+                         STORE_DX: tl.constexpr, STORE_DRES: tl.constexpr, HAS_DW: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < dim
@@ -79,7 +95,14 @@ def _rms_norm_bwd_kernel(X, W, DY, RSTD, DX, DW, n_rows, dim, n_tiles, stride_x,
         wdy = dy * w[None, :]
         c = tl.sum(xhat * wdy, axis=1) / dim
         dx = (wdy - xhat * c[:, None]) * rstd[:, None]
-        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DRES_OUT:  # the gradient arriving along the residual stream joins here
+            dx += tl.load(DRES_OUT + rows64 * stride_dres_out + cols[None, :], mask=mask,
+                          other=0.0).to(tl.float32)
+        if STORE_DX:
+            tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if STORE_DRES:  # the same values again, in the residual input's dtype
+            tl.store(DRES + rows64 * stride_dres + cols[None, :], dx.to(DRES.dtype.element_ty),
+                     mask=mask)
         if HAS_DW:
             acc += dy * xhat
     if HAS_DW:
@@ -135,9 +158,9 @@ def rms_norm_fwd(x, weight, eps, store_rstd=True, cfg=None):
     rstd = _empty(n_rows, device=x.device, dtype=torch.float32) if store_rstd else None
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
     _rms_norm_fwd_kernel[grid](
-        x, weight, y, rstd if store_rstd else y, n_rows, dim, x.stride(0), y.stride(0), eps,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], STORE_RSTD=store_rstd,
-        num_warps=cfg["num_warps"])
+        x, x, weight, y, y, rstd if store_rstd else y, n_rows, dim, x.stride(0), 0, y.stride(0), 0,
+        eps, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RESIDUAL=False,
+        STORE_RESIDUAL=False, STORE_RSTD=store_rstd, num_warps=cfg["num_warps"])
     return y, rstd
 
 
@@ -152,9 +175,10 @@ def rms_norm_bwd(x, weight, rstd, dy, need_dw=True, cfg=None):
     dx = _empty(n_rows, dim, device=x.device, dtype=x.dtype)
     partial = _empty(n_prog, dim, device=x.device, dtype=torch.float32) if need_dw else None
     _rms_norm_bwd_kernel[(n_prog,)](
-        x, weight, dy, rstd, dx, partial if need_dw else dx, n_rows, dim, n_tiles,
-        x.stride(0), dy.stride(0), dx.stride(0),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_DW=need_dw, num_warps=cfg["num_warps"])
+        x, weight, dy, dy, rstd, dx, dx, partial if need_dw else dx, n_rows, dim, n_tiles,
+        x.stride(0), dy.stride(0), 0, dx.stride(0), 0,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_DRES_OUT=False, STORE_DX=True,
+        STORE_DRES=False, HAS_DW=need_dw, num_warps=cfg["num_warps"])
     dw = partial.sum(0).to(weight.dtype) if need_dw else None
     return dx, dw
 
@@ -188,3 +212,103 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) ->
         return RMSNormFn.apply(x, weight, eps)
     # no autograd: the forward alone, without rstd (needs_input_grad is True even under no_grad)
     return rms_norm_fwd(_rows(x), weight.contiguous(), eps, store_rstd=False)[0].view(x.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# residual add + RMSNorm (the same kernels with the residual flags on)
+# --------------------------------------------------------------------------------------------
+def add_rms_norm_fwd(x, residual, weight, eps, out_dtype, store_rstd=True, cfg=None):
+    """x, residual (or None): (rows, dim) with unit column stride; weight: (dim,) contiguous.
+    Returns y (rows, dim) in out_dtype, residual_out = residual + x (rows, dim) fp32 and rstd
+    (rows,) fp32 (None unless store_rstd); all contiguous."""
+    n_rows, dim = x.shape
+    cfg = cfg or rms_norm_config(dim, x.device, element_size=4)  # tiles of the fp32 sum
+    y = _empty(n_rows, dim, device=x.device, dtype=out_dtype)
+    residual_out = _empty(n_rows, dim, device=x.device, dtype=torch.float32)
+    rstd = _empty(n_rows, device=x.device, dtype=torch.float32) if store_rstd else None
+    has_res = residual is not None
+    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
+    _rms_norm_fwd_kernel[grid](
+        x, residual if has_res else x, weight, y, residual_out, rstd if store_rstd else y,
+        n_rows, dim, x.stride(0), residual.stride(0) if has_res else 0, y.stride(0),
+        residual_out.stride(0), eps, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HAS_RESIDUAL=has_res, STORE_RESIDUAL=True, STORE_RSTD=store_rstd,
+        num_warps=cfg["num_warps"])
+    return y, residual_out, rstd
+
+
+def add_rms_norm_bwd(residual_out, weight, rstd, dy, dresidual_out=None, dx_dtype=None,
+                     dresidual_dtype=None, need_dw=True, cfg=None):
+    """residual_out, dy, dresidual_out (or None): (rows, dim) with unit column stride; weight:
+    (dim,); rstd: (rows,) fp32. One pass gives d(residual_out) = norm backward + dresidual_out,
+    written as dx in dx_dtype and as dresidual in dresidual_dtype (each None: not written), and
+    dweight in weight.dtype (None unless need_dw)."""
+    n_rows, dim = residual_out.shape
+    dev = residual_out.device
+    cfg = cfg or rms_norm_config(dim, dev, backward=True, element_size=4)
+    n_tiles = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    n_prog = _n_programs(cfg, n_tiles, dev)
+    dx = _empty(n_rows, dim, device=dev, dtype=dx_dtype) if dx_dtype else None
+    dres = _empty(n_rows, dim, device=dev, dtype=dresidual_dtype) if dresidual_dtype else None
+    partial = _empty(n_prog, dim, device=dev, dtype=torch.float32) if need_dw else None
+    has_dres_out = dresidual_out is not None
+    _rms_norm_bwd_kernel[(n_prog,)](
+        residual_out, weight, dy, dresidual_out if has_dres_out else dy, rstd,
+        dx if dx is not None else dy, dres if dres is not None else dy,
+        partial if need_dw else dy, n_rows, dim, n_tiles, residual_out.stride(0), dy.stride(0),
+        dresidual_out.stride(0) if has_dres_out else 0, dx.stride(0) if dx is not None else 0,
+        dres.stride(0) if dres is not None else 0,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_DRES_OUT=has_dres_out,
+        STORE_DX=dx is not None, STORE_DRES=dres is not None, HAS_DW=need_dw,
+        num_warps=cfg["num_warps"])
+    dw = partial.sum(0).to(weight.dtype) if need_dw else None
+    return dx, dres, dw
+
+
+class AddRMSNormFn(torch.autograd.Function):
+    """Fused residual add + RMSNorm; arguments and shapes as `add_rms_norm_ref`. Saves
+    residual_out (fp32, also an output) and rstd; the backward takes the gradients of y and of
+    residual_out (None when residual_out is not used further, e.g. after the last block)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, out_dtype):
+        w = weight.contiguous()
+        res2 = _rows(residual) if residual is not None else None
+        y, residual_out, rstd = add_rms_norm_fwd(_rows(x), res2, w, eps, out_dtype)
+        ctx.save_for_backward(residual_out, w, rstd)
+        ctx.set_materialize_grads(False)  # no zero tensor for an unused residual_out
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.residual_dtype = residual.dtype if residual is not None else None
+        return y.view(x.shape), residual_out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, dresidual_out):
+        residual_out, w, rstd = ctx.saved_tensors
+        need_dx, need_dres, need_dw = ctx.needs_input_grad[:3]
+        dy = torch.zeros_like(residual_out) if dy is None else _rows(dy)
+        dx, dres, dw = add_rms_norm_bwd(
+            residual_out, w, rstd, dy, None if dresidual_out is None else _rows(dresidual_out),
+            dx_dtype=ctx.x_dtype if need_dx else None,
+            dresidual_dtype=ctx.residual_dtype if need_dres else None, need_dw=need_dw)
+        shape = ctx.x_shape
+        return (dx.view(shape) if dx is not None else None,
+                dres.view(shape) if dres is not None else None, dw, None, None)
+
+
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                        eps: float = 1e-5, out_dtype: torch.dtype | None = None):
+    """Fused residual add + RMSNorm; arguments, shapes and results as `add_rms_norm_ref`."""
+    from bytelm.ops.rms_norm import _check_add_norm, add_rms_norm_ref
+
+    _check_add_norm(x, residual, weight)
+    if x.numel() == 0 or x.shape[-1] > MAX_FUSED_DIM:
+        return add_rms_norm_ref(x, residual, weight, eps, out_dtype)
+    out_dtype = out_dtype or x.dtype
+    leaves = (x, weight) if residual is None else (x, residual, weight)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
+        return AddRMSNormFn.apply(x, residual, weight, eps, out_dtype)
+    # no autograd: the forward alone, without rstd
+    res2 = _rows(residual) if residual is not None else None
+    y, residual_out, _ = add_rms_norm_fwd(_rows(x), res2, weight.contiguous(), eps, out_dtype,
+                                          store_rstd=False)
+    return y.view(x.shape), residual_out.view(x.shape)
