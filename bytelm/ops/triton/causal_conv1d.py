@@ -292,12 +292,13 @@ def _length_contiguous(t):
     return t if t.stride(2) == 1 or t.shape[2] == 1 else t.contiguous()
 
 
-def conv_bwd(x, weight, bias, dout, silu, cfg=None):
+def conv_bwd(x, weight, bias, dout, silu, cfg=None, dx=None):
     """Gradients of `conv_fwd`: dx (x.dtype, laid out as `_out_like` says) and the fp32 sums
     dweight (dim, width) and dbias (dim,), the latter None without a bias. x or dout strided
     along length is copied
     to a contiguous layout first: the in-register shifts need whole vectors of steps, and the
-    copy costs far less than a backward through shifted loads (4x slower on the H200)."""
+    copy costs far less than a backward through shifted loads (4x slower on the H200).
+    dx: where to write x's gradient (steps adjacent), e.g. a slice of a larger gradient buffer."""
     batch, dim, length = x.shape
     width = weight.shape[1]
     x, dout = _length_contiguous(x), _length_contiguous(dout)
@@ -310,7 +311,8 @@ def conv_bwd(x, weight, bias, dout, silu, cfg=None):
     grid = (triton.cdiv(n_tiles, iters), d_blocks, batch)
     parts = grid[0] * batch
     f32 = dict(device=x.device, dtype=torch.float32)
-    dx = _out_like(x)
+    dx = _out_like(x) if dx is None else dx
+    assert dx.stride(2) == 1 or length == 1
     dw_part = _empty(parts, dim, width, **f32)
     db_part = _empty(parts, dim, **f32)
     _conv_bwd_kernel[grid](

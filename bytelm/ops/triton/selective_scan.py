@@ -152,9 +152,11 @@ def pack_bc(x, cfg):
     return out.view(batch, block_n, n_chunks + 2, T).transpose(1, 2).contiguous()
 
 
-def unpack_bc(x, nstate, length, dtype):
+def unpack_bc(x, nstate, length, dtype=None, out=None):
+    """`pack_bc` undone: (batch, state, length) in dtype, or written (cast) into out."""
     batch, n_chunks, block_n, T = x.shape
-    return x.transpose(1, 2).reshape(batch, block_n, n_chunks * T)[:, :nstate, :length].to(dtype)
+    x = x.transpose(1, 2).reshape(batch, block_n, n_chunks * T)[:, :nstate, :length]
+    return x.to(dtype) if out is None else out.copy_(x)
 
 
 def segments(batch, dim, n_chunks, cfg, device) -> int:
@@ -228,10 +230,11 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
 
 
 def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chunk, dout, dlast,
-             need_dh0, cfg=None):
+             need_dh0, cfg=None, dz=None):
     """Launch the backward over checkpoints written with chunks of t_chunk steps, fp32 or bf16
     (the kernel reads ckpt's dtype). Returns du, ddelta, dz in the inputs' dtypes, dB and dC
-    packed like Bp (fp32), dA, dD, ddelta_bias fp32 and the initial state's gradient (or None)."""
+    packed like Bp (fp32), dA, dD, ddelta_bias fp32 and the initial state's gradient (or None).
+    dz: where to write z's gradient (u's strides), e.g. a slice of a larger gradient buffer."""
     batch, dim, length = u.shape
     nstate = A.shape[1]
     cfg = dict(cfg or scan_config(nstate, backward=True), T=t_chunk)
@@ -241,7 +244,9 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     nseg = triton.cdiv(n_chunks, cps)
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = _empty(like=u), _empty(like=delta)
-    dz = _empty(like=u, dtype=z.dtype) if z is not None else None  # laid out like u (kernel strides)
+    if z is not None and dz is None:
+        dz = _empty(like=u, dtype=z.dtype)  # laid out like u (kernel strides)
+    assert dz is None or dz.stride() == u.stride()
     dA = torch.zeros(dim, nstate, **f32)
     dBp, dCp = torch.zeros_like(Bp), torch.zeros_like(Cp)
     dD = torch.zeros(dim, **f32) if D is not None else None
