@@ -11,7 +11,7 @@ from torch import nn
 
 from bytelm.ops.causal_conv1d import causal_conv1d_fn
 from bytelm.ops.channel_major import linear_from_cm, linear_to_cm
-from bytelm.ops.selective_scan import selective_scan_fn, selective_state_update
+from bytelm.ops.selective_scan import resolve_backend, selective_scan_fn, selective_state_update
 
 
 @dataclass
@@ -68,6 +68,15 @@ class MambaMixer(nn.Module):
         the step when they were: benchmarks/results/profile-h200.md)."""
         batch, length, _ = hidden.shape
         xz = linear_to_cm(hidden.reshape(-1, self.d_model), self.in_proj.weight, self.in_proj.bias)
+        if not return_state and length > 0 and resolve_backend(self.scan_backend, xz.device) == "triton":
+            # conv, x_proj, dt_proj and scan as one autograd node: its backward writes the
+            # gradients into shared buffers, no cat or add of autograd's (ops/triton/mamba_inner.py)
+            from bytelm.ops.triton.mamba_inner import mamba_inner_triton
+            y = mamba_inner_triton(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
+                                   self.dt_proj.weight, -torch.exp(self.A_log.float()),
+                                   self.D.float(), self.dt_proj.bias.float(), batch, self.dt_rank)
+            return linear_from_cm(y.transpose(0, 1).reshape(self.d_inner, -1), self.out_proj.weight,
+                                  self.out_proj.bias).view(batch, length, self.d_model)
         # split in channel-major space: the two gradients then join by one coalesced cat
         x_cm, z_cm = xz.chunk(2, dim=0)
 
