@@ -192,11 +192,11 @@ def tune(x, dout, n):
     ref_grads = bwd(dict(base_b, SEG=1))
     nseg = lambda cfg: tss.segments(u.shape[0], u.shape[1], ckpt.shape[1], cfg, u.device)  # noqa: E731
     lines = []
-    # the chunk loop: pipelined (two chunks an iteration) or one chunk (with B/C prefetch), each
+    # the chunk loop: pipelined (two chunks an iteration) or one chunk (rows prefetched), each
     # with and without checkpoints; the default picks per case
     piped = dict(base_f, pipeline=True, pipeline_ckpt=True)
     one_chunk = dict(base_f, pipeline=False, pipeline_ckpt=False)
-    fwd_variants = [base_f, piped, one_chunk, dict(one_chunk, prefetch_bc=False), dict(base_f, SEG=1),
+    fwd_variants = [base_f, piped, one_chunk, dict(base_f, SEG=1),
                     dict(piped, WD=3 - base_f["WD"]), dict(one_chunk, WD=3 - base_f["WD"]),
                     dict(base_f, maxnreg=168, warps_per_sm=12),  # more warps an SM to hide latency
                     dict(piped, ckpt_dtype=torch.float32),  # the checkpoints bf16 inputs had before
