@@ -187,8 +187,8 @@ def tune(x, dout, n):
     base_f, base_b = tss.scan_config(n, input_dtype=u.dtype), tss.scan_config(n, backward=True)
     Bp, Cp = tss.pack_bc(x["B"], base_f), tss.pack_bc(x["C"], base_f)
     _, _, ckpt = tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True)
-    bwd = lambda cfg: tss.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, base_f["T"],  # noqa: E731
-                                   dout, None, False, cfg=cfg)
+    bwd = lambda cfg, ck=ckpt: tss.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ck,  # noqa: E731
+                                            base_f["T"], dout, None, False, cfg=cfg)
     ref_grads = bwd(dict(base_b, SEG=1))
     nseg = lambda cfg: tss.segments(u.shape[0], u.shape[1], ckpt.shape[1], cfg, u.device)  # noqa: E731
     lines = []
@@ -227,8 +227,7 @@ def tune(x, dout, n):
     # the default backward reading fp32 checkpoints (bf16 inputs' default until bf16 ones)
     ckpt32 = tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
                           cfg=dict(base_f, ckpt_dtype=torch.float32))[2]
-    f = lambda: tss.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt32, base_f["T"],  # noqa: E731
-                             dout, None, False, cfg=base_b)
+    f = lambda: bwd(base_b, ckpt32)  # noqa: E731
     err = max(rel_err(a, b) for a, b in zip(f()[:5], ref_grads[:5]))
     lines.append(f"  bwd {base_b} ({nseg(base_b)} pieces) on fp32 checkpoints: {bench(f):.3f} ms "
                  f"(max rel diff {err:.1e})")

@@ -183,7 +183,7 @@ def _launch_consts(cfg, delta_softplus, delta_bias):
 
 def checkpoint_nbytes(batch, dim, length, nstate, cfg) -> int:
     """Bytes of the chunk checkpoints `scan_fwd` stores for the backward with this cfg."""
-    itemsize = torch.empty(0, dtype=cfg.get("ckpt_dtype", torch.float32)).element_size()
+    itemsize = cfg.get("ckpt_dtype", torch.float32).itemsize
     return batch * triton.cdiv(length, cfg["T"]) * nstate * dim * itemsize
 
 
