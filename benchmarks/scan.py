@@ -187,16 +187,16 @@ def tune(x, dout, n):
     base_f, base_b = tss.scan_config(n, input_dtype=u.dtype), tss.scan_config(n, backward=True)
     Bp, Cp = tss.pack_bc(x["B"], base_f), tss.pack_bc(x["C"], base_f)
     _, _, ckpt = tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True)
-    bwd = lambda cfg: tss.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, base_f["T"],  # noqa: E731
-                                   dout, None, False, cfg=cfg)
+    bwd = lambda cfg, ck=ckpt: tss.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ck,  # noqa: E731
+                                            base_f["T"], dout, None, False, cfg=cfg)
     ref_grads = bwd(dict(base_b, SEG=1))
     nseg = lambda cfg: tss.segments(u.shape[0], u.shape[1], ckpt.shape[1], cfg, u.device)  # noqa: E731
     lines = []
-    # the chunk loop: pipelined (two chunks an iteration) or one chunk (with B/C prefetch), each
+    # the chunk loop: pipelined (two chunks an iteration) or one chunk (rows prefetched), each
     # with and without checkpoints; the default picks per case
     piped = dict(base_f, pipeline=True, pipeline_ckpt=True)
     one_chunk = dict(base_f, pipeline=False, pipeline_ckpt=False)
-    fwd_variants = [base_f, piped, one_chunk, dict(one_chunk, prefetch_bc=False), dict(base_f, SEG=1),
+    fwd_variants = [base_f, piped, one_chunk, dict(base_f, SEG=1),
                     dict(piped, WD=3 - base_f["WD"]), dict(one_chunk, WD=3 - base_f["WD"]),
                     dict(base_f, maxnreg=168, warps_per_sm=12),  # more warps an SM to hide latency
                     dict(piped, ckpt_dtype=torch.float32),  # the checkpoints bf16 inputs had before
@@ -227,8 +227,7 @@ def tune(x, dout, n):
     # the default backward reading fp32 checkpoints (bf16 inputs' default until bf16 ones)
     ckpt32 = tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
                           cfg=dict(base_f, ckpt_dtype=torch.float32))[2]
-    f = lambda: tss.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt32, base_f["T"],  # noqa: E731
-                             dout, None, False, cfg=base_b)
+    f = lambda: bwd(base_b, ckpt32)  # noqa: E731
     err = max(rel_err(a, b) for a, b in zip(f()[:5], ref_grads[:5]))
     lines.append(f"  bwd {base_b} ({nseg(base_b)} pieces) on fp32 checkpoints: {bench(f):.3f} ms "
                  f"(max rel diff {err:.1e})")

@@ -159,13 +159,12 @@ def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=12)
 
 
-@pytest.mark.parametrize("pipeline,prefetch_bc", [(True, True), (False, True), (False, False)],
-                         ids=["pipelined", "prefetch_bc", "plain"])
-def test_scan_forward_loop_variants(monkeypatch, pipeline, prefetch_bc):
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "one_chunk"])
+def test_scan_forward_loop_variants(monkeypatch, pipeline):
     """The forward's software-pipelined loop (the default but for N > 16 with checkpoints; two
-    chunks per iteration, 9 and 6 chunks here: odd and even counts) and the one-chunk loop with and without its prefetch of
-    the next chunk's B and C rows; also cut into pieces (3 and 2 chunks each)."""
-    override_scan_config(monkeypatch, pipeline=pipeline, pipeline_ckpt=pipeline, prefetch_bc=prefetch_bc)
+    chunks per iteration, 9 and 6 chunks here: odd and even counts) and the one-chunk loop
+    (next chunk's rows prefetched); also cut into pieces (3 and 2 chunks each)."""
+    override_scan_config(monkeypatch, pipeline=pipeline, pipeline_ckpt=pipeline)
     check_scan(*SMALL, 33, 16, torch.float32, seed=13)
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=14)
     override_scan_config(monkeypatch, SEG=3)

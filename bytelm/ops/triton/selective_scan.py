@@ -99,15 +99,15 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
             cfg.update(maxnreg=168, warps_per_sm=12)
         return cfg
     # pipeline: chunk c + 1's step sizes, decays and rows are computed / loaded while chunk c's
-    # recurrence runs, two chunks an iteration; pipeline=False: the one-chunk loop, where
-    # prefetch_bc loads chunk c + 1's B and C rows while chunk c runs. pipeline applies to the
+    # recurrence runs, two chunks an iteration; pipeline=False: the one-chunk loop, which loads
+    # chunk c + 1's rows (B and C too) while chunk c runs. pipeline applies to the
     # inference forward, pipeline_ckpt to the training forward (which also stores checkpoints).
     # H200, bf16, 8 x 2048 x 2048 (NOTES.md, fifth session): N=16 pipelined 0.499 -> 0.467 ms
     # (0.529 -> 0.527 with checkpoints; 8 x 1536 x 8192: 1.78 -> 1.52, 1.78 -> 1.74); N=64
     # inference 1.76 -> 1.64, but with checkpoints 3.70 -> 5.66: the one-chunk loop there
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
-    return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, prefetch_bc=True,
-                pipeline=True, pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype)
+    return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pipeline=True,
+                pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,7 +186,7 @@ def _launch_consts(cfg, delta_softplus, delta_bias):
 
 def checkpoint_nbytes(batch, dim, length, nstate, cfg) -> int:
     """Bytes of the chunk checkpoints `scan_fwd` stores for the backward with this cfg."""
-    itemsize = torch.empty(0, dtype=cfg.get("ckpt_dtype", torch.float32)).element_size()
+    itemsize = cfg.get("ckpt_dtype", torch.float32).itemsize
     return batch * triton.cdiv(length, cfg["T"]) * nstate * dim * itemsize
 
 
@@ -223,8 +223,7 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
         out, h_last, ckpt if ckpt is not None else h_last,
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None,
-        STORE_CKPT=store_ckpt, PREFETCH_BC=cfg.get("prefetch_bc", True),
-        PIPELINE=cfg.get("pipeline_ckpt" if store_ckpt else "pipeline", True),
+        STORE_CKPT=store_ckpt, PIPELINE=cfg.get("pipeline_ckpt" if store_ckpt else "pipeline", True),
         **_register_cap(cfg), **consts)
     return out, h_last, ckpt
 

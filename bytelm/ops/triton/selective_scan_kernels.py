@@ -72,7 +72,7 @@ def _scan_fwd_kernel(
     L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr, FAST_LOG: tl.constexpr,
-    PREFETCH_BC: tl.constexpr, PIPELINE: tl.constexpr,
+    PIPELINE: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
     AX_LD: tl.constexpr,
@@ -209,8 +209,8 @@ def _scan_fwd_kernel(
                 if HAS_Z:
                     z_cur = z_nx
     else:
-        # the per-channel rows of chunk c + 1 are loaded while chunk c computes; so are its B and C
-        # rows with PREFETCH_BC (their cache latency was a third of the stalls; costs registers)
+        # the rows of chunk c + 1, B and C included, are loaded while chunk c computes (B and C's
+        # cache latency was a third of the stalls without their prefetch)
         t = c_lo * T + t_
         m_nx = (t < L) & mask_row
         o = row + (zero64 + c_lo) * TST + tS
@@ -219,9 +219,8 @@ def _scan_fwd_kernel(
         if HAS_Z:
             z_nx = tl.load(z_ptr + zrow + (zero64 + c_lo) * TZT + tZ, mask=m_nx, other=0.0)
         ckpt_ptrs = ckpt_ptr + (pid_b * n_chunks + c_lo) * DIM * NSTATE + ckpt_tile
-        if PREFETCH_BC:
-            B_nx = tl.load(B_chunk + bc_tile)
-            C_nx = tl.load(C_chunk + bc_tile)
+        B_nx = tl.load(B_chunk + bc_tile)
+        C_nx = tl.load(C_chunk + bc_tile)
         for c in range(c_lo, c_hi):
             t = c * T + t_
             m_row = (t < L) & mask_row
@@ -235,14 +234,10 @@ def _scan_fwd_kernel(
             dl_nx = tl.load(delta_ptr + o + TST, mask=m_nx, other=0.0)
             if HAS_Z:
                 z_nx = tl.load(z_ptr + zrow + (zero64 + c + 1) * TZT + tZ, mask=m_nx, other=0.0)
-            if PREFETCH_BC:  # the packed B, C hold padding chunks past the end: no mask needed
-                Bt = B_nx
-                Ct = C_nx
-                B_nx = tl.load(B_chunk + BN * T + bc_tile)
-                C_nx = tl.load(C_chunk + BN * T + bc_tile)
-            else:
-                Bt = tl.load(B_chunk + bc_tile)
-                Ct = tl.load(C_chunk + bc_tile)
+            Bt = B_nx   # the packed B, C hold padding chunks past the end: no mask needed
+            Ct = C_nx
+            B_nx = tl.load(B_chunk + BN * T + bc_tile)
+            C_nx = tl.load(C_chunk + BN * T + bc_tile)
             B_chunk += BN * T
             C_chunk += BN * T
             if STORE_CKPT:  # the state entering chunk c, for the backward
@@ -271,7 +266,6 @@ def _scan_fwd_kernel(
             if HAS_Z:
                 y = y * zz * tl.fdiv(1.0, 1.0 + tl.exp2(-zz * LOG2E), ieee_rounding=False)
             tl.store(out_ptr + o, y.to(out_ptr.dtype.element_ty), mask=m_row)
-
 
     tl.store(hlast_ptr + state_off, h, mask=mask_dn & (zero_kn + seg == NSEG - 1))
 
