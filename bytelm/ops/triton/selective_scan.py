@@ -93,9 +93,9 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
                    warps_per_sm=8)  # ~225-255 registers a thread: 8 warps an SM
         if block_n == 16:
             # capped at 168 registers (ptxas .maxnreg): 12 one-warp programs an SM instead of
-            # 8; the mixer's 8 x 1536 channels are then 1536 programs, one wave on 132 SMs
-            # (1584 slots). Offline sm_90 compiles (benchmarks/sass_bwd.py): no spills with
-            # triton 3.6 (the H200's) or 3.9.
+            # 8, so a short batch cuts its sequence into more pieces; backward_config drops
+            # the cap where it does not. Offline sm_90 compiles (benchmarks/sass_bwd.py): no
+            # spills with triton 3.6 (the H200's) or 3.9.
             cfg.update(maxnreg=168, warps_per_sm=12)
         return cfg
     # pipeline: chunk c + 1's step sizes, decays and rows are computed / loaded while chunk c's
@@ -174,6 +174,19 @@ def segments(batch, dim, n_chunks, cfg, device) -> int:
     return max(1, min(fit // warps, n_chunks // 16))
 
 
+def backward_config(nstate, batch, dim, n_chunks, device) -> dict:
+    """scan_config(backward=True) for this launch: the register cap (12 warps an SM) only
+    where it buys more sequence pieces. Where the sequence is one piece either way the uncapped
+    kernel (8 warps an SM) is faster with the (batch, chunk, dim, state) checkpoints: H200,
+    bf16, N=16: 8 x 2048 x 2048 1.378 -> 1.347 ms, 4 x 2048 x 8192 2.516 -> 2.428,
+    8 x 1536 x 8192 3.297 -> 3.250; at 2 x 1536 x 8192 the cap gives 4 pieces instead of 2,
+    1.180 vs 1.768 ms (benchmarks/NOTES.md, sixth session)."""
+    cfg = scan_config(nstate, backward=True)
+    if cfg.get("maxnreg") and segments(batch, dim, n_chunks, cfg, device) == 1:
+        cfg.update(maxnreg=None, warps_per_sm=8)
+    return cfg
+
+
 def _register_cap(cfg) -> dict:
     """Launch option capping a kernel's registers per thread (ptxas .maxnreg), when cfg sets one."""
     return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
@@ -236,8 +249,8 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     dz: where to write z's gradient (u's strides), e.g. a slice of a larger gradient buffer."""
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    cfg = dict(cfg or scan_config(nstate, backward=True), T=t_chunk)
     n_chunks = ckpt.shape[1]
+    cfg = dict(cfg or backward_config(nstate, batch, dim, n_chunks, u.device), T=t_chunk)
     nseg = segments(batch, dim, n_chunks, cfg, u.device)
     cps = triton.cdiv(n_chunks, nseg)
     nseg = triton.cdiv(n_chunks, cps)
