@@ -184,9 +184,10 @@ def ref_fns(x, dout):
 def tune(x, dout, n):
     """Time the raw kernels for a few tile shapes and sequence cuts; one line per variant."""
     u, delta, A, D, z, bias = x["u"], x["delta"], x["A"], x["D"], x["z"], x["delta_bias"]
-    base_f, base_b = tss.scan_config(n, input_dtype=u.dtype), tss.scan_config(n, backward=True)
+    base_f = tss.scan_config(n, input_dtype=u.dtype)
     Bp, Cp = tss.pack_bc(x["B"], base_f), tss.pack_bc(x["C"], base_f)
     _, _, ckpt = tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True)
+    base_b = tss.backward_config(n, u.shape[0], u.shape[1], ckpt.shape[1], u.device)
     bwd = lambda cfg, ck=ckpt: tss.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ck,  # noqa: E731
                                             base_f["T"], dout, None, False, cfg=cfg)
     ref_grads = bwd(dict(base_b, SEG=1))
@@ -201,6 +202,8 @@ def tune(x, dout, n):
                     dict(base_f, maxnreg=168, warps_per_sm=12),  # more warps an SM to hide latency
                     dict(piped, ckpt_dtype=torch.float32),  # the checkpoints bf16 inputs had before
                     dict(one_chunk, ckpt_dtype=torch.float32)]
+    if base_f["NPT"] == 8 and base_f["KN"] == 2:  # half the states a thread: twice the programs
+        fwd_variants.append(dict(base_f, NPT=4, KN=4, LD=8))
     fwd_variants = [c for i, c in enumerate(fwd_variants) if c not in fwd_variants[:i]]
     for cfg in fwd_variants:
         # the training forward also writes the chunk checkpoints: time both
@@ -212,8 +215,10 @@ def tune(x, dout, n):
     if base_b.get("maxnreg"):  # without the register cap (8 warps an SM)
         variants += [dict(base_b, maxnreg=None, warps_per_sm=8),
                      dict(base_b, maxnreg=None, warps_per_sm=8, reduce_scatter=False)]
-    if base_b["NPT"] == 8:
-        variants.append(dict(base_b, NPT=4, KN=base_b["KN"] * 2, LD=base_b["LD"] // 2))
+    elif tss.scan_config(n, backward=True).get("maxnreg"):  # with it (12 warps an SM)
+        variants += [dict(base_b, maxnreg=168, warps_per_sm=12)]
+    if base_b["NPT"] in (4, 8) and base_b["LD"] > 1:  # half the states a thread: twice the programs
+        variants.append(dict(base_b, NPT=base_b["NPT"] // 2, KN=base_b["KN"] * 2, LD=base_b["LD"] // 2))
     for cfg in variants:
         if cfg["NPT"] != base_b["NPT"]:  # another state split packs B and C differently
             Bq, Cq = tss.pack_bc(x["B"], cfg), tss.pack_bc(x["C"], cfg)

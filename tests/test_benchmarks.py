@@ -108,3 +108,25 @@ def test_throughput_peer_row_wraps_mamba_ssm(monkeypatch):
     assert peer(torch.randint(0, 256, (2, 5))).shape == (2, 5, 256)
     assert peer.num_params() == 256 * 16
     assert peer.flops_per_token(64) == throughput.LM(throughput.ModelConfig(**kw)).flops_per_token(64)
+
+
+def test_scan_tune_variants_run_in_the_interpreter(monkeypatch):
+    """Every tile shape / cut `scan.py --tune` times launches and agrees with the default
+    backward (timing replaced by one call; tiny shapes on the CPU)."""
+    import re
+
+    import torch
+    import scan
+
+    monkeypatch.setattr(scan, "bench", lambda fn, rep=200: (fn(), 0.0)[1])
+    g = torch.Generator().manual_seed(0)
+    b, d, length, n = 1, 8, 11, 16
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = dict(u=rnd(b, d, length), delta=0.5 * rnd(b, d, length), A=-(torch.rand(d, n, generator=g) * 4 + 0.1),
+             B=rnd(b, n, length), C=rnd(b, n, length), D=rnd(d), z=rnd(b, d, length), delta_bias=0.5 * rnd(d))
+    lines = scan.tune(x, rnd(b, d, length), n)
+    fwd = [ln for ln in lines if ln.lstrip().startswith("fwd")]
+    bwd = [ln for ln in lines if ln.lstrip().startswith("bwd")]
+    assert any("'NPT': 4" in ln for ln in fwd) and any("'NPT': 2" in ln for ln in bwd)
+    errs = [float(re.search(r"max rel diff ([0-9.e+-]+)", ln).group(1)) for ln in bwd]
+    assert len(errs) == len(bwd) >= 6 and max(errs) < 1e-5
