@@ -23,7 +23,8 @@ copy bandwidth (bytes read + written) is the practical ceiling.
 
 --op add-norm: a block boundary of the LM, x (rows, dim) the block output in --dtypes (bf16 in
 bf16-mixed training) and the fp32 residual stream. "fused" is `add_rms_norm_fn` (y fp32 as the
-model asks, residual_out fp32); "unfused" is what the model ran before: torch's `residual + x`,
+model's fp32 training asks; under autocast the model writes y in bf16, 2 bytes an element less
+in each pass; residual_out fp32); "unfused" is what the model ran before: torch's `residual + x`,
 then our Triton norm, and in the backward autograd's sum of the norm's dx and the gradient along
 the stream, plus the cast of that sum to x's dtype. fwd+bwd takes gradients of y and of
 residual_out (both fp32) for x, residual and weight. GB/s counts the fused op's bytes: forward

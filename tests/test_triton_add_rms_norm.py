@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bytelm.models.lm import LM, ModelConfig
 from bytelm.ops.rms_norm import add_rms_norm_fn, add_rms_norm_ref, rms_norm_ref
@@ -265,8 +266,9 @@ def test_lm_on_the_reference_is_bit_identical_to_the_unfused_blocks(pattern, aut
 @pytest.mark.parametrize("pattern", ["M", "MA"])
 def test_lm_generation_is_bit_identical_to_the_unfused_blocks(pattern, autocast):
     """prefill and step (Mamba states, attention's KV cache) give the unfused logits and states.
-    Under autocast this pins y's dtype: Mamba's step casts to its input's dtype, so the norm must
-    return the stream's fp32 as the unfused one did, not the bf16 of the block output."""
+    Under autocast this pins the step's y dtype: Mamba's step casts to its input's dtype, so the
+    step's norms must return the stream's fp32 as the unfused one did, not the autocast bf16
+    of the other forwards."""
     model = tiny_lm(pattern).eval()
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -305,6 +307,155 @@ def test_lm_on_triton_matches_the_unfused_reference(pattern):
     assert rel_err(logits, logits_ref) < 1e-5
     for name in grads:
         assert rel_err(grads[name], grads_ref[name]) < 1e-4, (name, rel_err(grads[name], grads_ref[name]))
+
+
+# --------------------------------------------------------------------------------------------
+# under autocast the norms write y in the autocast dtype (no cast of y, nor of its gradient)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_add_norm_writes_the_autocast_dtype(backend):
+    """y in bf16 under bf16 autocast, in the weight's fp32 without; residual_out fp32 always."""
+    from bytelm.modules.norm import RMSNorm
+
+    norm = RMSNorm(100, EPS, backend).to(DEVICE)
+    x, res, _ = make_inputs(9, 100, torch.bfloat16, seed=9)
+    for autocast, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            for r in (res, None):
+                y, ro = norm.add_norm(x, r)
+                assert y.dtype == dtype and ro.dtype == torch.float32
+            assert norm.add_norm(x, res, torch.float32)[0].dtype == torch.float32  # explicit
+
+
+@pytest.mark.parametrize("along_residual", [True, False], ids=["dres", "no_dres"])
+@pytest.mark.parametrize("has_residual", [True, False], ids=["residual", "first_block"])
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_add_norm_in_bf16_is_the_fp32_norm_then_cast(backend, has_residual, along_residual):
+    """Bit for bit: y written in bf16 is the fp32 y rounded to nearest even (the cast autocast
+    ran at the next GEMM's input), and every gradient from a bf16 dy equals the fp32 norm's
+    from that dy cast to fp32 (autograd's cast back)."""
+    x, res, w = make_inputs(63, 768, torch.bfloat16, seed=10, residual=has_residual)
+    dy, dres = upstream(x, x.float(), seed=11, along_residual=along_residual)  # dy bf16
+    new = run(backend, x, res, w, dy, dres, out_dtype=torch.bfloat16)
+    leaves = [t.detach().requires_grad_() for t in (x, res, w) if t is not None]
+    y, ro = add_rms_norm_fn(leaves[0], leaves[1] if has_residual else None, leaves[-1], EPS,
+                            torch.float32, backend=backend)
+    y = y.to(torch.bfloat16)
+    outs, grads = ((y, ro), (dy, dres)) if along_residual else ((y,), (dy,))
+    old = (y, ro, *torch.autograd.grad(outs, leaves, grads))
+    assert new[0].dtype == torch.bfloat16
+    for a, b in zip(new, old):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+class _Casts(TorchDispatchMode):
+    """Records the shapes of dtype-changing copies (casts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("_to_copy", "copy_"):
+            src = args[1] if name == "copy_" else args[0]
+            # (the interpreter's own copies are of uint8 buffers)
+            if isinstance(src, torch.Tensor) and src.is_floating_point() and src.dtype != out.dtype:
+                self.shapes.append(tuple(src.shape))
+        return out
+
+
+def test_triton_add_norm_in_bf16_casts_nothing():
+    """The Triton op writes bf16 y and takes a bf16 dy in its kernels: no cast either way."""
+    x, res, w = make_inputs(63, 100, torch.bfloat16, seed=12)
+    dy, dres = upstream(x, res, seed=13)
+    with _Casts() as log:
+        run("triton", x, res, w, dy, dres, out_dtype=torch.bfloat16)
+    assert (63, 100) not in log.shapes  # (under the interpreter: casts of its kernel tiles)
+
+
+def fp32_norm_forward(model, ids):
+    """LM.forward as it was before the norms wrote the autocast dtype: y in fp32, cast to bf16
+    by its consumers (in_proj, attention's and the MLP's projections, the LM head)."""
+    hidden, residual = model.drop(model.embedding(ids)), None
+    for layer in model.layers:
+        normed, residual = layer.norm.add_norm(hidden, residual, torch.float32)
+        hidden = layer.drop(layer.mixer(normed))
+    return F.linear(model.norm_f.add_norm(hidden, residual, torch.float32)[0], model.embedding.weight)
+
+
+@pytest.mark.parametrize("backend,pattern", [("ref", "M"), ("ref", "MF"), ("ref", "MA"),
+                                             ("triton", "M"), ("triton", "MF")])
+def test_lm_under_autocast_is_bit_identical_to_the_fp32_norms(backend, pattern):
+    """bf16 autocast training step: the same logits and every parameter gradient, bit for bit,
+    as with fp32 norm outputs cast by their consumers (Triton: the fused mixer path)."""
+    device = DEVICE if backend == "triton" else "cpu"
+    model = tiny_lm(pattern, backend, dropout=0.1).to(device).train()
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(6)).to(device)
+    logits, grads = logits_and_grads(model, lambda m, i: m(i), ids, autocast=True)
+    logits_old, grads_old = logits_and_grads(model, fp32_norm_forward, ids, autocast=True)
+    assert logits.dtype == logits_old.dtype == torch.bfloat16 and torch.equal(logits, logits_old)
+    for name in grads:
+        assert grads[name].dtype == grads_old[name].dtype and torch.equal(grads[name], grads_old[name]), name
+
+
+def test_lm_under_autocast_casts_no_activation():
+    """Triton backend: no cast of a (positions, d_model) activation in the forward or the
+    backward; with fp32 norm outputs there were two a norm (the input cast of in_proj, the MLP
+    or the LM head, and its gradient's cast back). Only weights, logits and B / C are cast."""
+    model = tiny_lm("MF", "triton").to(DEVICE)
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    counts = []
+    for forward in (lambda m, i: m(i), fp32_norm_forward):
+        with _Casts() as log:
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                logits = forward(model, ids[:, :-1])
+            logits.float().sum().backward()
+        counts.append(sum(s in ((32, 32), (2, 16, 32)) for s in log.shapes))  # 2 x 16 positions
+    assert counts == [0, 2 * (len(model.layers) + 1)]
+
+
+def fp32_norm_prefill(model, ids):
+    hidden, residual, states = model.embedding(ids), None, []
+    for layer in model.layers:
+        normed, residual = layer.norm.add_norm(hidden, residual, torch.float32)
+        out = layer.mixer(normed) if layer.kind == "F" else layer.mixer(normed, return_state=True)
+        hidden, state = (out, None) if layer.kind == "F" else out
+        states.append(state)
+    y = model.norm_f.add_norm(hidden[:, -1], residual[:, -1], torch.float32)[0]
+    return F.linear(y, model.embedding.weight), states
+
+
+def fp32_norm_step(model, ids, states):
+    hidden, residual = model.embedding(ids), None
+    for layer, state in zip(model.layers, states):
+        normed, residual = layer.norm.add_norm(hidden, residual, torch.float32)
+        hidden = layer.mixer(normed) if layer.kind == "F" else layer.mixer.step(normed, state)
+    return F.linear(model.norm_f.add_norm(hidden, residual, torch.float32)[0], model.embedding.weight)
+
+
+@pytest.mark.parametrize("backend,pattern", [("ref", "MF"), ("ref", "MA"), ("triton", "M")])
+def test_generation_under_autocast_is_bit_identical_to_the_fp32_norms(backend, pattern):
+    """prefill (norms in bf16 now) and step (its norms keep fp32: Mamba's step computes in
+    its input's dtype) give the logits and states of the fp32-norm model, bit for bit."""
+    device = DEVICE if backend == "triton" else "cpu"
+    model = tiny_lm(pattern, backend).to(device).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(8)).to(device)
+    runs = []
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        for prefill, step in ((model.prefill, model.step),
+                              (lambda i: fp32_norm_prefill(model, i),
+                               lambda i, s: fp32_norm_step(model, i, s))):
+            last, states = prefill(ids[:, :7])
+            runs.append(([last] + [step(ids[:, t], states) for t in range(7, 12)], states))
+    (new, new_states), (old, old_states) = runs
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(new, old))
+    for a, b in zip(new_states, old_states):
+        for name in getattr(a, "__dataclass_fields__", ()):  # (an MLP has no state)
+            va, vb = getattr(a, name), getattr(b, name)
+            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb
+        assert (a is None) == (b is None)
 
 
 def test_add_norm_benchmark_runs(tmp_path):

@@ -130,7 +130,9 @@ class Block(nn.Module):
 
     def step(self, hidden, residual, state):
         """hidden, residual: (batch, d_model) -> hidden, residual; `state` updated in place."""
-        normed, residual = self.norm.add_norm(hidden, residual)
+        # y in the stream's dtype even under autocast: Mamba's step keeps its conv output in
+        # its input's dtype (fp32), as decoding always did
+        normed, residual = self.norm.add_norm(hidden, residual, self.norm.weight.dtype)
         if self.kind == "F":
             return self.mixer(normed), residual
         return self.mixer.step(normed, state), residual

@@ -18,9 +18,16 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm_fn(x, self.weight, self.eps, self.backend)
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None):
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                 out_dtype: torch.dtype | None = None):
         """residual + x in fp32 (x.float() when residual is None), then the norm of that sum,
         in one pass (bytelm.ops.rms_norm.add_rms_norm_fn). x, residual: (..., dim). Returns
-        (y, residual_out fp32). y is in the weight's dtype: what forward() returned for the
-        residual stream, whose dtype the mixers' decoding steps follow."""
-        return add_rms_norm_fn(x, residual, self.weight, self.eps, self.weight.dtype, self.backend)
+        (y in out_dtype, residual_out fp32). out_dtype None: the autocast dtype when autocast
+        is on, since every consumer (a projection) would cast y to it: written so by the norm,
+        no cast runs either way (nor on y's gradient); else the weight's dtype, what forward()
+        returns for the fp32 stream."""
+        if out_dtype is None:
+            dev = x.device.type
+            out_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                         else self.weight.dtype)
+        return add_rms_norm_fn(x, residual, self.weight, self.eps, out_dtype, self.backend)

@@ -17,6 +17,9 @@ stream, d(residual_out), and writes their sum dh = norm backward + d(residual_ou
 input that needs it (dx in x's dtype, dresidual in residual's), with dw as for the norm. That
 folds the block's `residual + x` and autograd's accumulation of the residual gradient (two
 element-wise kernels and an fp32 round trip of the residual stream each) into the norm's passes.
+y may be written in a narrower out_dtype (the model's norms under autocast write bf16, what
+the next matmul reads: the fp32 result rounded to nearest even, as the cast it replaces); dy
+then arrives in that dtype and is read as fp32, the value autograd's cast would give.
 
 How the kernels work
 --------------------
@@ -239,10 +242,11 @@ def add_rms_norm_fwd(x, residual, weight, eps, out_dtype, store_rstd=True, cfg=N
 
 def add_rms_norm_bwd(residual_out, weight, rstd, dy, dresidual_out=None, dx_dtype=None,
                      dresidual_dtype=None, need_dw=True, cfg=None):
-    """residual_out, dy, dresidual_out (or None): (rows, dim) with unit column stride; weight:
-    (dim,); rstd: (rows,) fp32. One pass gives d(residual_out) = norm backward + dresidual_out,
-    written as dx in dx_dtype and as dresidual in dresidual_dtype (each None: not written), and
-    dweight in weight.dtype (None unless need_dw)."""
+    """residual_out, dy, dresidual_out (or None): (rows, dim) with unit column stride, dy in
+    any float dtype (read as fp32); weight: (dim,); rstd: (rows,) fp32. One pass gives
+    d(residual_out) = norm backward + dresidual_out, written as dx in dx_dtype and as dresidual
+    in dresidual_dtype (each None: not written), and dweight in weight.dtype (None unless
+    need_dw)."""
     n_rows, dim = residual_out.shape
     dev = residual_out.device
     cfg = cfg or rms_norm_config(dim, dev, backward=True, element_size=4)
