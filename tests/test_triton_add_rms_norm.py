@@ -389,15 +389,25 @@ def fp32_norm_forward(model, ids):
                                              ("triton", "M"), ("triton", "MF")])
 def test_lm_under_autocast_is_bit_identical_to_the_fp32_norms(backend, pattern):
     """bf16 autocast training step: the same logits and every parameter gradient, bit for bit,
-    as with fp32 norm outputs cast by their consumers (Triton: the fused mixer path)."""
+    as with fp32 norm outputs cast by their consumers (Triton: the fused mixer path). On a GPU
+    the scan's backward sums dA, dB, dC and dD with atomics, in an order that varies run to
+    run, so there each gradient must be within one bf16 rounding (2^-8, norm-wise) of the old
+    path's or within 4x the old path's own run-to-run spread."""
     device = DEVICE if backend == "triton" else "cpu"
     model = tiny_lm(pattern, backend, dropout=0.1).to(device).train()
     ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(6)).to(device)
     logits, grads = logits_and_grads(model, lambda m, i: m(i), ids, autocast=True)
     logits_old, grads_old = logits_and_grads(model, fp32_norm_forward, ids, autocast=True)
     assert logits.dtype == logits_old.dtype == torch.bfloat16 and torch.equal(logits, logits_old)
+    if device == "cuda":
+        grads_again = logits_and_grads(model, fp32_norm_forward, ids, autocast=True)[1]
     for name in grads:
-        assert grads[name].dtype == grads_old[name].dtype and torch.equal(grads[name], grads_old[name]), name
+        assert grads[name].dtype == grads_old[name].dtype, name
+        if device == "cpu":
+            assert torch.equal(grads[name], grads_old[name]), name
+        else:
+            err, spread = rel_err(grads[name], grads_old[name]), rel_err(grads_again[name], grads_old[name])
+            assert err <= max(4 * spread, 2 ** -8), f"{name}: {err:.2e}, the old path's spread {spread:.2e}"
 
 
 def test_lm_under_autocast_casts_no_activation():
