@@ -221,3 +221,31 @@ def test_fused_mixer_backward_joins_no_gradients():
     with Ops() as ops:
         out.float().sum().backward()
     assert not [n for n in ops.names if n.startswith(("aten.cat.", "aten.add.", "aten.add_."))]
+
+
+@pytest.mark.parametrize("mode", ["train", "no_grad", "inference_mode", "no_param_grads"])
+def test_scan_stores_checkpoints_only_for_autograd(mode, monkeypatch):
+    """The training forward stores chunk checkpoints for the backward; an evaluation forward
+    (no_grad, inference_mode, nothing requiring grad) must not: the fused mixer node and the
+    plain scan op both decide it outside autograd.Function.forward, where grad mode is off."""
+    import bytelm.ops.triton.mamba_inner as inner
+    from bytelm.ops.triton import selective_scan as tss
+
+    stored = []
+    for mod in (inner, tss):
+        real = mod.scan_fwd
+        monkeypatch.setattr(mod, "scan_fwd", lambda *a, _real=real, **k: stored.append(k["store_ckpt"]) or _real(*a, **k))
+    mixer = MambaMixer(d_model=8, d_state=4, expand=2, scan_backend="triton").to(DEVICE)
+    hidden = torch.randn(2, 9, 8, device=DEVICE)
+    u = torch.randn(2, 6, 9, device=DEVICE)
+    scan_args = (u, torch.rand_like(u), -torch.rand(6, 4, device=DEVICE), torch.randn(2, 4, 9, device=DEVICE),
+                 torch.randn(2, 4, 9, device=DEVICE))
+    if mode == "no_param_grads":
+        mixer.requires_grad_(False)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, torch.enable_grad)
+    if mode == "train":
+        scan_args[0].requires_grad_(True)
+    with context():
+        mixer(hidden)
+        tss.selective_scan_triton(*scan_args)
+    assert stored == [mode == "train"] * 2

@@ -149,13 +149,13 @@ def test_scan_in_segments(nseg, monkeypatch):
     check_scan(*SMALL, 70, 4, torch.bfloat16, seed=nseg + 1, drop=("initial_state",))
 
 
-@pytest.mark.parametrize("pieces", [1, 4])
-def test_backward_register_cap_only_where_it_buys_pieces(pieces, monkeypatch):
-    """N=16's backward keeps its register cap (12 warps an SM) only when the sequence is cut
-    into pieces; one piece runs uncapped (8 warps an SM); other state sizes have no cap."""
-    monkeypatch.setattr(tss, "segments", lambda *a: pieces)
+@pytest.mark.parametrize("capped,uncapped", [(1, 1), (4, 2), (2, 2)])
+def test_backward_register_cap_only_where_it_buys_pieces(capped, uncapped, monkeypatch):
+    """N=16's backward keeps its register cap (12 warps an SM) only when that cuts the
+    sequence into more pieces than without it (8 warps an SM); other state sizes have no cap."""
+    monkeypatch.setattr(tss, "segments", lambda b, d, n, cfg, dev: capped if cfg.get("maxnreg") else uncapped)
     cfg = tss.backward_config(16, 2, 1536, 2048, torch.device("cpu"))
-    assert (cfg.get("maxnreg"), cfg["warps_per_sm"]) == ((168, 12) if pieces > 1 else (None, 8))
+    assert (cfg.get("maxnreg"), cfg["warps_per_sm"]) == ((168, 12) if capped > uncapped else (None, 8))
     assert {k: v for k, v in cfg.items() if k not in ("maxnreg", "warps_per_sm")} == \
         {k: v for k, v in tss.scan_config(16, backward=True).items() if k not in ("maxnreg", "warps_per_sm")}
     assert not tss.backward_config(64, 2, 1536, 2048, torch.device("cpu")).get("maxnreg")

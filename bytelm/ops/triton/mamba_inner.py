@@ -29,15 +29,16 @@ def _per_row(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _cm(t: torch.Tensor) -> torch.Tensor:
-    """(batch, channels, length) view of channel-major storage -> (channels, batch * length) view."""
-    return t.transpose(0, 1).reshape(t.shape[1], -1)
+    """(batch, channels, length) view of channel-major storage -> (channels, batch * length) view.
+    A view, never a copy: the backward adds into it in place."""
+    return t.transpose(0, 1).view(t.shape[1], -1)
 
 
 class MambaInnerFn(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias,
-                batch, dt_rank):
+                batch, dt_rank, need_grad):
         x_proj_weight, dt_proj_weight = _autocast(x_proj_weight, dt_proj_weight)
         d_inner, nstate = A.shape
         x_cm, z_cm = xz[:d_inner], xz[d_inner:]
@@ -48,7 +49,6 @@ class MambaInnerFn(torch.autograd.Function):
         delta = _per_row(dt_proj_weight @ dt_low, batch)
         cfg = scan_config(nstate, input_dtype=x.dtype)
         Bp, Cp = pack_bc(_per_row(B, batch), cfg), pack_bc(_per_row(C, batch), cfg)
-        need_grad = any(ctx.needs_input_grad)
         y, _, ckpt = scan_fwd(x, delta, A, Bp, Cp, D, _per_row(z_cm, batch), dt_bias,
                               delta_softplus=True, store_ckpt=need_grad, cfg=cfg)
         if need_grad:
@@ -84,7 +84,7 @@ class MambaInnerFn(torch.autograd.Function):
             silu=True, dx=_per_row(dx_cm, batch))
         return (dxz, dconv_weight.view_as(conv_weight).to(conv_weight.dtype),
                 dconv_bias.to(conv_bias.dtype) if conv_bias is not None else None,
-                dx_proj_weight, ddt_proj_weight, dA, dD, ddt_bias, None, None)
+                dx_proj_weight, ddt_proj_weight, dA, dD, ddt_bias, None, None, None)
 
 
 def mamba_inner_triton(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias,
@@ -94,5 +94,8 @@ def mamba_inner_triton(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight
     dt_proj_weight (d_inner, dt_rank); A (d_inner, N), D, dt_bias (d_inner,) fp32.
     Returns y (batch, d_inner, length), a view of channel-major storage: the scan of
     silu(conv(x)) with dt = softplus(dt_proj(dt rows of x_proj) + dt_bias), gated by silu(z)."""
-    return MambaInnerFn.apply(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                              dt_bias, batch, dt_rank)
+    params = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias)
+    # decided here: inside forward() grad mode is always off and ctx.needs_input_grad ignores
+    # no_grad / inference_mode, so evaluation would store checkpoints it never reads
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    return MambaInnerFn.apply(*params, batch, dt_rank, need_grad)

@@ -180,10 +180,13 @@ def backward_config(nstate, batch, dim, n_chunks, device) -> dict:
     kernel (8 warps an SM) is faster with the (batch, chunk, dim, state) checkpoints: H200,
     bf16, N=16: 8 x 2048 x 2048 1.378 -> 1.347 ms, 4 x 2048 x 8192 2.516 -> 2.428,
     8 x 1536 x 8192 3.297 -> 3.250; at 2 x 1536 x 8192 the cap gives 4 pieces instead of 2,
-    1.180 vs 1.768 ms (benchmarks/NOTES.md, sixth session)."""
+    1.180 vs 1.768 ms (benchmarks/NOTES.md, sixth session). Where both give the same number
+    of pieces above one it runs uncapped too (by the same reasoning; not measured)."""
     cfg = scan_config(nstate, backward=True)
-    if cfg.get("maxnreg") and segments(batch, dim, n_chunks, cfg, device) == 1:
-        cfg.update(maxnreg=None, warps_per_sm=8)
+    uncapped = dict(cfg, maxnreg=None, warps_per_sm=8)
+    if cfg.get("maxnreg") and (segments(batch, dim, n_chunks, cfg, device)
+                               <= segments(batch, dim, n_chunks, uncapped, device)):
+        return uncapped
     return cfg
 
 
@@ -295,7 +298,7 @@ class SelectiveScanFn(torch.autograd.Function):
     states."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, need_grad):
         # u, delta and the outputs share u's strides; z keeps its own (a slice of in_proj's output)
         u, z = length_major(u), length_major(z)
         delta = like(delta, u)
@@ -303,7 +306,6 @@ class SelectiveScanFn(torch.autograd.Function):
         D = D.contiguous().float() if D is not None else None
         delta_bias = delta_bias.contiguous().float() if delta_bias is not None else None
         h0 = initial_state.contiguous().float() if initial_state is not None else None
-        need_grad = any(ctx.needs_input_grad)
         cfg = scan_config(A.shape[1], input_dtype=u.dtype)
         # B and C are small (batch, state, length): one packed fp32 copy saves the kernels
         # unpacking bf16 and computing masks for every (channel, state, step)
@@ -327,7 +329,7 @@ class SelectiveScanFn(torch.autograd.Function):
             need_dh0=ctx.has_h0)
         nstate, length = A.shape[1], u.shape[2]
         return (du, ddelta, dA, unpack_bc(dBp, nstate, length, ctx.bc_dtypes[0]),
-                unpack_bc(dCp, nstate, length, ctx.bc_dtypes[1]), dD, dz, dbias, None, dh0)
+                unpack_bc(dCp, nstate, length, ctx.bc_dtypes[1]), dD, dz, dbias, None, dh0, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -337,8 +339,12 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         from bytelm.ops.selective_scan import selective_scan_ref
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   initial_state, return_final_state)
-    out, h_last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                        initial_state)
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    # no checkpoints without autograd (evaluation): grad mode is off inside forward(), and
+    # ctx.needs_input_grad ignores no_grad / inference_mode
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*inputs, initial_state))
+    out, h_last = SelectiveScanFn.apply(*inputs, delta_softplus, initial_state, need_grad)
     return (out, h_last) if return_final_state else out
 
 
