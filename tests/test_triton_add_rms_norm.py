@@ -481,3 +481,32 @@ def test_add_norm_benchmark_runs(tmp_path):
                           "--reps", "1", "--out", str(out)])
     assert out.read_text().count("| 64 x 100 |") == 2 and len(rows) == 4
     assert all(r["check"] < 1e-5 and r["gcheck"] < 1e-2 for r in rows)
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_residual_stream_is_fp32_or_wider(backend):
+    """The stream is fp32 for bf16 / fp32 inputs (bf16-true models too, as mamba_ssm's
+    residual_in_fp32) and stays fp64 for fp64 ones (the Triton op hands those to the reference):
+    never silently narrowed."""
+    for x_dtype, res_dtype, want in [(torch.bfloat16, torch.bfloat16, torch.float32),
+                                     (torch.float32, None, torch.float32),
+                                     (torch.float64, torch.float64, torch.float64),
+                                     (torch.float64, None, torch.float64)]:
+        x, res, w = make_inputs(5, 16, x_dtype, seed=21, residual=res_dtype is not None)
+        res = res.to(res_dtype) if res is not None else None
+        y, res_out = add_rms_norm_fn(x, res, w.to(x_dtype), 1e-5, x_dtype, backend=backend)
+        assert res_out.dtype == want and y.dtype == x_dtype
+        want_out = x.to(want) if res is None else res.to(want) + x.to(want)
+        assert torch.equal(res_out, want_out)
+
+
+def test_fp64_lm_keeps_an_fp64_stream():
+    """An fp64 model (e.g. for gradient checks) computes its blocks in fp64 end to end."""
+    model = tiny_lm("MF").double()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    hidden, residual = model.embedding(ids), None
+    for layer in model.layers:
+        normed, residual = layer.norm.add_norm(hidden, residual)
+        assert residual.dtype == normed.dtype == torch.float64
+        hidden = layer.mixer(normed)
+    assert model(ids).dtype == torch.float64

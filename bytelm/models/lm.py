@@ -8,9 +8,11 @@ from a layer pattern, final RMSNorm, tied LM head. Imports nothing from Lightnin
 
 Every block is x + mixer(norm(x)), so existing Mamba checkpoints (layers.i.norm, layers.i.mixer)
 load unchanged. As in mamba_ssm, the add is done by the next norm: blocks pass (hidden, residual)
-= (their mixer's output, the fp32 stream before it), and each norm (norm_f too) computes
-residual + hidden and normalises it in one fused pass; the maths is unchanged (same fp32 add,
-same norm; the plain-PyTorch path reproduces the unfused blocks bit for bit).
+= (their mixer's output, the stream before it), and each norm (norm_f too) computes
+residual + hidden and normalises it in one fused pass. The stream is fp32 (fp64 for an fp64
+model), also when the weights are bf16 (bf16-true), as mamba_ssm's residual_in_fp32; with fp32
+weights (fp32 or *-mixed training) the maths is unchanged and the plain-PyTorch path reproduces
+the unfused blocks bit for bit.
 """
 
 from __future__ import annotations
@@ -130,8 +132,8 @@ class Block(nn.Module):
 
     def step(self, hidden, residual, state):
         """hidden, residual: (batch, d_model) -> hidden, residual; `state` updated in place."""
-        # y in the stream's dtype even under autocast: Mamba's step keeps its conv output in
-        # its input's dtype (fp32), as decoding always did
+        # y in the weights' dtype, not autocast's: Mamba's step keeps its conv output in its
+        # input's dtype, as decoding always did
         normed, residual = self.norm.add_norm(hidden, residual, self.norm.weight.dtype)
         if self.kind == "F":
             return self.mixer(normed), residual

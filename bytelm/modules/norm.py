@@ -20,9 +20,9 @@ class RMSNorm(nn.Module):
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
                  out_dtype: torch.dtype | None = None):
-        """residual + x in fp32 (x.float() when residual is None), then the norm of that sum,
-        in one pass (bytelm.ops.rms_norm.add_rms_norm_fn). x, residual: (..., dim). Returns
-        (y in out_dtype, residual_out fp32). out_dtype None: the autocast dtype when autocast
+        """residual + x in fp32 (fp64 for fp64 inputs; x alone when residual is None), then the
+        norm of that sum, in one pass (bytelm.ops.rms_norm.add_rms_norm_fn). x, residual:
+        (..., dim). Returns (y in out_dtype, residual_out, the fp32 / fp64 stream). out_dtype None: the autocast dtype when autocast
         is on, since every consumer (a projection) would cast y to it: written so by the norm,
         no cast runs either way (nor on y's gradient); else the weight's dtype, what forward()
         returns for the fp32 stream."""

@@ -18,7 +18,11 @@ Residual add + RMSNorm in one pass (a pre-norm block's `residual + x`, then the 
                                 first block (nothing to add yet)
     weight       : (dim,)
     y            : (..., dim)   out_dtype (None: x.dtype)
-    residual_out : (..., dim)   fp32, residual + x computed in fp32 (x.float() when residual is None)
+    residual_out : (..., dim)   fp32 (fp64 if an input is fp64): residual + x computed in that
+                                dtype (x alone when residual is None). The stream stays fp32 also
+                                when the model's weights are bf16 (bf16-true), as with mamba_ssm's
+                                residual_in_fp32: a bf16 sum would lose the small updates of
+                                deep stacks.
 
     y = rms_norm(residual_out) * weight, cast to out_dtype
 """
@@ -59,15 +63,24 @@ def _check_add_norm(x, residual, weight):
                          f"shape {tuple(x.shape)}")
 
 
+def stream_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    """The residual stream's dtype: fp32, or fp64 when x or residual is fp64."""
+    wide = torch.float64 in (x.dtype, residual.dtype if residual is not None else None)
+    return torch.float64 if wide else torch.float32
+
+
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float = 1e-5, out_dtype: torch.dtype | None = None):
     """x, residual (or None): (..., dim); weight: (dim,). Returns (y in out_dtype (None:
-    x.dtype), residual_out fp32), both (..., dim); shapes and maths in the module docstring.
+    x.dtype), residual_out in `stream_dtype`), both (..., dim); shapes and maths in the module
+    docstring.
 
-    The same operations as the unfused `residual + x` then `rms_norm_ref` (fp32 + bf16 adds in
-    fp32 in PyTorch too), so a model built on it reproduces the unfused one bit for bit."""
+    For an fp32 stream, the same operations as the unfused `residual + x` then `rms_norm_ref`
+    (fp32 + bf16 adds in fp32 in PyTorch too): a model built on it reproduces the unfused one
+    bit for bit."""
     _check_add_norm(x, residual, weight)
-    residual_out = x.float() if residual is None else residual.float() + x.float()
+    acc = stream_dtype(x, residual)
+    residual_out = x.to(acc) if residual is None else residual.to(acc) + x.to(acc)
     return rms_norm_ref(residual_out, weight, eps).to(out_dtype or x.dtype), residual_out
 
 

@@ -302,10 +302,10 @@ class AddRMSNormFn(torch.autograd.Function):
 def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                         eps: float = 1e-5, out_dtype: torch.dtype | None = None):
     """Fused residual add + RMSNorm; arguments, shapes and results as `add_rms_norm_ref`."""
-    from bytelm.ops.rms_norm import _check_add_norm, add_rms_norm_ref
+    from bytelm.ops.rms_norm import _check_add_norm, add_rms_norm_ref, stream_dtype
 
     _check_add_norm(x, residual, weight)
-    if x.numel() == 0 or x.shape[-1] > MAX_FUSED_DIM:
+    if x.numel() == 0 or x.shape[-1] > MAX_FUSED_DIM or stream_dtype(x, residual) != torch.float32:
         return add_rms_norm_ref(x, residual, weight, eps, out_dtype)
     out_dtype = out_dtype or x.dtype
     leaves = (x, weight) if residual is None else (x, residual, weight)
