@@ -211,7 +211,7 @@ def add_norm_row(n, d, dtype, name, device, bench, eager_bench, seed):
     row["efb"], row["eofb"] = eager_bench(ours_fb), eager_bench(old_fb)
     xb, nel = x.element_size(), x.numel()
     row["fwd_gbs"] = (xb + 12) * nel / row["fwd"] / 1e6   # x, residual in; y, residual_out out
-    row["fb_gbs"] = (2 * xb + 36) * nel / row["fb"] / 1e6  # + h, dy, dres in; dx, dresidual out
+    row["fb_gbs"] = (2 * xb + 28) * nel / row["fb"] / 1e6  # + h, dy, dres in; dx, dresidual out
     print(row, flush=True)
     if device == "cuda":
         del x, residual, weight, dy, dres

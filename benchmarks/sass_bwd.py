@@ -83,7 +83,10 @@ def sass_stats(k):
 def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=None):
     """Run scan_fwd / scan_bwd on CPU tensors shaped like the mixer's (channel-major storage)
     with the kernels stubbed; returns the captured launches. ckpt_dtype overrides the
-    checkpoints' dtype (default: scan_config's for the mixer's bf16 inputs)."""
+    checkpoints' dtype (default: scan_config's for the mixer's bf16 inputs). The backward is
+    captured as scan_bwd picks it for this shape (cfg_bwd None: backward_config; CPU tensors,
+    so one piece, uncapped) and, where scan_config has a register cap, capped as well (what
+    short batches run)."""
     bf = torch.bfloat16
     def cm(nch, dtype=bf):  # (channels, batch * length) storage viewed (batch, channels, length)
         return torch.zeros(nch, batch * length, dtype=dtype).view(nch, batch, length).transpose(0, 1)
@@ -105,8 +108,9 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
     for pipe in (True, False):  # the training forward in both loops
         S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
                    cfg=dict(cfg, pipeline_ckpt=pipe))
-    S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False,
-               cfg=cfg_bwd)
+    capped = S.scan_config(nstate, backward=True)
+    for c in [cfg_bwd] + ([capped] if cfg_bwd is None and capped.get("maxnreg") else []):
+        S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False, cfg=c)
     S._scan_fwd_kernel, S._scan_bwd_kernel = K._scan_fwd_kernel, K._scan_bwd_kernel
     S._scan_fwd_segment_kernel = K._scan_fwd_segment_kernel
     return fwd.calls, bwd.calls, seg.calls
@@ -125,7 +129,9 @@ def main():
     S.tie_order_ascending = lambda: asc
     for nstate in args.nstate:
         fcalls, bcalls, scalls = capture(nstate, ckpt_dtype=ckpt_dtype)
-        todo = [("bwd", K._scan_bwd_kernel, bcalls[-1])]
+        todo = [("bwd", K._scan_bwd_kernel, bcalls[0])]
+        if len(bcalls) > 1:
+            todo.append(("bwd-capped", K._scan_bwd_kernel, bcalls[1]))
         if args.fwd:
             todo += [("fwd-pipelined", K._scan_fwd_kernel, fcalls[1]),
                      ("fwd-one-chunk", K._scan_fwd_kernel, fcalls[2]),

@@ -215,8 +215,8 @@ def tune(x, dout, n):
     if base_b.get("maxnreg"):  # without the register cap (8 warps an SM)
         variants += [dict(base_b, maxnreg=None, warps_per_sm=8),
                      dict(base_b, maxnreg=None, warps_per_sm=8, reduce_scatter=False)]
-    elif tss.scan_config(n, backward=True).get("maxnreg"):  # with it (12 warps an SM)
-        variants += [dict(base_b, maxnreg=168, warps_per_sm=12)]
+    elif (capped := tss.scan_config(n, backward=True)).get("maxnreg"):  # with it
+        variants += [dict(base_b, maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"])]
     if base_b["NPT"] in (4, 8) and base_b["LD"] > 1:  # half the states a thread: twice the programs
         variants.append(dict(base_b, NPT=base_b["NPT"] // 2, KN=base_b["KN"] * 2, LD=base_b["LD"] // 2))
     for cfg in variants:
