@@ -45,7 +45,8 @@ from bytelm.ops.triton import selective_scan as tss  # noqa: E402
 from common import copy_bandwidth, fmt, rel_err, table_head  # noqa: E402
 
 SHAPES = [(8, 2048, 2048, 16), (4, 2048, 8192, 16), (8, 2048, 2048, 64), (2, 1536, 8192, 16),
-          (8, 1536, 8192, 16)]  # the last: the 90M Mamba's scan in its 8 x 8192 training step
+          (8, 1536, 8192, 16),   # the 90M Mamba's scan in its 8 x 8192 training step
+          (2, 1536, 32768, 16)]  # and in its 2 x 32768 one: few channels, the sequence in pieces
 PEER_NVCC_FLAGS = [  # mamba_ssm's setup.py flags, for sm_90 alone
     "-O3", "-std=c++17", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
     "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
