@@ -30,6 +30,24 @@ def test_compare_curves_reports_differences(tmp_path, capsys):
     assert "0.500 s per optimizer step" in out
 
 
+def test_compare_curves_keeps_a_range_of_steps_and_skips_a_restart_of_the_clock(tmp_path, capsys):
+    """--start/--stop: e.g. the part of a run after a resume, where train/time starts again."""
+    import compare_curves
+
+    for name, times in (("a", [0, 1, 2, 3, 4]), ("b", [0, 1, 0.5, 1, 1.5])):  # b resumed at 2
+        logs = tmp_path / name / "logs"
+        logs.mkdir(parents=True)
+        rows = "\n".join(f"{s},{3.0 - s / 10 * (name == 'b')},{t}" for s, t in enumerate(times))
+        (logs / "metrics.csv").write_text("step,train/loss,train/time\n" + rows + "\n")
+    compare_curves.main([str(tmp_path / "a"), str(tmp_path / "b"), "--every", "1", "--start", "2",
+                         "--stop", "4"])
+    out = capsys.readouterr().out
+    assert "| 3 |" in out and "| 4 |" in out and "| 2 |" not in out and "| 5 |" not in out
+    assert "2 common steps: mean |difference| 0.2500, max 0.3000" in out
+    assert "b: 0.500 s per optimizer step" in out
+    assert compare_curves.seconds_per_step(tmp_path / "b") == 0.5  # 1 -> 0.5 is left out
+
+
 def test_family_script_trains_evaluates_and_compares(tmp_path):
     """benchmarks/family.sh end to end with tiny models on the CPU: every member trains, is
     evaluated (bpb, probes, robustness) and lands in one comparison table."""
