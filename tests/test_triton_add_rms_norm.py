@@ -262,6 +262,23 @@ def test_lm_on_the_reference_is_bit_identical_to_the_unfused_blocks(pattern, aut
         assert torch.equal(grads[name], grads_old[name]), name
 
 
+def assert_same_generation(model, ids, ref_prefill, ref_step, device="cpu", autocast=True):
+    """model.prefill on ids[:, :7], then model.step over the rest, under no_grad (and bf16
+    autocast): the same logits (dtype and bits) and final states as ref_prefill / ref_step."""
+    runs = []
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        for prefill, step in ((model.prefill, model.step), (ref_prefill, ref_step)):
+            last, states = prefill(ids[:, :7])
+            runs.append(([last] + [step(ids[:, t], states) for t in range(7, ids.shape[1])], states))
+    (new, new_states), (old, old_states) = runs
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(new, old))
+    for a, b in zip(new_states, old_states):
+        assert (a is None) == (b is None)
+        for name in getattr(a, "__dataclass_fields__", ()):  # (an MLP has no state)
+            va, vb = getattr(a, name), getattr(b, name)
+            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 @pytest.mark.parametrize("pattern", ["M", "MA"])
 def test_lm_generation_is_bit_identical_to_the_unfused_blocks(pattern, autocast):
@@ -271,19 +288,8 @@ def test_lm_generation_is_bit_identical_to_the_unfused_blocks(pattern, autocast)
     of the other forwards."""
     model = tiny_lm(pattern).eval()
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        runs = []
-        for prefill, step in ((model.prefill, model.step),
-                              (lambda i: unfused_prefill(model, i),
-                               lambda i, s: unfused_step(model, i, s))):
-            last, states = prefill(ids[:, :7])
-            runs.append(([last] + [step(ids[:, t], states) for t in range(7, 12)], states))
-    (new, new_states), (old, old_states) = runs
-    assert all(torch.equal(a, b) for a, b in zip(new, old))
-    for a, b in zip(new_states, old_states):
-        for name in a.__dataclass_fields__:
-            va, vb = getattr(a, name), getattr(b, name)
-            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb
+    assert_same_generation(model, ids, lambda i: unfused_prefill(model, i),
+                           lambda i, s: unfused_step(model, i, s), autocast=autocast)
 
 
 def test_lm_state_dict_keys_unchanged():
@@ -452,20 +458,8 @@ def test_generation_under_autocast_is_bit_identical_to_the_fp32_norms(backend, p
     device = DEVICE if backend == "triton" else "cpu"
     model = tiny_lm(pattern, backend).to(device).eval()
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(8)).to(device)
-    runs = []
-    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
-        for prefill, step in ((model.prefill, model.step),
-                              (lambda i: fp32_norm_prefill(model, i),
-                               lambda i, s: fp32_norm_step(model, i, s))):
-            last, states = prefill(ids[:, :7])
-            runs.append(([last] + [step(ids[:, t], states) for t in range(7, 12)], states))
-    (new, new_states), (old, old_states) = runs
-    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(new, old))
-    for a, b in zip(new_states, old_states):
-        for name in getattr(a, "__dataclass_fields__", ()):  # (an MLP has no state)
-            va, vb = getattr(a, name), getattr(b, name)
-            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb
-        assert (a is None) == (b is None)
+    assert_same_generation(model, ids, lambda i: fp32_norm_prefill(model, i),
+                           lambda i, s: fp32_norm_step(model, i, s), device=device)
 
 
 def test_add_norm_benchmark_runs(tmp_path):

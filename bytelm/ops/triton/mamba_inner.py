@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from bytelm.ops.backend import needs_autograd
 from bytelm.ops.channel_major import _autocast
 from bytelm.ops.triton.causal_conv1d import conv_bwd, conv_fwd
 from bytelm.ops.triton.layout import like
@@ -95,7 +96,5 @@ def mamba_inner_triton(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight
     Returns y (batch, d_inner, length), a view of channel-major storage: the scan of
     silu(conv(x)) with dt = softplus(dt_proj(dt rows of x_proj) + dt_bias), gated by silu(z)."""
     params = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias)
-    # decided here: inside forward() grad mode is always off and ctx.needs_input_grad ignores
-    # no_grad / inference_mode, so evaluation would store checkpoints it never reads
-    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
-    return MambaInnerFn.apply(*params, batch, dt_rank, need_grad)
+    # without autograd (evaluation) no checkpoints are stored
+    return MambaInnerFn.apply(*params, batch, dt_rank, needs_autograd(*params))

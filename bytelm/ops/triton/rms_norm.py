@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bytelm.ops.backend import needs_autograd
 from bytelm.ops.triton.layout import empty_output as _empty
 
 MAX_FUSED_DIM = 16384  # widest row held in registers; wider rows take the reference
@@ -211,9 +212,9 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) ->
     if x.numel() == 0 or x.shape[-1] > MAX_FUSED_DIM:
         from bytelm.ops.rms_norm import rms_norm_ref
         return rms_norm_ref(x, weight, eps)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if needs_autograd(x, weight):
         return RMSNormFn.apply(x, weight, eps)
-    # no autograd: the forward alone, without rstd (needs_input_grad is True even under no_grad)
+    # no autograd: the forward alone, without rstd
     return rms_norm_fwd(_rows(x), weight.contiguous(), eps, store_rstd=False)[0].view(x.shape)
 
 
@@ -309,7 +310,7 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: 
         return add_rms_norm_ref(x, residual, weight, eps, out_dtype)
     out_dtype = out_dtype or x.dtype
     leaves = (x, weight) if residual is None else (x, residual, weight)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
+    if needs_autograd(*leaves):
         return AddRMSNormFn.apply(x, residual, weight, eps, out_dtype)
     # no autograd: the forward alone, without rstd
     res2 = _rows(residual) if residual is not None else None

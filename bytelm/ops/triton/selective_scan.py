@@ -42,6 +42,7 @@ import re
 import torch
 import triton
 
+from bytelm.ops.backend import needs_autograd
 from bytelm.ops.triton.layout import empty_output as _empty, length_major, like
 from bytelm.ops.triton.selective_scan_kernels import (
     _scan_bwd_kernel,
@@ -340,10 +341,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   initial_state, return_final_state)
     inputs = (u, delta, A, B, C, D, z, delta_bias)
-    # no checkpoints without autograd (evaluation): grad mode is off inside forward(), and
-    # ctx.needs_input_grad ignores no_grad / inference_mode
-    need_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (*inputs, initial_state))
+    # without autograd (evaluation) no checkpoints are stored
+    need_grad = needs_autograd(*inputs, initial_state)
     out, h_last = SelectiveScanFn.apply(*inputs, delta_softplus, initial_state, need_grad)
     return (out, h_last) if return_final_state else out
 
