@@ -47,7 +47,8 @@ def full_state_dict_without_offload(module, world_size, rank0_only=True):
 
 lightning_fsdp._get_full_state_dict_context = full_state_dict_without_offload  # saving
 lightning_load._get_full_state_dict_context = full_state_dict_without_offload  # loading
-distributed.make_strategy = lambda s: distributed.fsdp_strategy(CPUFSDP) if s == "fsdp" else s
+make_strategy = distributed.make_strategy  # ddp: train.py's own DDP strategy, on gloo here
+distributed.make_strategy = lambda s: distributed.fsdp_strategy(CPUFSDP) if s == "fsdp" else make_strategy(s)
 
 if "BYTELM_TEST_NAN_STEP" in os.environ:
     nan_step = int(os.environ["BYTELM_TEST_NAN_STEP"])

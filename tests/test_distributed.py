@@ -288,3 +288,58 @@ def test_torchrun_script_starts_a_rank_per_gpu_on_each_node(tmp_path):
         "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "4", "--node-rank", "1",
         "--master-addr", "node0", "--master-port", "29500", "train.py", "--trainer.devices", "4",
         "--trainer.num_nodes", "2", "--resume", "auto"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "auto"])
+def test_ddp_over_several_devices_runs_our_ddp_strategy(strategy):
+    """`ddp`, and `auto` over two devices (Lightning picks DDP by name), build DistributedDataParallel
+    on the current stream with gradients as bucket views, not Lightning's side-stream DDP."""
+    import lightning as L
+
+    from bytelm.training.distributed import CurrentStreamDDPStrategy, make_strategy
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=make_strategy(strategy),
+                        logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert type(trainer.strategy) is CurrentStreamDDPStrategy
+    assert trainer.strategy._ddp_kwargs == {"gradient_as_bucket_view": True}
+
+
+def clip_target(grad_scale: float, scaler=None, sharded_clip=None):
+    """A module stand-in for distributed.clip_gradients: one parameter whose gradient has norm
+    5 * grad_scale, a trainer whose precision plugin has `scaler`, and Lightning's clip_gradients
+    replaced by a recorder."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.tensor([3.0, 4.0]) * grad_scale
+    calls = []
+    module = SimpleNamespace(
+        trainer=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), strategy=None),
+        clip_gradients=lambda *args: calls.append(args))
+    return module, torch.optim.SGD([param], lr=0.1), param, calls
+
+
+def test_clipping_by_norm_without_a_grad_scaler_is_ours_and_exact():
+    """bf16-mixed (no scaler) with a fused AdamW: Lightning would refuse to clip, so the norm is
+    clipped here, over the optimizer's parameters, exactly as torch's clip_grad_norm_ does."""
+    from bytelm.training.distributed import clip_gradients
+
+    module, optimizer, param, calls = clip_target(grad_scale=2.0)  # norm 10
+    clip_gradients(module, optimizer, 1.0, "norm")
+    assert calls == []
+    torch.testing.assert_close(param.grad, torch.tensor([0.6, 0.8]), rtol=1e-5, atol=0)
+    module, optimizer, param, calls = clip_target(grad_scale=0.1)  # norm 0.5: untouched
+    clip_gradients(module, optimizer, 1.0, None)
+    torch.testing.assert_close(param.grad, torch.tensor([0.3, 0.4]))
+
+
+@pytest.mark.parametrize("scaler, clip_val, algorithm", [
+    (object(), 1.0, "norm"),  # fp16: Lightning unscales before it clips
+    (None, 1.0, "value"),  # by value: Lightning's
+    (None, 0.0, "norm"),  # no clipping asked: Lightning's (which does nothing)
+])
+def test_other_clipping_is_lightnings(scaler, clip_val, algorithm):
+    from bytelm.training.distributed import clip_gradients
+
+    module, optimizer, param, calls = clip_target(grad_scale=2.0, scaler=scaler)
+    clip_gradients(module, optimizer, clip_val, algorithm)
+    assert calls == [(optimizer, clip_val, algorithm)]
+    torch.testing.assert_close(param.grad, torch.tensor([6.0, 8.0]))  # not clipped here

@@ -14,6 +14,8 @@ import difflib
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from torch.nn.parallel import DistributedDataParallel
 
 from bytelm.config import ConfigError
 
@@ -38,8 +40,32 @@ def check_strategy(strategy) -> None:
 
 
 def make_strategy(strategy):
-    """`fsdp` becomes an FSDPStrategy configured for our models; anything else is Lightning's."""
+    """`fsdp` becomes an FSDPStrategy configured for our models. `ddp`, and `auto` over several
+    devices (Lightning resolves it to `ddp` by name), run CurrentStreamDDPStrategy."""
+    StrategyRegistry.register("ddp", CurrentStreamDDPStrategy, "DDP built on the current stream",
+                                override=True)
     return fsdp_strategy() if strategy == "fsdp" else strategy
+
+
+class CurrentStreamDDPStrategy(DDPStrategy):
+    """Lightning's DDP with the model wrapped on the current CUDA stream, not a side stream.
+
+    Lightning 2.6 builds DistributedDataParallel under a new stream (for whole-step CUDA graph
+    capture, which train.py does not do). DDP keeps the parameters' AccumulateGrad nodes, which
+    then run on that side stream while the rest of every backward runs on the default one: each
+    gradient crosses streams (torch warns "The AccumulateGrad node's stream does not match"),
+    and the 125M model's DDP step was 12% slower than a one-GPU step with the same micro-batch
+    accumulated twice (benchmarks/results/multi-gpu-h200.md). gradient_as_bucket_view: the
+    gradients are views into DDP's reduction buckets, not a second copy of them (-4 bytes/param).
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("gradient_as_bucket_view", True)
+        super().__init__(**kwargs)
+
+    def _setup_model(self, model: torch.nn.Module) -> DistributedDataParallel:
+        device_ids = self.determine_ddp_device_ids()
+        return DistributedDataParallel(module=model, device_ids=device_ids, **self._ddp_kwargs)
 
 
 def fsdp_strategy(cls=None):
@@ -86,11 +112,25 @@ def grad_norm(parameters, trainer) -> torch.Tensor | None:
     return trainer.strategy.reduce(norm.float() ** 2, reduce_op="sum").sqrt()
 
 
+def has_grad_scaler(trainer) -> bool:
+    """Whether gradients arrive scaled (fp16 mixed precision) and are unscaled by Lightning."""
+    return getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
 def clip_gradients(module: L.LightningModule, optimizer, clip_val, algorithm) -> None:
-    """Lightning's clipping, except clipping by norm under FSDP, which Lightning refuses: the
-    norm must cover every rank's shard, which FSDP's own clip_grad_norm_ computes."""
-    if clip_val and is_sharded(module.trainer) and algorithm in (None, "norm"):
+    """Lightning's clipping, except clipping by norm when Lightning would refuse it:
+    - under FSDP the norm must cover every rank's shard, which FSDP's own clip_grad_norm_ computes;
+    - with a fused optimizer under mixed precision Lightning refuses any clipping, for fear of a
+      fused step that unscales (fp16); without a grad scaler the gradients are the true ones and
+      are clipped here as Lightning would (torch's clip_grad_norm_ over the optimizer's params).
+    """
+    if not clip_val or algorithm not in (None, "norm"):
+        module.clip_gradients(optimizer, clip_val, algorithm)
+    elif is_sharded(module.trainer):
         module.trainer.strategy.model.clip_grad_norm_(clip_val)
+    elif not has_grad_scaler(module.trainer):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip_val)
     else:
         module.clip_gradients(optimizer, clip_val, algorithm)
 

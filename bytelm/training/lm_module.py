@@ -146,9 +146,11 @@ class LMTask(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim_cfg
-        # Lightning refuses gradient clipping with a fused optimizer under mixed precision
-        # (it cannot unscale inside the fused step), so fuse only when nothing is clipped.
-        fused = self.device.type == "cuda" and not self.trainer.gradient_clip_val
+        # Fused AdamW (one kernel over all parameters) on CUDA, except under an fp16 grad scaler
+        # with clipping: the gradients must be unscaled before they are clipped, which Lightning
+        # does only for an unfused optimizer. Other clipping: distributed.clip_gradients.
+        fused = self.device.type == "cuda" and not (self.trainer.gradient_clip_val
+                                                    and distributed.has_grad_scaler(self.trainer))
         opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr,
                                 betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
         total = o.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000)
