@@ -66,6 +66,8 @@ class OptimConfig:
     beta1: float = _help("AdamW beta1", 0.9)
     beta2: float = _help("AdamW beta2", 0.95)
     eps: float = _help("AdamW epsilon", 1e-8)
+    fused: bool | None = _help("fused AdamW, one kernel for all parameters (None: on CUDA, unless "
+                               "an fp16 grad scaler must unscale before clipping)", None)
 
 
 @dataclass

@@ -343,3 +343,38 @@ def test_other_clipping_is_lightnings(scaler, clip_val, algorithm):
     clip_gradients(module, optimizer, clip_val, algorithm)
     assert calls == [(optimizer, clip_val, algorithm)]
     torch.testing.assert_close(param.grad, torch.tensor([6.0, 8.0]))  # not clipped here
+
+
+@pytest.mark.parametrize("fused, precision_scaler, clip, expected", [
+    (None, None, 1.0, True),  # bf16-mixed with clipping: fused, clipped by clip_gradients
+    (None, object(), 1.0, False),  # fp16 scaler with clipping: Lightning must unscale first
+    (None, object(), 0.0, True),  # fp16 without clipping
+    (False, None, 1.0, False),  # asked for
+])
+def test_adamw_is_fused_on_cuda_unless_an_fp16_scaler_clips(monkeypatch, fused, precision_scaler,
+                                                           clip, expected):
+    from bytelm.config import ModelConfig, OptimConfig
+    from bytelm.training.lm_module import LMTask
+
+    task = LMTask(ModelConfig(d_model=8, n_layer=1, d_state=2), OptimConfig(fused=fused), seq_len=8)
+    trainer = SimpleNamespace(gradient_clip_val=clip, max_steps=10,
+                              precision_plugin=SimpleNamespace(scaler=precision_scaler))
+    monkeypatch.setattr(LMTask, "trainer", property(lambda self: trainer))
+    monkeypatch.setattr(LMTask, "device", property(lambda self: torch.device("cuda")))
+    built = {}
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: built.update(kw) or
+                        torch.optim.SGD(params, lr=kw["lr"]))
+    task.configure_optimizers()
+    assert bool(built["fused"]) == expected
+
+
+def test_fused_adamw_refused_where_an_fp16_scaler_clips(monkeypatch):
+    from bytelm.config import ConfigError, ModelConfig, OptimConfig
+    from bytelm.training.lm_module import LMTask
+
+    task = LMTask(ModelConfig(d_model=8, n_layer=1, d_state=2), OptimConfig(fused=True), seq_len=8)
+    trainer = SimpleNamespace(gradient_clip_val=1.0, max_steps=10,
+                              precision_plugin=SimpleNamespace(scaler=object()))
+    monkeypatch.setattr(LMTask, "trainer", property(lambda self: trainer))
+    with pytest.raises(ConfigError, match="optim.fused true: fp16 gradients must be unscaled"):
+        task.configure_optimizers()

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from bytelm.config import OptimConfig
+from bytelm.config import ConfigError, OptimConfig
 from bytelm.training import distributed
 from bytelm.training.datamodule import IGNORE
 from bytelm.models.lm import LM, ModelConfig
@@ -149,8 +149,12 @@ class LMTask(L.LightningModule):
         # Fused AdamW (one kernel over all parameters) on CUDA, except under an fp16 grad scaler
         # with clipping: the gradients must be unscaled before they are clipped, which Lightning
         # does only for an unfused optimizer. Other clipping: distributed.clip_gradients.
-        fused = self.device.type == "cuda" and not (self.trainer.gradient_clip_val
-                                                    and distributed.has_grad_scaler(self.trainer))
+        scaled_clip = bool(self.trainer.gradient_clip_val) and distributed.has_grad_scaler(self.trainer)
+        fused = self.device.type == "cuda" and not scaled_clip if o.fused is None else o.fused
+        if fused and scaled_clip:
+            raise ConfigError("optim.fused true: fp16 gradients must be unscaled before they are "
+                              "clipped, which Lightning does only for an unfused optimizer "
+                              "(use bf16, optim.fused false or trainer.gradient_clip_val 0)")
         opt = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr,
                                 betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
         total = o.decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000)
