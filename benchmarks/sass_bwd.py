@@ -8,7 +8,8 @@ is read with the wheel's cuobjdump.
 
 --fwd adds the forward with checkpoints (the training forward) in both its loops (fwd-pipelined,
 fwd-one-chunk; scan_config's pipeline_ckpt picks one per N), without them (fwd-infer) and the
-forward's segment pre-pass (fwd-seg, launched when the sequence is cut into pieces). stg_kinds /
+forward's segment pre-pass (fwd-seg, launched when the sequence is cut into pieces) and, at
+N=16, the training forward capped at 168 registers (fwd-capped: forward_config's short batches). stg_kinds /
 ldg_kinds: the main loop's global stores / loads by width (U16: 2 bytes, 32: 4, 64, 128 bits).
 """
 import argparse, os, re, subprocess, tempfile
@@ -108,6 +109,10 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
     for pipe in (True, False):  # the training forward in both loops
         S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
                    cfg=dict(cfg, pipeline_ckpt=pipe))
+    if nstate == 16:  # the training forward register-capped, as forward_config runs it for
+        # short batches whose sequence is cut into pieces
+        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
+                   cfg=dict(cfg, maxnreg=168, warps_per_sm=12))
     capped = S.scan_config(nstate, backward=True)
     for c in [cfg_bwd] + ([capped] if cfg_bwd is None and capped.get("maxnreg") else []):
         S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False, cfg=c)
@@ -137,6 +142,8 @@ def main():
                      ("fwd-one-chunk", K._scan_fwd_kernel, fcalls[2]),
                      ("fwd-infer", K._scan_fwd_kernel, fcalls[0]),
                      ("fwd-seg", K._scan_fwd_segment_kernel, scalls[0])]
+            if len(fcalls) > 3:
+                todo.append(("fwd-capped", K._scan_fwd_kernel, fcalls[3]))
         for name, fn, (grid, a, kw) in todo:
             kw = dict(kw); kw["FAST_LOG"] = True
             k = compile_captured(fn, a, kw)

@@ -21,7 +21,8 @@ from bytelm.ops.backend import needs_autograd
 from bytelm.ops.channel_major import _autocast
 from bytelm.ops.triton.causal_conv1d import conv_bwd, conv_fwd
 from bytelm.ops.triton.layout import like
-from bytelm.ops.triton.selective_scan import pack_bc, scan_bwd, scan_config, scan_fwd, unpack_bc
+from bytelm.ops.triton.selective_scan import (forward_config, pack_bc, scan_bwd, scan_fwd,
+                                                unpack_bc)
 
 
 def _per_row(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -48,7 +49,7 @@ class MambaInnerFn(torch.autograd.Function):
         x_dbl = x_proj_weight @ _cm(x)                                   # (r + 2n, b l)
         dt_low, B, C = x_dbl.split([dt_rank, nstate, nstate])
         delta = _per_row(dt_proj_weight @ dt_low, batch)
-        cfg = scan_config(nstate, input_dtype=x.dtype)
+        cfg = forward_config(nstate, *x.shape, x.device, input_dtype=x.dtype)
         Bp, Cp = pack_bc(_per_row(B, batch), cfg), pack_bc(_per_row(C, batch), cfg)
         y, _, ckpt = scan_fwd(x, delta, A, Bp, Cp, D, _per_row(z_cm, batch), dt_bias,
                               delta_softplus=True, store_ckpt=need_grad, cfg=cfg)

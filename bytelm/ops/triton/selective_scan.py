@@ -191,6 +191,24 @@ def backward_config(nstate, batch, dim, n_chunks, device) -> dict:
     return cfg
 
 
+def forward_config(nstate, batch, dim, length, device, input_dtype=torch.float32) -> dict:
+    """scan_config for this forward launch, with the register cap of N=16's backward (168 a
+    thread: 12 warps an SM instead of 8) where the uncapped forward already cuts the sequence
+    into pieces and the cap cuts more: H200, bf16, N=16, pieces 5 -> 8: 2 x 1536 x 8192 0.589 ->
+    0.568 ms with checkpoints (0.574 -> 0.510 without), 2 x 1536 x 32768 2.374 -> 2.229 (2.277
+    -> 1.987): benchmarks/NOTES.md, seventh session. From one piece to two (8 x 1536 x 8192,
+    the 90M model at 8K) is not measured yet: uncapped there."""
+    cfg = scan_config(nstate, input_dtype=input_dtype)
+    if triton.next_power_of_2(max(nstate, 1)) != 16:
+        return cfg
+    capped = dict(cfg, maxnreg=168, warps_per_sm=12)
+    n_chunks = triton.cdiv(length, cfg["T"])
+    uncapped_pieces = segments(batch, dim, n_chunks, cfg, device)
+    if 1 < uncapped_pieces < segments(batch, dim, n_chunks, capped, device):
+        return capped
+    return cfg
+
+
 def _register_cap(cfg) -> dict:
     """Launch option capping a kernel's registers per thread (ptxas .maxnreg), when cfg sets one."""
     return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
@@ -215,7 +233,7 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
     asked for."""
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    cfg = cfg or scan_config(nstate, input_dtype=u.dtype)
+    cfg = cfg or forward_config(nstate, batch, dim, length, u.device, input_dtype=u.dtype)
     n_chunks = triton.cdiv(length, cfg["T"])
     nseg = segments(batch, dim, n_chunks, cfg, u.device)
     cps = triton.cdiv(n_chunks, nseg)
@@ -307,7 +325,7 @@ class SelectiveScanFn(torch.autograd.Function):
         D = D.contiguous().float() if D is not None else None
         delta_bias = delta_bias.contiguous().float() if delta_bias is not None else None
         h0 = initial_state.contiguous().float() if initial_state is not None else None
-        cfg = scan_config(A.shape[1], input_dtype=u.dtype)
+        cfg = forward_config(A.shape[1], *u.shape, u.device, input_dtype=u.dtype)
         # B and C are small (batch, state, length): one packed fp32 copy saves the kernels
         # unpacking bf16 and computing masks for every (channel, state, step)
         Bp, Cp = pack_bc(B, cfg), pack_bc(C, cfg)
