@@ -290,13 +290,25 @@ def test_torchrun_script_starts_a_rank_per_gpu_on_each_node(tmp_path):
         "--trainer.num_nodes", "2", "--resume", "auto"]
 
 
+@pytest.fixture
+def lightning_ddp_entry():
+    """Lightning's registry entry for "ddp", put back after the test (make_strategy replaces it;
+    monkeypatch.setitem cannot save it: the registry's get() builds a strategy)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    entry = dict.__getitem__(StrategyRegistry, "ddp")
+    yield entry
+    dict.__setitem__(StrategyRegistry, "ddp", entry)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "auto"])
-def test_ddp_over_several_devices_runs_our_ddp_strategy(strategy):
+def test_ddp_over_several_devices_runs_our_ddp_strategy(strategy, lightning_ddp_entry):  # noqa: ARG001
     """`ddp`, and `auto` over two devices (Lightning picks DDP by name), build DistributedDataParallel
     on the current stream with gradients as bucket views, not Lightning's side-stream DDP."""
     import lightning as L
 
     from bytelm.training.distributed import CurrentStreamDDPStrategy, make_strategy
+
 
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=make_strategy(strategy),
                         logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -317,32 +329,64 @@ def clip_target(grad_scale: float, scaler=None, sharded_clip=None):
     return module, torch.optim.SGD([param], lr=0.1), param, calls
 
 
-def test_clipping_by_norm_without_a_grad_scaler_is_ours_and_exact():
-    """bf16-mixed (no scaler) with a fused AdamW: Lightning would refuse to clip, so the norm is
-    clipped here, over the optimizer's parameters, exactly as torch's clip_grad_norm_ does."""
+def test_clipping_without_a_grad_scaler_is_ours_and_exact():
+    """bf16-mixed (no scaler) with a fused AdamW: Lightning would refuse to clip, so gradients are
+    clipped here, over the optimizer's parameters, exactly as torch's clip_grad_norm_ /
+    clip_grad_value_ do; clip_val <= 0 clips nothing (as in Lightning)."""
     from bytelm.training.distributed import clip_gradients
 
     module, optimizer, param, calls = clip_target(grad_scale=2.0)  # norm 10
     clip_gradients(module, optimizer, 1.0, "norm")
-    assert calls == []
     torch.testing.assert_close(param.grad, torch.tensor([0.6, 0.8]), rtol=1e-5, atol=0)
     module, optimizer, param, calls = clip_target(grad_scale=0.1)  # norm 0.5: untouched
     clip_gradients(module, optimizer, 1.0, None)
     torch.testing.assert_close(param.grad, torch.tensor([0.3, 0.4]))
+    module, optimizer, param, calls = clip_target(grad_scale=2.0)
+    clip_gradients(module, optimizer, 7.0, "value")
+    torch.testing.assert_close(param.grad, torch.tensor([6.0, 7.0]))
+    for clip_val in (0.0, -1.0, None):
+        module, optimizer, param, calls = clip_target(grad_scale=2.0)
+        clip_gradients(module, optimizer, clip_val, "norm")
+        torch.testing.assert_close(param.grad, torch.tensor([6.0, 8.0]))
+    assert calls == []
 
 
-@pytest.mark.parametrize("scaler, clip_val, algorithm", [
-    (object(), 1.0, "norm"),  # fp16: Lightning unscales before it clips
-    (None, 1.0, "value"),  # by value: Lightning's
-    (None, 0.0, "norm"),  # no clipping asked: Lightning's (which does nothing)
-])
-def test_other_clipping_is_lightnings(scaler, clip_val, algorithm):
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fp16_clipping_is_lightnings(algorithm):
+    """With a grad scaler Lightning clips (it unscales the gradients first)."""
     from bytelm.training.distributed import clip_gradients
 
-    module, optimizer, param, calls = clip_target(grad_scale=2.0, scaler=scaler)
-    clip_gradients(module, optimizer, clip_val, algorithm)
-    assert calls == [(optimizer, clip_val, algorithm)]
+    module, optimizer, param, calls = clip_target(grad_scale=2.0, scaler=object())
+    clip_gradients(module, optimizer, 1.0, algorithm)
+    assert calls == [(optimizer, 1.0, algorithm)]
     torch.testing.assert_close(param.grad, torch.tensor([6.0, 8.0]))  # not clipped here
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fused_adamw_trains_with_clipping_under_bf16_mixed(tmp_path, algorithm):
+    """A real Lightning loop: bf16-mixed, fused AdamW and clipping by norm or by value (Lightning
+    alone refuses both with a fused optimizer). On the CPU here; CUDA makes the same choice."""
+    import lightning as L
+
+    from bytelm.config import ModelConfig, OptimConfig
+    from bytelm.training.lm_module import LMTask
+
+    torch.manual_seed(0)
+    task = LMTask(ModelConfig(d_model=8, n_layer=1, d_state=2), OptimConfig(fused=True), seq_len=8)
+    class Windows(L.LightningDataModule):
+        cfg = SimpleNamespace(batch_size=2)  # what LMTask reads (its FLOPs per batch)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randint(0, 256, (4, 9)), batch_size=2)
+
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2,
+                        gradient_clip_val=1e-3, gradient_clip_algorithm=algorithm, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(task, datamodule=Windows())
+    assert trainer.optimizers[0].defaults["fused"]
+    assert any(not torch.equal(before[k], v) for k, v in task.model.state_dict().items())
 
 
 @pytest.mark.parametrize("fused, precision_scaler, clip, expected", [

@@ -162,19 +162,22 @@ def test_backward_register_cap_only_where_it_buys_pieces(capped, uncapped, monke
 
 
 @pytest.mark.parametrize("capped,uncapped,expect_cap", [
-    (8, 5, True), (2, 1, False), (5, 5, False), (1, 1, False)])
-def test_forward_register_cap_only_where_the_sequence_is_already_cut(capped, uncapped, expect_cap,
+    (8, 5, True), (16, 11, True), (2, 1, False), (3, 2, False), (4, 2, False), (5, 5, False),
+    (1, 1, False)])
+def test_forward_register_cap_only_where_the_extra_pre_pass_is_small(capped, uncapped, expect_cap,
                                                                     monkeypatch):
-    """N=16's forward takes the register cap only when the uncapped launch already cuts the
-    sequence (it pays the pieces' pre-pass) and the cap cuts more; never at other state sizes.
-    The tile (and so pack_bc's layout) is scan_config's either way."""
+    """N=16's forward with bf16 inputs takes the register cap when it cuts the sequence into
+    more pieces and the pre-pass grows by at most a tenth of the sequence (1/P - 1/P'); never
+    at other state sizes or with fp32 checkpoints. The tile (so pack_bc's layout) is
+    scan_config's either way."""
     monkeypatch.setattr(tss, "segments", lambda b, d, n, cfg, dev: capped if cfg.get("maxnreg") else uncapped)
     cfg = tss.forward_config(16, 2, 1536, 8192, torch.device("cpu"), input_dtype=torch.bfloat16)
     assert (cfg.get("maxnreg"), cfg["warps_per_sm"]) == ((168, 12) if expect_cap else (None, 8))
     tile = tss.scan_config(16, input_dtype=torch.bfloat16)
     assert {k: v for k, v in cfg.items() if k not in ("maxnreg", "warps_per_sm")} == \
         {k: v for k, v in tile.items() if k != "warps_per_sm"}
-    assert not tss.forward_config(64, 2, 1536, 8192, torch.device("cpu")).get("maxnreg")
+    for nstate, dtype in ((64, torch.bfloat16), (16, torch.float32), (16, torch.float16)):
+        assert not tss.forward_config(nstate, 2, 1536, 8192, torch.device("cpu"), dtype).get("maxnreg")
 
 
 @pytest.mark.parametrize("reduce_scatter", [True, False], ids=["reduce_scatter", "butterfly"])

@@ -149,7 +149,8 @@ class LMTask(L.LightningModule):
         # Fused AdamW (one kernel over all parameters) on CUDA, except under an fp16 grad scaler
         # with clipping: the gradients must be unscaled before they are clipped, which Lightning
         # does only for an unfused optimizer. Other clipping: distributed.clip_gradients.
-        scaled_clip = bool(self.trainer.gradient_clip_val) and distributed.has_grad_scaler(self.trainer)
+        clip = self.trainer.gradient_clip_val
+        scaled_clip = bool(clip and clip > 0) and distributed.has_grad_scaler(self.trainer)
         fused = self.device.type == "cuda" and not scaled_clip if o.fused is None else o.fused
         if fused and scaled_clip:
             raise ConfigError("optim.fused true: fp16 gradients must be unscaled before they are "

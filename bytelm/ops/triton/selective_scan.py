@@ -193,18 +193,23 @@ def backward_config(nstate, batch, dim, n_chunks, device) -> dict:
 
 def forward_config(nstate, batch, dim, length, device, input_dtype=torch.float32) -> dict:
     """scan_config for this forward launch, with the register cap of N=16's backward (168 a
-    thread: 12 warps an SM instead of 8) where the uncapped forward already cuts the sequence
-    into pieces and the cap cuts more: H200, bf16, N=16, pieces 5 -> 8: 2 x 1536 x 8192 0.589 ->
-    0.568 ms with checkpoints (0.574 -> 0.510 without), 2 x 1536 x 32768 2.374 -> 2.229 (2.277
-    -> 1.987): benchmarks/NOTES.md, seventh session. From one piece to two (8 x 1536 x 8192,
-    the 90M model at 8K) is not measured yet: uncapped there."""
+    thread: 12 warps an SM instead of 8, so more sequence pieces) where the pieces' extra
+    pre-pass is small: P -> P' pieces adds 1/P - 1/P' of the sequence to the pre-pass (which
+    costs ~half the main kernel a step), so cap where that is <= 0.1. Measured (H200, bf16,
+    N=16, 5 -> 8 pieces: +0.075): 2 x 1536 x 8192 0.589 -> 0.568 ms with checkpoints (0.574 ->
+    0.510 without), 2 x 1536 x 32768 2.374 -> 2.229 (2.277 -> 1.987): benchmarks/NOTES.md,
+    seventh session. Not measured: 1 -> 2, 2 -> 3 or 2 -> 4 pieces (8 x 1536 x 8192,
+    4 x 2048 x 8192, 4 x 1536 x 8192), uncapped by this rule; 11 -> 16 (batch 1), capped.
+    bf16 inputs only: with fp32 checkpoints the forward needs ~232 registers, and the cap
+    spills (offline sm_90 compile, triton 3.9)."""
     cfg = scan_config(nstate, input_dtype=input_dtype)
-    if triton.next_power_of_2(max(nstate, 1)) != 16:
+    if triton.next_power_of_2(max(nstate, 1)) != 16 or cfg["ckpt_dtype"] != torch.bfloat16:
         return cfg
     capped = dict(cfg, maxnreg=168, warps_per_sm=12)
     n_chunks = triton.cdiv(length, cfg["T"])
-    uncapped_pieces = segments(batch, dim, n_chunks, cfg, device)
-    if 1 < uncapped_pieces < segments(batch, dim, n_chunks, capped, device):
+    pieces = segments(batch, dim, n_chunks, cfg, device)
+    pieces_capped = segments(batch, dim, n_chunks, capped, device)
+    if pieces_capped > pieces and 1 / pieces - 1 / pieces_capped <= 0.1:
         return capped
     return cfg
 
