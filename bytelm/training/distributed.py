@@ -128,7 +128,7 @@ def clip_gradients(module: L.LightningModule, optimizer, clip_val, algorithm) ->
     fp16 (a grad scaler): Lightning's, which unscales first (its optimizer is never fused)."""
     if not clip_val or clip_val <= 0:
         return
-    by_value = algorithm is not None and algorithm == "value"
+    by_value = algorithm == "value"  # GradClipAlgorithmType is a str enum
     if is_sharded(module.trainer) and not by_value:
         module.trainer.strategy.model.clip_grad_norm_(clip_val)
     elif has_grad_scaler(module.trainer):
