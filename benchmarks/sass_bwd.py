@@ -109,11 +109,11 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
     for pipe in (True, False):  # the training forward in both loops
         S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
                    cfg=dict(cfg, pipeline_ckpt=pipe))
-    if nstate == 16:  # the training forward register-capped, as forward_config runs it for
-        # short batches whose sequence is cut into pieces
-        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
-                   cfg=dict(cfg, maxnreg=168, warps_per_sm=12))
     capped = S.scan_config(nstate, backward=True)
+    if capped.get("maxnreg"):  # the training forward with the backward's register cap, as
+        # forward_config runs it for short batches whose sequence is cut into pieces
+        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
+                   cfg=dict(cfg, maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"]))
     for c in [cfg_bwd] + ([capped] if cfg_bwd is None and capped.get("maxnreg") else []):
         S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False, cfg=c)
     S._scan_fwd_kernel, S._scan_bwd_kernel = K._scan_fwd_kernel, K._scan_bwd_kernel

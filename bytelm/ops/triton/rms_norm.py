@@ -309,8 +309,7 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     if x.numel() == 0 or x.shape[-1] > MAX_FUSED_DIM or stream_dtype(x, residual) != torch.float32:
         return add_rms_norm_ref(x, residual, weight, eps, out_dtype)
     out_dtype = out_dtype or x.dtype
-    leaves = (x, weight) if residual is None else (x, residual, weight)
-    if needs_autograd(*leaves):
+    if needs_autograd(x, residual, weight):
         return AddRMSNormFn.apply(x, residual, weight, eps, out_dtype)
     # no autograd: the forward alone, without rstd
     res2 = _rows(residual) if residual is not None else None

@@ -203,9 +203,10 @@ def forward_config(nstate, batch, dim, length, device, input_dtype=torch.float32
     bf16 inputs only: with fp32 checkpoints the forward needs ~232 registers, and the cap
     spills (offline sm_90 compile, triton 3.9)."""
     cfg = scan_config(nstate, input_dtype=input_dtype)
-    if triton.next_power_of_2(max(nstate, 1)) != 16 or cfg["ckpt_dtype"] != torch.bfloat16:
+    cap = scan_config(nstate, backward=True)
+    if not cap.get("maxnreg") or cfg["ckpt_dtype"] != torch.bfloat16:
         return cfg
-    capped = dict(cfg, maxnreg=168, warps_per_sm=12)
+    capped = dict(cfg, maxnreg=cap["maxnreg"], warps_per_sm=cap["warps_per_sm"])
     n_chunks = triton.cdiv(length, cfg["T"])
     pieces = segments(batch, dim, n_chunks, cfg, device)
     pieces_capped = segments(batch, dim, n_chunks, capped, device)
