@@ -184,7 +184,8 @@ def test_fused_mixer_equals_separate_ops(autocast, batch, length):
     """The training forward (conv, x_proj, dt_proj, scan as one node: ops/triton/mamba_inner.py)
     against the same Triton kernels as separate autograd ops (the prefill path, return_state):
     the same output and gradients, bit for bit except where the fused backward rounds once
-    instead of twice; there it is within one rounding, and no farther from fp32 maths."""
+    instead of twice (there within one rounding, and no farther from fp32 maths) and, on the
+    GPU, in the sums the scan backward makes by atomics (within fp32 reordering)."""
     torch.manual_seed(0)
     mixer = MambaMixer(d_model=16, d_state=4, expand=2, scan_backend="triton").to(DEVICE)
     hidden = torch.randn(batch, length, 16, device=DEVICE)
@@ -195,7 +196,10 @@ def test_fused_mixer_equals_separate_ops(autocast, batch, length):
     for name, g in grads.items():
         assert g.dtype == grads_sep[name].dtype, name
         if name not in _AFTER_ADDMM:
-            assert torch.equal(g, grads_sep[name]), name
+            if DEVICE == "cuda":  # the GPU sums A's and D's gradients by atomics: any order
+                assert rel_err(g, grads_sep[name]) < 1e-5, name
+            else:
+                assert torch.equal(g, grads_sep[name]), name
             continue
         assert rel_err(g, grads_sep[name]) < (1e-2 if autocast else 1e-6), name
         if autocast:

@@ -168,16 +168,22 @@ def test_forward_register_cap_only_where_the_extra_pre_pass_is_small(capped, unc
                                                                     monkeypatch):
     """N=16's forward with bf16 inputs takes the register cap when it cuts the sequence into
     more pieces and the pre-pass grows by at most a tenth of the sequence (1/P - 1/P'); never
-    at other state sizes or with fp32 checkpoints. The tile (so pack_bc's layout) is
-    scan_config's either way."""
+    at other state sizes or with fp32 checkpoints. Where the sequence is one piece uncapped,
+    it takes 4 states a thread instead (twice the warps). The tile is scan_config's
+    otherwise, and pack_bc's layout is the same either way."""
     monkeypatch.setattr(tss, "segments", lambda b, d, n, cfg, dev: capped if cfg.get("maxnreg") else uncapped)
     cfg = tss.forward_config(16, 2, 1536, 8192, torch.device("cpu"), input_dtype=torch.bfloat16)
     assert (cfg.get("maxnreg"), cfg["warps_per_sm"]) == ((168, 12) if expect_cap else (None, 8))
     tile = tss.scan_config(16, input_dtype=torch.bfloat16)
+    if uncapped == 1:
+        tile = dict(tile, NPT=4, KN=4, LD=8)
     assert {k: v for k, v in cfg.items() if k not in ("maxnreg", "warps_per_sm")} == \
         {k: v for k, v in tile.items() if k != "warps_per_sm"}
+    x = torch.randn(2, 16, 21)
+    assert torch.equal(tss.pack_bc(x, cfg), tss.pack_bc(x, tss.scan_config(16)))
     for nstate, dtype in ((64, torch.bfloat16), (16, torch.float32), (16, torch.float16)):
-        assert not tss.forward_config(nstate, 2, 1536, 8192, torch.device("cpu"), dtype).get("maxnreg")
+        assert tss.forward_config(nstate, 2, 1536, 8192, torch.device("cpu"), dtype) == \
+            tss.scan_config(nstate, input_dtype=dtype)
 
 
 @pytest.mark.parametrize("reduce_scatter", [True, False], ids=["reduce_scatter", "butterfly"])

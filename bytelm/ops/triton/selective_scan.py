@@ -198,10 +198,18 @@ def forward_config(nstate, batch, dim, length, device, input_dtype=torch.float32
     costs ~half the main kernel a step), so cap where that is <= 0.1. Measured (H200, bf16,
     N=16, 5 -> 8 pieces: +0.075): 2 x 1536 x 8192 0.589 -> 0.568 ms with checkpoints (0.574 ->
     0.510 without), 2 x 1536 x 32768 2.374 -> 2.229 (2.277 -> 1.987): benchmarks/NOTES.md,
-    seventh session. Not measured: 1 -> 2, 2 -> 3 or 2 -> 4 pieces (8 x 1536 x 8192,
-    4 x 2048 x 8192, 4 x 1536 x 8192), uncapped by this rule; 11 -> 16 (batch 1), capped.
+    seventh session. Uncapped by this rule, and measured slower capped (eighth session):
+    2 -> 3 pieces (4 x 2048 x 8192, 1.383 -> 1.398 ms) and 1 -> 2 (8 x 1536 x 8192, 1.623 ->
+    2.072). Not measured: 2 -> 4 (4 x 1536 x 8192), uncapped; 11 -> 16 (batch 1), capped.
     bf16 inputs only: with fp32 checkpoints the forward needs ~232 registers, and the cap
-    spills (offline sm_90 compile, triton 3.9)."""
+    spills (offline sm_90 compile, triton 3.9).
+
+    Where the sequence is one piece anyway, N=16 with bf16 inputs takes 4 states a thread
+    instead of 8 (NPT 4, KN 4: twice the warps for this latency-bound loop, and no pieces to
+    lose). Measured (H200, eighth session), with checkpoints: 4 x 2048 x 8192 1.383 -> 1.313 ms
+    (1.345 -> 1.181 without), 8 x 1536 x 8192 1.623 -> 1.591 (1.530 -> 1.441). Where the
+    sequence is cut it would halve the pieces: 2 x 1536 x 32768, 5 -> 2 pieces, 2.399 -> 3.634.
+    pack_bc's layout depends only on T and NPT x KN, so B and C pack the same either way."""
     cfg = scan_config(nstate, input_dtype=input_dtype)
     cap = scan_config(nstate, backward=True)
     if not cap.get("maxnreg") or cfg["ckpt_dtype"] != torch.bfloat16:
@@ -209,6 +217,8 @@ def forward_config(nstate, batch, dim, length, device, input_dtype=torch.float32
     capped = dict(cfg, maxnreg=cap["maxnreg"], warps_per_sm=cap["warps_per_sm"])
     n_chunks = triton.cdiv(length, cfg["T"])
     pieces = segments(batch, dim, n_chunks, cfg, device)
+    if pieces == 1 and (cfg["NPT"], cfg["KN"]) == (8, 2):
+        return dict(cfg, NPT=4, KN=4, LD=8)
     pieces_capped = segments(batch, dim, n_chunks, capped, device)
     if pieces_capped > pieces and 1 / pieces - 1 / pieces_capped <= 0.1:
         return capped
