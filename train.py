@@ -219,17 +219,11 @@ def check_corpus_fits(dm) -> None:
     next(iter(dm.val_dataloader()))
 
 
-def windows_in(batch):
-    """The (batch, length) ids of a training batch or of a validation (windows, targets) pair."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
 def build_trainer(cfg, run_dir: Path, sample_prompt: bytes, manifest: dict,
                   resume_step: int | None = None, signals=None, bytes_per_token: float = 1.0):
     import lightning as L
     import torch
     from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.callbacks import RichProgressBar, ThroughputMonitor
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     from bytelm.config import ConfigError
@@ -238,6 +232,7 @@ def build_trainer(cfg, run_dir: Path, sample_prompt: bytes, manifest: dict,
     from bytelm.training.csv_log import ResumableCSVLogger
     from bytelm.training.distributed import GlobalBatch, cluster_plugins, make_strategy
     from bytelm.training.faults import NumericalGuard
+    from bytelm.training.metrics import ProgressBar, StepTimer
 
     loggers = [ResumableCSVLogger(run_dir, resume_step)]  # its file is opened after start_run_dir
     if "tensorboard" in cfg.train.loggers:
@@ -262,9 +257,8 @@ def build_trainer(cfg, run_dir: Path, sample_prompt: bytes, manifest: dict,
         StepCheckpoints(run_dir / "checkpoints", cfg.train.ckpt_every, manifest, signals),
         NumericalGuard(cfg.train.on_nonfinite, cfg.train.max_skips_in_row, cfg.train.max_skips,
                        cfg.train.spike_factor),
-        *([RichProgressBar()] if targs.get("enable_progress_bar", True) else []),
-        ThroughputMonitor(batch_size_fn=lambda b: windows_in(b).shape[0],
-                          length_fn=lambda b: windows_in(b).shape[1] - 1),
+        *([ProgressBar()] if targs.get("enable_progress_bar", True) else []),
+        StepTimer(bytes_per_token),
         GlobalBatch(cfg.data.batch_size, cfg.data.seq_len, bytes_per_token),
         SampleText(run_dir, sample_prompt, cfg.train.sample_bytes, cfg.train.sample_temperature,
                    cfg.seed),

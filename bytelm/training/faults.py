@@ -9,6 +9,14 @@ Too many skipped steps, in a row (`train.max_skips_in_row`) or in all (`train.ma
 the run too. A loss above `train.spike_factor` x its running mean is counted in
 train/loss_spikes, with a warning line. The counters and the running mean are checkpointed, so
 a resumed run logs exactly what an uninterrupted one would.
+
+No host sync on the default GPU path (policy skip, a fused optimizer, no fp16 grad scaler):
+reading the verdict on the host would leave the GPU idle while the CPU catches up, every
+step. There the verdict goes to the optimizer as a tensor (`found_inf`, as a GradScaler hands
+it over: the fused AdamW then leaves parameters and moments untouched), and the host reads it
+one step later, when it is long computed: the warnings, the counters and a stop for too many
+skips come one step late (naming the right step). The stop policy, and other optimizers, read
+it at once.
 """
 
 from __future__ import annotations
@@ -19,8 +27,17 @@ import sys
 import lightning as L
 import torch
 
+from bytelm.training.metrics import log_on_logging_steps
+
 SPIKE_WARMUP = 10  # steps of loss history before spikes are judged
 SPIKE_DECAY = 0.98  # the running mean follows roughly the last 50 steps
+
+
+def _skips_on_found_inf(optimizer) -> bool:
+    """Does optimizer.step() honour a `found_inf` tensor, skipping the whole update when it is
+    1 (torch's fused Adam/AdamW: parameters, moments and step count stay as they were)?"""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)
+                and optimizer.defaults.get("fused"))
 
 
 def _warn(trainer, message: str) -> None:
@@ -38,9 +55,13 @@ class NumericalGuard(L.Callback):
         self.skipped = self.skipped_in_row = self.spikes = self.loss_steps = 0
         self.loss_mean = 0.0
         self.stop_reason: str | None = None
+        self.last_loss: float | None = None  # the newest loss read on the host
         self._loss_sum: torch.Tensor | None = None  # this step's micro-batch losses, summed
+        self._pending = None  # a deferred verdict: (host copy, its event, trainer, where)
+        self._flagged = None  # the optimizer holding this step's found_inf
 
     def state_dict(self) -> dict:
+        self._read_pending()  # the checkpoint holds every finished step's verdict
         return {"skipped": self.skipped, "skipped_in_row": self.skipped_in_row,
                 "spikes": self.spikes, "loss_steps": self.loss_steps, "loss_mean": self.loss_mean}
 
@@ -58,8 +79,9 @@ class NumericalGuard(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
         # A GradScaler skips overflowing steps itself and lowers its scale: not our fault to count.
-        check_grads = bool(grads) and getattr(trainer.precision_plugin, "scaler", None) is None
+        check_grads = bool(grads) and scaler is None
         zero = torch.zeros((), device=pl_module.device)  # where a collective can reduce it
         grad_norm = torch.nn.utils.get_total_norm(grads) if check_grads else zero
         loss = self._loss_sum if self._loss_sum is not None else zero
@@ -67,18 +89,63 @@ class NumericalGuard(L.Callback):
         stats = torch.stack([loss.float(), grad_norm.float()])
         if trainer.world_size > 1:  # a NaN on any rank makes the mean NaN: every rank agrees
             stats = trainer.strategy.reduce(stats, reduce_op="mean")
-        loss_value, norm_value = stats.tolist()  # the one host sync of the step
+        self._read_pending()  # the previous step's (deferred) verdict, before this one's
+        if self.policy == "skip" and scaler is None and _skips_on_found_inf(optimizer):
+            optimizer.found_inf = (~stats.isfinite().all()).float()  # 1.0: no update at all
+            self._flagged = optimizer
+            self._defer(stats, trainer)
+        else:
+            loss_value, norm_value = stats.tolist()  # a host sync
+            if not self._judge(trainer, loss_value, norm_value, self._where(trainer)):
+                for p in params:
+                    p.grad = None  # the optimizer skips parameters without a gradient: no update
+        log_on_logging_steps(trainer, {"train/skipped_steps": float(self.skipped),
+                                       "train/loss_spikes": float(self.spikes)})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._flagged is not None:  # stepped: the flag must not reach another step
+            del self._flagged.found_inf
+            self._flagged = None
+
+    def on_train_end(self, trainer, pl_module):
+        changed = self._pending is not None
+        self._read_pending()  # the last step's verdict: its warning, and the final counters
+        if changed and trainer.is_global_zero:
+            trainer._logger_connector.log_metrics({"train/skipped_steps": float(self.skipped),
+                                                   "train/loss_spikes": float(self.spikes)},
+                                                  step=max(trainer.global_step - 1, 0))
+
+    def _defer(self, stats: torch.Tensor, trainer) -> None:
+        """Copy the step's (loss, grad norm) to the host without waiting for it."""
+        if stats.is_cuda:
+            host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+            host.copy_(stats, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host, ready = stats.detach().clone(), None
+        self._pending = (host, ready, trainer, self._where(trainer))
+
+    def _read_pending(self) -> None:
+        if self._pending is None:
+            return
+        host, ready, trainer, where = self._pending
+        self._pending = None
+        if ready is not None:
+            ready.synchronize()  # a step old: done, unless the GPU is a whole step behind
+        self._judge(trainer, *host.tolist(), where)
+
+    def _judge(self, trainer, loss_value: float, norm_value: float, where: str) -> bool:
+        """Count the step's verdict; True when its loss and gradient are finite."""
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             self.skipped_in_row = 0
-            self._watch_spike(trainer, loss_value)
-        else:
-            for p in params:
-                p.grad = None  # the optimizer skips parameters without a gradient: no update
-            what = (f"loss ({loss_value})" if not math.isfinite(loss_value)
-                    else f"gradient (norm {norm_value})")
-            self._fault(trainer, what)
-        pl_module.log("train/skipped_steps", float(self.skipped))
-        pl_module.log("train/loss_spikes", float(self.spikes))
+            self.last_loss = loss_value
+            self._watch_spike(trainer, loss_value, where)
+            return True
+        what = (f"loss ({loss_value})" if not math.isfinite(loss_value)
+                else f"gradient (norm {norm_value})")
+        self._fault(trainer, what, where)
+        return False
 
     def _where(self, trainer) -> str:
         step, accumulate = trainer.global_step, trainer.accumulate_grad_batches
@@ -86,10 +153,9 @@ class NumericalGuard(L.Callback):
         batches = f"data batch {first}" if first == last else f"data batches {first}-{last}"
         return f"step {step} ({batches})"
 
-    def _fault(self, trainer, what: str) -> None:
+    def _fault(self, trainer, what: str, where: str) -> None:
         self.skipped += 1
         self.skipped_in_row += 1
-        where = self._where(trainer)
         if self.policy == "stop":
             self._stop(trainer, f"non-finite {what} at {where}; stopped without applying it "
                                 f"(train.on_nonfinite=stop)")
@@ -107,11 +173,11 @@ class NumericalGuard(L.Callback):
         self.stop_reason = reason
         trainer.should_stop = True
 
-    def _watch_spike(self, trainer, loss: float) -> None:
+    def _watch_spike(self, trainer, loss: float, where: str) -> None:
         if (self.spike_factor > 0 and self.loss_steps >= SPIKE_WARMUP
                 and loss > self.spike_factor * self.loss_mean):
             self.spikes += 1
-            _warn(trainer, f"warning: loss spike at {self._where(trainer)}: {loss:.4f} is more "
+            _warn(trainer, f"warning: loss spike at {where}: {loss:.4f} is more "
                            f"than {self.spike_factor:g} x the running mean {self.loss_mean:.4f}")
         decay = SPIKE_DECAY if self.loss_steps else 0.0
         self.loss_mean = decay * self.loss_mean + (1 - decay) * loss

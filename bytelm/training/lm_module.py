@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from bytelm.config import ConfigError, OptimConfig
 from bytelm.training import distributed
 from bytelm.training.datamodule import IGNORE
+from bytelm.training.metrics import log_on_logging_steps
 from bytelm.models.lm import LM, ModelConfig
 from bytelm.tokenizer import ByteTokenizer
 
@@ -76,7 +77,7 @@ class LMTask(L.LightningModule):
 
     @property
     def flops_per_batch(self) -> int:
-        """Training FLOPs of one micro-batch, for Lightning's ThroughputMonitor (3x forward)."""
+        """Training FLOPs of one micro-batch (3x forward)."""
         batch = self.trainer.datamodule.cfg.batch_size if self._trainer else 1
         return 3 * self.flops_per_token * self.seq_len * batch
 
@@ -91,11 +92,13 @@ class LMTask(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self.nll(batch)  # NaN/inf: the NumericalGuard callback applies train.on_nonfinite
         # Averaged over ranks (equal batches): the loss of the global batch, as on one device.
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        # Tensors stay on the GPU until a logging step; Python numbers go by log_on_logging_steps
+        # (self.log would copy each to the GPU, waiting for it: bytelm/training/metrics.py).
+        self.log("train/loss", loss, sync_dist=True)
         targets = batch[:, 1:]
         self.log("train/bpb", loss * targets.numel() / (self.token_bytes[targets].sum() * LN2),
                  sync_dist=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        log_on_logging_steps(self.trainer, {"train/lr": self.optimizers().param_groups[0]["lr"]})
         return loss
 
     def on_train_start(self):
@@ -109,7 +112,7 @@ class LMTask(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         # Cumulative training FLOPs once this optimizer step is done (every rank, every micro-batch).
         per_step = self.flops_per_batch * self.trainer.accumulate_grad_batches * self.trainer.world_size
-        self.log("train/flops", torch.tensor((self.global_step + 1) * per_step, dtype=torch.float64))
+        log_on_logging_steps(self.trainer, {"train/flops": float((self.global_step + 1) * per_step)})
         norm = distributed.grad_norm(self.parameters(), self.trainer)  # of every rank's shard
         if norm is not None:
             self.log("train/grad_norm", norm)

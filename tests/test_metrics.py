@@ -1,0 +1,124 @@
+"""What a run logs each step (bytelm/training/metrics.py): step time and throughput on logging
+steps only, Python numbers written straight to the loggers, a progress bar that reads nothing
+from the GPU; on a GPU, training steps with no host sync at all."""
+
+import csv
+import random
+import warnings
+
+import lightning as L
+import pytest
+import torch
+
+import train
+from bytelm.config import DataConfig, OptimConfig
+from bytelm.models.lm import ModelConfig
+from bytelm.training.datamodule import ByteDataModule
+from bytelm.training.faults import NumericalGuard
+from bytelm.training.lm_module import LMTask
+from bytelm.training.metrics import ProgressBar, StepTimer
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics")
+    words = "the of and to in is was for on that with as by at from his her it an be".split()
+    rng = random.Random(0)
+    text = " ".join(rng.choice(words) for _ in range(3000))
+    (root / "corpus.txt").write_text("\n".join(text[i:i + 70] for i in range(0, len(text), 70)))
+    return root
+
+
+def rows(run):
+    with open(run / "logs" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def column(run, key) -> dict[int, float]:
+    return {int(r["step"]): float(r[key]) for r in rows(run) if r.get(key)}
+
+
+def test_step_metrics_are_logged_on_logging_steps_only(corpus):
+    steps, every, batch, seq_len = 9, 3, 4, 16
+    args = ["--data", str(corpus / "corpus.txt"), "--name", "timer", "--overwrite",
+            "--train.out_dir", str(corpus / "runs"), "--data.prepared_dir", str(corpus / "prepared"),
+            "--data.seq_len", str(seq_len), "--data.batch_size", str(batch),
+            "--data.val_bytes", "256", "--model.d_model", "16", "--model.n_layer", "1",
+            "--model.d_state", "4", "--train.eval_every", "4", "--train.ckpt_every", "100",
+            "--train.sample_bytes", "0", "--trainer.max_steps", str(steps),
+            "--trainer.log_every_n_steps", str(every), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]
+    assert train.main(args) == 0
+    run = corpus / "runs" / "timer"
+    logging_steps = set(range(every - 1, steps, every))  # optimizer steps 3, 6, 9
+    for key in ("train/time", "train/tokens_per_sec", "train/bytes_per_sec", "train/flops_per_sec",
+                "train/lr", "train/flops", "train/loss", "train/skipped_steps"):
+        assert set(column(run, key)) == logging_steps, key
+    time = column(run, "train/time")
+    assert all(time[a] < time[b] for a, b in zip(sorted(time), sorted(time)[1:]))
+    tokens, n_bytes = column(run, "train/tokens_per_sec"), column(run, "train/bytes_per_sec")
+    flops = column(run, "train/flops_per_sec")
+    task = LMTask(ModelConfig(d_model=16, n_layer=1, d_state=4), OptimConfig(), seq_len)
+    for step in logging_steps:
+        assert tokens[step] > 0 and n_bytes[step] == pytest.approx(tokens[step])  # a byte model
+        assert flops[step] == pytest.approx(3 * task.flops_per_token * tokens[step])
+    assert not any("mfu" in key for key in rows(run)[0])  # no known peak on the CPU
+    per_step = 3 * task.flops_per_token * seq_len * batch
+    assert column(run, "train/flops") == {s: pytest.approx((s + 1) * per_step) for s in logging_steps}
+
+
+def test_progress_bar_shows_the_guards_loss_and_the_lr(corpus):
+    cfg = DataConfig(source=str(corpus / "corpus.txt"), prepared_dir=str(corpus / "prepared"),
+                     seq_len=16, batch_size=4, val_bytes=256)
+    dm = ByteDataModule(cfg, seed=0)
+    task = LMTask(ModelConfig(d_model=16, n_layer=1, d_state=4), OptimConfig(lr=1e-3), 16)
+    guard, bar = NumericalGuard(), ProgressBar()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, callbacks=[guard, bar], enable_model_summary=False)
+    trainer.fit(task, datamodule=dm)
+    shown = bar.get_metrics(trainer, task)
+    assert shown["train/loss"] == guard.last_loss and 0 < guard.last_loss < 10
+    assert shown["train/lr"] == trainer.optimizers[0].param_groups[0]["lr"]
+
+
+class _SyncProbe(L.Callback):
+    """Turns torch's sync debug mode on from the start of step 2 (after the first steps'
+    compiles and caches) to the end of step 6, in a run that logs nowhere in between: every
+    synchronising CUDA call there warns."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 2:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 6:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def on_exception(self, trainer, pl_module, exception):
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not CUDA, reason="host syncs are a GPU matter")
+@pytest.mark.parametrize("strategy_kw", [dict(gradient_clip_val=1.0), dict()], ids=["clip", "noclip"])
+def test_training_steps_do_not_wait_for_the_gpu(corpus, tmp_path, strategy_kw):
+    """The default GPU loop (bf16-mixed, fused AdamW, the NumericalGuard, StepTimer, ProgressBar,
+    the run's loggers) queues step after step without a host sync between logging steps."""
+    from bytelm.training.csv_log import ResumableCSVLogger
+
+    cfg = DataConfig(source=str(corpus / "corpus.txt"), prepared_dir=str(corpus / "prepared"),
+                     seq_len=64, batch_size=4, val_bytes=256)
+    dm = ByteDataModule(cfg, seed=0)
+    task = LMTask(ModelConfig(d_model=32, n_layer=2, d_state=16), OptimConfig(lr=1e-3), 64)
+    callbacks = [NumericalGuard(), ProgressBar(), StepTimer(), _SyncProbe()]
+    trainer = L.Trainer(max_steps=8, accelerator="gpu", devices=1, precision="bf16-mixed",
+                        logger=ResumableCSVLogger(tmp_path), log_every_n_steps=1000,
+                        enable_checkpointing=False, limit_val_batches=0, callbacks=callbacks,
+                        enable_model_summary=False, **strategy_kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(task, datamodule=dm)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert syncs == [], syncs[:3]
