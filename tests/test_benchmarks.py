@@ -148,3 +148,59 @@ def test_scan_tune_variants_run_in_the_interpreter(monkeypatch):
     assert any("'NPT': 4" in ln for ln in fwd) and any("'NPT': 2" in ln for ln in bwd)
     errs = [float(re.search(r"max rel diff ([0-9.e+-]+)", ln).group(1)) for ln in bwd]
     assert len(errs) == len(bwd) >= 6 and max(errs) < 1e-5
+
+
+TRAIN_LOOP_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def run_train_loop(tmp_path, *args):
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "train_loop.py"
+    return subprocess.run([sys.executable, str(script), *args], cwd=tmp_path,
+                          env={**os.environ, **TRAIN_LOOP_ENV}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_train_loop_benchmark_times_bare_and_train_py_on_cpu(tmp_path):
+    """benchmarks/train_loop.py end to end with a tiny config: the bare loop, the bare loop with a
+    host sync and train.py in a subprocess each get a row of positive step times; the corpus
+    path in the config is relative to where the benchmark runs, and train.py (run from its own
+    directory) reads the same file. The CPU timings themselves are not checked."""
+    import inspect
+    import math
+
+    (tmp_path / "corpus.txt").write_text(inspect.getsource(inspect)[:30000])
+    (tmp_path / "tiny.yaml").write_text(
+        "name: tiny\ndata:\n  source: corpus.txt\n  seq_len: 32\n  batch_size: 2\n"
+        "model:\n  d_model: 16\n  n_layer: 1\n")
+    out = tmp_path / "loop.md"
+    result = run_train_loop(tmp_path, "--config", "tiny.yaml", "--steps", "30", "--warmup", "2",
+                            "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = out.read_text()
+    assert table.strip() in result.stdout
+    assert "- device: cpu;" in table and "batch x seq_len: 2 x 32" in table
+    assert "over 2 intervals of 10 steps" in table
+    assert "--config tiny.yaml --steps 30 --warmup 2" in table
+    rows = {cells[0]: cells[1:] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+             if line.startswith("| ") and not line.startswith(("| variant", "| ---")))}
+    assert list(rows) == ["bare", "bare+sync", "train.py"]
+    for label, (seconds, bytes_per_s, _) in rows.items():
+        assert math.isfinite(float(seconds)) and float(seconds) > 0, label
+        assert float(bytes_per_s.replace(",", "")) > 0, label
+    assert not list(tmp_path.glob("runs")) and not list(tmp_path.glob("data_cache"))
+
+
+def test_train_loop_benchmark_bad_input_is_a_one_line_error(tmp_path):
+    result = run_train_loop(tmp_path, "--config", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: config file not found: "
+                                                  f"{tmp_path / 'missing.yaml'}"]
+    (tmp_path / "tiny.yaml").write_text("data:\n  seq_len: 32\n")
+    result = run_train_loop(tmp_path, "--config", "tiny.yaml", "--data", "missing.txt")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: ") and "missing.txt" in result.stderr
