@@ -86,12 +86,18 @@ def test_progress_bar_shows_the_guards_loss_and_the_lr(corpus):
 class _SyncProbe(L.Callback):
     """Turns torch's sync debug mode on from the start of step 2 (after the first steps'
     compiles and caches) to the end of step 6, in a run that logs nowhere in between: every
-    synchronising CUDA call there warns."""
+    synchronising CUDA call there warns. control: read a value from the GPU in step 4 (the
+    probe must catch it)."""
+
+    def __init__(self, control: bool):
+        self.control = control
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 2:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("warn")
+        if batch_idx == 4 and self.control:
+            batch.sum().item()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx == 6:
@@ -102,23 +108,25 @@ class _SyncProbe(L.Callback):
 
 
 @pytest.mark.skipif(not CUDA, reason="host syncs are a GPU matter")
-@pytest.mark.parametrize("strategy_kw", [dict(gradient_clip_val=1.0), dict()], ids=["clip", "noclip"])
-def test_training_steps_do_not_wait_for_the_gpu(corpus, tmp_path, strategy_kw):
+@pytest.mark.parametrize("trainer_kw,control", [(dict(gradient_clip_val=1.0), False), ({}, False),
+                                                ({}, True)], ids=["clip", "noclip", "control"])
+def test_training_steps_do_not_wait_for_the_gpu(corpus, tmp_path, trainer_kw, control):
     """The default GPU loop (bf16-mixed, fused AdamW, the NumericalGuard, StepTimer, ProgressBar,
-    the run's loggers) queues step after step without a host sync between logging steps."""
+    the run's loggers) queues step after step without a host sync between logging steps.
+    (Before: ~7 a step, 18.7 ms of a 125M step on the H200: benchmarks/results/train-loop-h200.md.)"""
     from bytelm.training.csv_log import ResumableCSVLogger
 
     cfg = DataConfig(source=str(corpus / "corpus.txt"), prepared_dir=str(corpus / "prepared"),
                      seq_len=64, batch_size=4, val_bytes=256)
     dm = ByteDataModule(cfg, seed=0)
     task = LMTask(ModelConfig(d_model=32, n_layer=2, d_state=16), OptimConfig(lr=1e-3), 64)
-    callbacks = [NumericalGuard(), ProgressBar(), StepTimer(), _SyncProbe()]
+    callbacks = [NumericalGuard(), ProgressBar(), StepTimer(), _SyncProbe(control)]
     trainer = L.Trainer(max_steps=8, accelerator="gpu", devices=1, precision="bf16-mixed",
                         logger=ResumableCSVLogger(tmp_path), log_every_n_steps=1000,
                         enable_checkpointing=False, limit_val_batches=0, callbacks=callbacks,
-                        enable_model_summary=False, **strategy_kw)
+                        enable_model_summary=False, **trainer_kw)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(task, datamodule=dm)
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    assert syncs == [], syncs[:3]
+    syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+    assert bool(syncs) == control, syncs[:3]

@@ -168,22 +168,36 @@ def test_forward_register_cap_only_where_the_extra_pre_pass_is_small(capped, unc
                                                                     monkeypatch):
     """N=16's forward with bf16 inputs takes the register cap when it cuts the sequence into
     more pieces and the pre-pass grows by at most a tenth of the sequence (1/P - 1/P'); never
-    at other state sizes or with fp32 checkpoints. Where the sequence is one piece uncapped,
-    it takes 4 states a thread instead (twice the warps). The tile is scan_config's
-    otherwise, and pack_bc's layout is the same either way."""
-    monkeypatch.setattr(tss, "segments", lambda b, d, n, cfg, dev: capped if cfg.get("maxnreg") else uncapped)
+    at other state sizes or with fp32 checkpoints (4 states a thread, below, aside). The tile
+    is scan_config's either way."""
+    def pieces(b, d, n, cfg, dev):
+        return capped if cfg.get("maxnreg") else uncapped if cfg["NPT"] == 8 else 2
+    monkeypatch.setattr(tss, "segments", pieces)
     cfg = tss.forward_config(16, 2, 1536, 8192, torch.device("cpu"), input_dtype=torch.bfloat16)
     assert (cfg.get("maxnreg"), cfg["warps_per_sm"]) == ((168, 12) if expect_cap else (None, 8))
     tile = tss.scan_config(16, input_dtype=torch.bfloat16)
-    if uncapped == 1:
-        tile = dict(tile, NPT=4, KN=4, LD=8)
     assert {k: v for k, v in cfg.items() if k not in ("maxnreg", "warps_per_sm")} == \
         {k: v for k, v in tile.items() if k != "warps_per_sm"}
-    x = torch.randn(2, 16, 21)
-    assert torch.equal(tss.pack_bc(x, cfg), tss.pack_bc(x, tss.scan_config(16)))
     for nstate, dtype in ((64, torch.bfloat16), (16, torch.float32), (16, torch.float16)):
         assert tss.forward_config(nstate, 2, 1536, 8192, torch.device("cpu"), dtype) == \
             tss.scan_config(nstate, input_dtype=dtype)
+
+
+@pytest.mark.parametrize("half_pieces,expect_half", [(1, True), (2, False)])
+def test_forward_takes_four_states_a_thread_where_that_is_one_piece(half_pieces, expect_half,
+                                                                   monkeypatch):
+    """N=16, bf16: NPT 4 (twice the warps) when that launch keeps the sequence in one piece,
+    else scan_config's NPT 8 (with the cap rule above); B and C pack the same either way."""
+    monkeypatch.setattr(tss, "segments", lambda b, d, n, cfg, dev: half_pieces if cfg["NPT"] == 4 else 2)
+    cfg = tss.forward_config(16, 4, 2048, 8192, torch.device("cpu"), input_dtype=torch.bfloat16)
+    tile = tss.scan_config(16, input_dtype=torch.bfloat16)
+    assert (cfg["NPT"], cfg["KN"], cfg["LD"]) == ((4, 4, 8) if expect_half else (8, 2, 16))
+    other = lambda c: {k: v for k, v in c.items() if k not in ("NPT", "KN", "LD")}  # noqa: E731
+    assert other(cfg) == other(tile)
+    x = torch.randn(2, 16, 21)
+    assert torch.equal(tss.pack_bc(x, cfg), tss.pack_bc(x, tile))
+    for nstate, dtype in ((64, torch.bfloat16), (16, torch.float32)):
+        assert tss.forward_config(nstate, 4, 2048, 8192, torch.device("cpu"), dtype)["NPT"] == 8
 
 
 @pytest.mark.parametrize("reduce_scatter", [True, False], ids=["reduce_scatter", "butterfly"])

@@ -204,21 +204,25 @@ def forward_config(nstate, batch, dim, length, device, input_dtype=torch.float32
     bf16 inputs only: with fp32 checkpoints the forward needs ~232 registers, and the cap
     spills (offline sm_90 compile, triton 3.9).
 
-    Where the sequence is one piece anyway, N=16 with bf16 inputs takes 4 states a thread
-    instead of 8 (NPT 4, KN 4: twice the warps for this latency-bound loop, and no pieces to
-    lose). Measured (H200, eighth session), with checkpoints: 4 x 2048 x 8192 1.383 -> 1.313 ms
-    (1.345 -> 1.181 without), 8 x 1536 x 8192 1.623 -> 1.591 (1.530 -> 1.441). Where the
-    sequence is cut it would halve the pieces: 2 x 1536 x 32768, 5 -> 2 pieces, 2.399 -> 3.634.
-    pack_bc's layout depends only on T and NPT x KN, so B and C pack the same either way."""
+    Where twice the warps fill the GPU with the sequence in one piece, N=16 with bf16 inputs
+    takes 4 states a thread instead of 8 (NPT 4, KN 4: more warps for this latency-bound loop,
+    and no pre-pass). Measured (H200, eighth session), with checkpoints: 8 x 1536 x 8192 (one
+    piece either way) 1.623 -> 1.591 ms (1.530 -> 1.441 without), 4 x 2048 x 8192 (2 pieces
+    -> 1) 1.383 -> 1.313 (1.345 -> 1.181). Where NPT 4 still needs pieces it has fewer than
+    NPT 8 and loses: 2 x 1536 x 32768, 5 -> 2 pieces, 2.399 -> 3.634 (2 x 1536 x 8192, sixth
+    session: 0.589 -> 0.914). pack_bc's layout depends only on T and NPT x KN, so B and C pack
+    the same either way."""
     cfg = scan_config(nstate, input_dtype=input_dtype)
     cap = scan_config(nstate, backward=True)
     if not cap.get("maxnreg") or cfg["ckpt_dtype"] != torch.bfloat16:
         return cfg
     capped = dict(cfg, maxnreg=cap["maxnreg"], warps_per_sm=cap["warps_per_sm"])
     n_chunks = triton.cdiv(length, cfg["T"])
+    if (cfg["NPT"], cfg["KN"]) == (8, 2):
+        half = dict(cfg, NPT=4, KN=4, LD=8)
+        if segments(batch, dim, n_chunks, half, device) == 1:
+            return half
     pieces = segments(batch, dim, n_chunks, cfg, device)
-    if pieces == 1 and (cfg["NPT"], cfg["KN"]) == (8, 2):
-        return dict(cfg, NPT=4, KN=4, LD=8)
     pieces_capped = segments(batch, dim, n_chunks, capped, device)
     if pieces_capped > pieces and 1 / pieces - 1 / pieces_capped <= 0.1:
         return capped
