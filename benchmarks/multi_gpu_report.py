@@ -2,7 +2,7 @@
 
     python benchmarks/multi_gpu_report.py OUT_DIR --steps 200 --resume-step 100
 
-Every number comes from the runs' own files: step times from Lightning's train/time column
+Every number comes from the runs' own files: step times from the logged train/time column
 (median over consecutive optimizer steps, compare_curves.seconds_per_step), the batch from each
 run's config.yaml (checked against the train/global_batch_bytes it logged), losses from
 train/loss. A run missing, or a number that is not finite, is an error (exit 1), not a row.
@@ -118,7 +118,7 @@ def report(out: Path, steps: int, resume_step: int, command: str) -> str:
              f"- {environment()}", f"- Command: `{command}`" if command else "",
              f"- {steps} optimizer steps; fsdp's step-{resume_step} checkpoint resumed on 1 GPU "
              f"for steps {resume_step + 1}-{steps}. Step time: median over consecutive optimizer "
-             f"steps of Lightning's train/time (rank 0, CUDA-synchronised).", "",
+             f"steps of the logged train/time (rank 0, CUDA-synchronised).", "",
              "| run | what | windows x accumulated x devices | bytes/step | steps timed | "
              "s/step (median) | bytes/s | bytes/s per GPU | last train/loss | final val bpb |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

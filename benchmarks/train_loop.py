@@ -19,11 +19,12 @@ Prints one markdown table (also written to --out), one row per variant:
   train.py in a subprocess, run from its own directory (so it imports its own bytelm), on the
   same config with the run directory and the prepared corpus in a temporary folder (deleted at
   the end), validation, checkpoints and samples pushed out of the timed steps, the default
-  callbacks (NumericalGuard, RichProgressBar, ThroughputMonitor, ...) and logging cadence
-  (log_every_n_steps 10). Its step time is the median of Lightning's train/time intervals
+  callbacks (NumericalGuard, the progress bar, StepTimer, ...) and logging cadence
+  (log_every_n_steps 10). Its step time is the median of the logged train/time intervals
   between the logged steps that fall in the timed steps (compare_curves.seconds_per_step; the
-  header names them), so --steps must cover at least two logged points after the warm-up. It runs one step more than warmup + steps: the final checkpoint is
-  written inside the last step's callbacks and would land in the last timed interval.
+  header names them), so --steps must cover at least two logged points after the warm-up. It
+  runs one step more than warmup + steps: the final checkpoint is written inside the last
+  step's callbacks and would land in the last timed interval.
   train.py against bare+sync: what the loop costs beyond one host sync a step.
 
 One device, one micro-batch a step, train.py's default precision: a config that sets
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
             f"- config: {args.config} (data {cfg.data.source}); batch x seq_len: {batch} x "
             f"{seq_len}; {args.steps} timed steps after {args.warmup} warm-up",
             f"- bare rows: wall clock over the timed steps, synchronised before and after; "
-            f"train.py rows: median of Lightning's train/time over {intervals} interval"
+            f"train.py rows: median of the logged train/time over {intervals} interval"
             f"{'s' if intervals != 1 else ''} of {every} steps (from the end of step {points[0] + 1} "
             f"to the end of step {points[-1] + 1})",
             f"- command: `{command}`",

@@ -43,7 +43,8 @@ def column(run, key) -> dict[int, float]:
 def test_step_metrics_are_logged_on_logging_steps_only(corpus):
     steps, every, batch, seq_len = 9, 3, 4, 16
     args = ["--data", str(corpus / "corpus.txt"), "--name", "timer", "--overwrite",
-            "--train.out_dir", str(corpus / "runs"), "--data.prepared_dir", str(corpus / "prepared"),
+            "--train.out_dir", str(corpus / "runs"),
+            "--data.prepared_dir", str(corpus / "prepared"),
             "--data.seq_len", str(seq_len), "--data.batch_size", str(batch),
             "--data.val_bytes", "256", "--model.d_model", "16", "--model.n_layer", "1",
             "--model.d_state", "4", "--train.eval_every", "4", "--train.ckpt_every", "100",

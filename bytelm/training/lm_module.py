@@ -112,7 +112,8 @@ class LMTask(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         # Cumulative training FLOPs once this optimizer step is done (every rank, every micro-batch).
         per_step = self.flops_per_batch * self.trainer.accumulate_grad_batches * self.trainer.world_size
-        log_on_logging_steps(self.trainer, {"train/flops": float((self.global_step + 1) * per_step)})
+        flops = float((self.global_step + 1) * per_step)
+        log_on_logging_steps(self.trainer, {"train/flops": flops})
         norm = distributed.grad_norm(self.parameters(), self.trainer)  # of every rank's shard
         if norm is not None:
             self.log("train/grad_norm", norm)
