@@ -258,11 +258,11 @@ def build_trainer(cfg, run_dir: Path, sample_prompt: bytes, manifest: dict,
         NumericalGuard(cfg.train.on_nonfinite, cfg.train.max_skips_in_row, cfg.train.max_skips,
                        cfg.train.spike_factor),
         *([ProgressBar()] if targs.get("enable_progress_bar", True) else []),
-        StepTimer(bytes_per_token),
         GlobalBatch(cfg.data.batch_size, cfg.data.seq_len, bytes_per_token),
         SampleText(run_dir, sample_prompt, cfg.train.sample_bytes, cfg.train.sample_temperature,
                    cfg.seed),
         ValidateLastStep(cfg.train.eval_every),
+        StepTimer(bytes_per_token),  # last: writes the step's row once the others decided
     ]
     try:
         return L.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,

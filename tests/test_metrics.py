@@ -40,23 +40,31 @@ def column(run, key) -> dict[int, float]:
     return {int(r["step"]): float(r[key]) for r in rows(run) if r.get(key)}
 
 
-def test_step_metrics_are_logged_on_logging_steps_only(corpus):
-    steps, every, batch, seq_len = 9, 3, 4, 16
-    args = ["--data", str(corpus / "corpus.txt"), "--name", "timer", "--overwrite",
+def tiny_run_args(corpus, name, steps, every, *extra):
+    return ["--data", str(corpus / "corpus.txt"), "--name", name, "--overwrite",
             "--train.out_dir", str(corpus / "runs"),
             "--data.prepared_dir", str(corpus / "prepared"),
-            "--data.seq_len", str(seq_len), "--data.batch_size", str(batch),
+            "--data.seq_len", "16", "--data.batch_size", "4",
             "--data.val_bytes", "256", "--model.d_model", "16", "--model.n_layer", "1",
             "--model.d_state", "4", "--train.eval_every", "4", "--train.ckpt_every", "100",
             "--train.sample_bytes", "0", "--trainer.max_steps", str(steps),
             "--trainer.log_every_n_steps", str(every), "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false"]
-    assert train.main(args) == 0
+            "--trainer.enable_model_summary", "false", *extra]
+
+
+def test_step_metrics_are_logged_on_logging_steps_only(corpus):
+    """Every log_every_n_steps-th step and the last (10, not a multiple of 3 or of eval_every,
+    where the run stops: Lightning writes that row too), one row a step."""
+    steps, every, batch, seq_len = 10, 3, 4, 16
+    assert train.main(tiny_run_args(corpus, "timer", steps, every)) == 0
     run = corpus / "runs" / "timer"
-    logging_steps = set(range(every - 1, steps, every))  # optimizer steps 3, 6, 9
+    logging_steps = {2, 5, 8, 9}
     for key in ("train/time", "train/tokens_per_sec", "train/bytes_per_sec", "train/flops_per_sec",
-                "train/lr", "train/flops", "train/loss", "train/skipped_steps"):
+                "train/lr", "train/flops", "train/loss", "train/bpb", "train/grad_norm",
+                "train/skipped_steps", "train/loss_spikes"):
         assert set(column(run, key)) == logging_steps, key
+    train_rows = [int(r["step"]) for r in rows(run) if r.get("train/time")]
+    assert sorted(train_rows) == sorted(logging_steps)  # one row a step: no step twice
     time = column(run, "train/time")
     assert all(time[a] < time[b] for a, b in zip(sorted(time), sorted(time)[1:]))
     tokens, n_bytes = column(run, "train/tokens_per_sec"), column(run, "train/bytes_per_sec")
@@ -68,6 +76,22 @@ def test_step_metrics_are_logged_on_logging_steps_only(corpus):
     assert not any("mfu" in key for key in rows(run)[0])  # no known peak on the CPU
     per_step = 3 * task.flops_per_token * seq_len * batch
     assert column(run, "train/flops") == {s: pytest.approx((s + 1) * per_step) for s in logging_steps}
+
+
+def test_accumulated_steps_log_each_value_once(corpus):
+    """Two micro-batches a step, logging every step: each value once per optimizer step, the lr
+    the one the step applied (warmup: step k applies (k + 1) / warmup of the peak)."""
+    assert train.main(tiny_run_args(corpus, "accum", 4, 1, "--trainer.accumulate_grad_batches",
+                                    "2", "--optim.lr", "1e-2", "--optim.warmup_steps", "10")) == 0
+    run = corpus / "runs" / "accum"
+    seen = {}
+    for row in rows(run):
+        for key, value in row.items():
+            if value and key not in ("step", "epoch"):
+                seen.setdefault(key, []).append(int(row["step"]))
+    for key, steps in seen.items():
+        assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {steps}"
+    assert column(run, "train/lr") == {s: pytest.approx(1e-2 * (s + 1) / 10) for s in range(4)}
 
 
 def test_progress_bar_shows_the_guards_loss_and_the_lr(corpus):
@@ -90,8 +114,9 @@ class _SyncProbe(L.Callback):
     synchronising CUDA call there warns. control: read a value from the GPU in step 4 (the
     probe must catch it)."""
 
-    def __init__(self, control: bool):
-        self.control = control
+    def __init__(self, control: bool, guard: NumericalGuard):
+        self.control, self.guard = control, guard
+        self.unread_at_step_end = []  # was each step's verdict still unread at its end?
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 2:
@@ -101,6 +126,8 @@ class _SyncProbe(L.Callback):
             batch.sum().item()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if 2 <= batch_idx <= 6:
+            self.unread_at_step_end.append(self.guard._pending is not None)
         if batch_idx == 6:
             torch.cuda.set_sync_debug_mode("default")
 
@@ -121,7 +148,9 @@ def test_training_steps_do_not_wait_for_the_gpu(corpus, tmp_path, trainer_kw, co
                      seq_len=64, batch_size=4, val_bytes=256)
     dm = ByteDataModule(cfg, seed=0)
     task = LMTask(ModelConfig(d_model=32, n_layer=2, d_state=16), OptimConfig(lr=1e-3), 64)
-    callbacks = [NumericalGuard(), ProgressBar(), StepTimer(), _SyncProbe(control)]
+    guard = NumericalGuard()
+    probe = _SyncProbe(control, guard)
+    callbacks = [guard, ProgressBar(), StepTimer(), probe]
     trainer = L.Trainer(max_steps=8, accelerator="gpu", devices=1, precision="bf16-mixed",
                         logger=ResumableCSVLogger(tmp_path), log_every_n_steps=1000,
                         enable_checkpointing=False, limit_val_batches=0, callbacks=callbacks,
@@ -131,3 +160,6 @@ def test_training_steps_do_not_wait_for_the_gpu(corpus, tmp_path, trainer_kw, co
         trainer.fit(task, datamodule=dm)
     syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
     assert bool(syncs) == control, syncs[:3]
+    # the guard waits on its own event, which the debug mode does not see: the verdict must be
+    # read a step later, not at the step's end
+    assert probe.unread_at_step_end == [True] * 5

@@ -109,7 +109,17 @@ def grad_norm(parameters, trainer) -> torch.Tensor | None:
         return norm
     if norm is None:  # no gradient in this rank's shard
         norm = torch.zeros((), device=trainer.strategy.root_device)
-    return trainer.strategy.reduce(norm.float() ** 2, reduce_op="sum").sqrt()
+    return all_reduce_sum(norm.float() ** 2).sqrt()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, queued on the stream like any kernel (a copy; every rank must call
+    this). Lightning's strategy.reduce puts a barrier first, which makes the host wait for the
+    GPU."""
+    tensor = tensor.clone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
 
 
 def has_grad_scaler(trainer) -> bool:

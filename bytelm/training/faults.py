@@ -14,9 +14,10 @@ No host sync on the default GPU path (policy skip, a fused optimizer, no fp16 gr
 reading the verdict on the host would leave the GPU idle while the CPU catches up, every
 step. There the verdict goes to the optimizer as a tensor (`found_inf`, as a GradScaler hands
 it over: the fused AdamW then leaves parameters and moments untouched), and the host reads it
-one step later, when it is long computed: the warnings, the counters and a stop for too many
-skips come one step late (naming the right step). The stop policy, and other optimizers, read
-it at once.
+at the next step, when it is long computed, or at the end of a step whose row is logged or
+checkpointed (a short wait, there only): the warnings, the counters and a stop for too many
+skips may come one step late (naming the right step). The stop policy, and other optimizers,
+read it at once.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import sys
 import lightning as L
 import torch
 
-from bytelm.training.metrics import log_on_logging_steps
+from bytelm.training.distributed import all_reduce_sum
+from bytelm.training.metrics import log_on_logging_steps, may_log_this_step
 
 SPIKE_WARMUP = 10  # steps of loss history before spikes are judged
 SPIKE_DECAY = 0.98  # the running mean follows roughly the last 50 steps
@@ -88,7 +90,7 @@ class NumericalGuard(L.Callback):
         self._loss_sum = None
         stats = torch.stack([loss.float(), grad_norm.float()])
         if trainer.world_size > 1:  # a NaN on any rank makes the mean NaN: every rank agrees
-            stats = trainer.strategy.reduce(stats, reduce_op="mean")
+            stats = all_reduce_sum(stats) / trainer.world_size
         self._read_pending()  # the previous step's (deferred) verdict, before this one's
         if self.policy == "skip" and scaler is None and _skips_on_found_inf(optimizer):
             optimizer.found_inf = (~stats.isfinite().all()).float()  # 1.0: no update at all
@@ -99,21 +101,22 @@ class NumericalGuard(L.Callback):
             if not self._judge(trainer, loss_value, norm_value, self._where(trainer)):
                 for p in params:
                     p.grad = None  # the optimizer skips parameters without a gradient: no update
-        log_on_logging_steps(trainer, {"train/skipped_steps": float(self.skipped),
-                                       "train/loss_spikes": float(self.spikes)})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # not the end of an optimizer step
         if self._flagged is not None:  # stepped: the flag must not reach another step
             del self._flagged.found_inf
             self._flagged = None
+        if may_log_this_step(trainer):
+            # the step's own verdict, in its row as on the synchronous path: the wait is short
+            # (the stats were ready before the optimizer step) and only on logging steps
+            self._read_pending()
+        log_on_logging_steps(trainer, {"train/skipped_steps": float(self.skipped),
+                                       "train/loss_spikes": float(self.spikes)})
 
     def on_train_end(self, trainer, pl_module):
-        changed = self._pending is not None
-        self._read_pending()  # the last step's verdict: its warning, and the final counters
-        if changed and trainer.is_global_zero:
-            trainer._logger_connector.log_metrics({"train/skipped_steps": float(self.skipped),
-                                                   "train/loss_spikes": float(self.spikes)},
-                                                  step=max(trainer.global_step - 1, 0))
+        self._read_pending()  # a verdict still unread: its warning and stop reason
 
     def _defer(self, stats: torch.Tensor, trainer) -> None:
         """Copy the step's (loss, grad norm) to the host without waiting for it."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from bytelm.config import ConfigError, OptimConfig
 from bytelm.training import distributed
 from bytelm.training.datamodule import IGNORE
-from bytelm.training.metrics import log_on_logging_steps
+from bytelm.training.metrics import log_on_logging_steps, may_log_this_step
 from bytelm.models.lm import LM, ModelConfig
 from bytelm.tokenizer import ByteTokenizer
 
@@ -91,14 +91,14 @@ class LMTask(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.nll(batch)  # NaN/inf: the NumericalGuard callback applies train.on_nonfinite
-        # Averaged over ranks (equal batches): the loss of the global batch, as on one device.
-        # Tensors stay on the GPU until a logging step; Python numbers go by log_on_logging_steps
-        # (self.log would copy each to the GPU, waiting for it: bytelm/training/metrics.py).
-        self.log("train/loss", loss, sync_dist=True)
-        targets = batch[:, 1:]
-        self.log("train/bpb", loss * targets.numel() / (self.token_bytes[targets].sum() * LN2),
-                 sync_dist=True)
-        log_on_logging_steps(self.trainer, {"train/lr": self.optimizers().param_groups[0]["lr"]})
+        if may_log_this_step(self.trainer):
+            # Averaged over ranks (equal batches): the loss of the global batch, as on one
+            # device. Only on steps whose row may be written: sync_dist's reduce makes the host
+            # wait for the GPU (a barrier first), and self.log costs CPU time.
+            self.log("train/loss", loss, sync_dist=True)
+            targets = batch[:, 1:]
+            self.log("train/bpb", loss * targets.numel() / (self.token_bytes[targets].sum() * LN2),
+                     sync_dist=True)
         return loss
 
     def on_train_start(self):
@@ -112,11 +112,15 @@ class LMTask(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         # Cumulative training FLOPs once this optimizer step is done (every rank, every micro-batch).
         per_step = self.flops_per_batch * self.trainer.accumulate_grad_batches * self.trainer.world_size
+        # Python numbers join the step's row (self.log would copy each to the GPU, waiting for
+        # it: bytelm/training/metrics.py); the lr is the one this step applies.
         flops = float((self.global_step + 1) * per_step)
-        log_on_logging_steps(self.trainer, {"train/flops": flops})
-        norm = distributed.grad_norm(self.parameters(), self.trainer)  # of every rank's shard
-        if norm is not None:
-            self.log("train/grad_norm", norm)
+        log_on_logging_steps(self.trainer, {"train/flops": flops,
+                                            "train/lr": optimizer.param_groups[0]["lr"]})
+        if may_log_this_step(self.trainer):  # the same answer on every rank: FSDP reduces here
+            norm = distributed.grad_norm(self.parameters(), self.trainer)  # every rank's shard
+            if norm is not None:
+                self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
                                     gradient_clip_algorithm=None):

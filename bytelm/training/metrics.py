@@ -4,7 +4,10 @@ A host sync inside the training step (reading a tensor's value, or making a CUDA
 Python number, which LightningModule.log does with every float) leaves the GPU idle while the
 CPU catches up with launching the next kernels. So here: Python numbers go straight to the
 loggers, on logging steps only; step time and throughput are measured between logging steps
-(one sync each); the progress bar shows numbers the host already holds.
+(one sync each); the progress bar shows numbers the host already holds. On one device a step
+between logging steps then never waits (tests/test_metrics.py checks it on the GPU). Over
+several, Lightning's SIGTERM broadcast at every batch start and the preemption agreement at
+every batch end (bytelm/training/checkpointing.py) still read a value from the GPU.
 """
 
 from __future__ import annotations
@@ -19,10 +22,22 @@ from lightning.pytorch.callbacks import RichProgressBar
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
 
 
+def may_log_this_step(trainer) -> bool:
+    """Whether this optimizer step's row may reach the loggers: Lightning writes one on every
+    log_every_n_steps-th step and on the step a run stops at (should_stop), which for the last
+    step (max_steps) train.py's ValidateLastStep decides only at the step's end. Asked earlier in
+    the step, this answers for the whole step: a superset of the rows Lightning writes."""
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped  # this step's index, all step long
+    return trainer._logger_connector.should_update_logs or 0 < trainer.max_steps <= step + 1
+
+
 def log_on_logging_steps(trainer, metrics: dict[str, float]) -> None:
-    """Write Python numbers straight to the loggers, on the trainer's logging steps only
-    (every trainer.log_every_n_steps optimizer steps, as Lightning logs self.log values)."""
-    if trainer.is_global_zero and trainer._logger_connector.should_update_logs:
+    """Python numbers for this optimizer step's row. With a StepTimer (train.py) they join its
+    one row per logging step; without one they go to the loggers at once on logging steps."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, StepTimer)), None)
+    if timer is not None:
+        timer.pending.update(metrics)
+    elif trainer.is_global_zero and trainer._logger_connector.should_update_logs:
         trainer._logger_connector.log_metrics(metrics)
 
 
@@ -33,7 +48,10 @@ def _windows(batch) -> torch.Tensor:
 
 class StepTimer(L.Callback):
     """Step time and throughput, with one host sync per logging step (Lightning's
-    ThroughputMonitor synchronises after every batch). Logged on logging steps, rank 0:
+    ThroughputMonitor synchronises after every batch), written with the step's other Python
+    numbers (log_on_logging_steps) as one row, on the steps Lightning writes its own. Put it
+    last among the callbacks: then the others have decided whether the run stops at this step
+    (Lightning's own row for the step depends on that). Logged on those steps, rank 0:
 
         train/time             seconds of training since this process started it (validation
                                and sampling left out; it starts at 0 again on a resume)
@@ -48,6 +66,7 @@ class StepTimer(L.Callback):
     def __init__(self, bytes_per_token: float = 1.0):
         self.bytes_per_token = bytes_per_token
         self._start: float | None = None
+        self.pending: dict[str, float] = {}  # this step's numbers from log_on_logging_steps
 
     def _now(self, trainer) -> float:
         if trainer.strategy.root_device.type == "cuda":
@@ -76,13 +95,14 @@ class StepTimer(L.Callback):
         self._tokens += windows.shape[0] * (windows.shape[1] - 1)
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # not the end of an optimizer step
+        metrics, self.pending = self.pending, {}
         if not (trainer.is_global_zero and trainer._logger_connector.should_update_logs):
             return
         now = self._now(trainer)
         seconds = (now - self._last) - (self._paused - self._paused_at_last)
         tokens = (self._tokens - self._tokens_at_last) * trainer.world_size
         self._last, self._paused_at_last, self._tokens_at_last = now, self._paused, self._tokens
-        metrics = {"train/time": now - self._start - self._paused}
+        metrics["train/time"] = now - self._start - self._paused
         if seconds > 0 and tokens:
             metrics["train/tokens_per_sec"] = tokens / seconds
             metrics["train/bytes_per_sec"] = tokens * self.bytes_per_token / seconds
