@@ -224,6 +224,7 @@ def build_trainer(cfg, run_dir: Path, sample_prompt: bytes, manifest: dict,
     import lightning as L
     import torch
     from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.callbacks import Timer
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     from bytelm.config import ConfigError
@@ -262,6 +263,9 @@ def build_trainer(cfg, run_dir: Path, sample_prompt: bytes, manifest: dict,
         SampleText(run_dir, sample_prompt, cfg.train.sample_bytes, cfg.train.sample_temperature,
                    cfg.seed),
         ValidateLastStep(cfg.train.eval_every),
+        # Lightning would append the Timer for max_time after StepTimer
+        *([Timer(duration=targs.pop("max_time"), interval="step")]
+          if targs.get("max_time") is not None else []),
         StepTimer(bytes_per_token),  # last: writes the step's row once the others decided
     ]
     try:

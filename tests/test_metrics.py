@@ -3,6 +3,7 @@ steps only, Python numbers written straight to the loggers, a progress bar that 
 from the GPU; on a GPU, training steps with no host sync at all."""
 
 import csv
+import math
 import random
 import warnings
 
@@ -63,8 +64,8 @@ def test_step_metrics_are_logged_on_logging_steps_only(corpus):
                 "train/lr", "train/flops", "train/loss", "train/bpb", "train/grad_norm",
                 "train/skipped_steps", "train/loss_spikes"):
         assert set(column(run, key)) == logging_steps, key
-    train_rows = [int(r["step"]) for r in rows(run) if r.get("train/time")]
-    assert sorted(train_rows) == sorted(logging_steps)  # one row a step: no step twice
+    timer_rows = [int(r["step"]) for r in rows(run) if r.get("train/time")]
+    assert sorted(timer_rows) == sorted(logging_steps)  # StepTimer's row: once a step
     time = column(run, "train/time")
     assert all(time[a] < time[b] for a, b in zip(sorted(time), sorted(time)[1:]))
     tokens, n_bytes = column(run, "train/tokens_per_sec"), column(run, "train/bytes_per_sec")
@@ -76,6 +77,44 @@ def test_step_metrics_are_logged_on_logging_steps_only(corpus):
     assert not any("mfu" in key for key in rows(run)[0])  # no known peak on the CPU
     per_step = 3 * task.flops_per_token * seq_len * batch
     assert column(run, "train/flops") == {s: pytest.approx((s + 1) * per_step) for s in logging_steps}
+
+
+def test_the_last_step_is_logged_also_when_it_validates(corpus):
+    """max_steps a multiple of eval_every and not of log_every_n_steps: the last step still
+    gets its row, with the loss and every number StepTimer writes, and validates once."""
+    assert train.main(tiny_run_args(corpus, "last", 12, 5)) == 0
+    run = corpus / "runs" / "last"
+    for key in ("train/loss", "train/lr", "train/flops", "train/time", "train/skipped_steps"):
+        assert set(column(run, key)) == {4, 9, 11}, key
+    assert sorted(column(run, "val/bpb")) == [3, 7, 11]
+
+
+def test_a_time_limited_run_logs_its_last_step(corpus):
+    """trainer.max_time stops the run at whatever step: that step's row has the loss and the
+    numbers StepTimer writes (Lightning's own Timer would come after StepTimer)."""
+    assert train.main(tiny_run_args(corpus, "timed", 100000, 100000,
+                                    "--trainer.max_time", "00:00:00:03")) == 0
+    run = corpus / "runs" / "timed"
+    last = max(column(run, "train/loss"))
+    assert 10 < last < 100000 - 1
+    for key in ("train/lr", "train/time", "train/skipped_steps"):
+        assert max(column(run, key)) == last, key
+
+
+def test_a_stop_at_a_step_between_logging_steps_logs_that_steps_values(corpus, monkeypatch):
+    """Lightning writes a row where a run stops and keeps the last logged value of each
+    metric: the loss is logged every step, so that row holds the stopping step's own (NaN)
+    loss, not the one from the logging step before."""
+    real_nll = LMTask.nll
+
+    def nll(self, batch, *args, **kwargs):
+        loss = real_nll(self, batch, *args, **kwargs)
+        return loss * float("nan") if self.training and self.trainer.global_step == 4 else loss
+
+    monkeypatch.setattr(LMTask, "nll", nll)
+    assert train.main(tiny_run_args(corpus, "stopped", 10, 3, "--train.on_nonfinite", "stop")) == 1
+    loss = column(corpus / "runs" / "stopped", "train/loss")
+    assert sorted(loss) == [2, 4] and math.isnan(loss[4]) and not math.isnan(loss[2])
 
 
 def test_accumulated_steps_log_each_value_once(corpus):
@@ -105,7 +144,8 @@ def test_progress_bar_shows_the_guards_loss_and_the_lr(corpus):
     trainer.fit(task, datamodule=dm)
     shown = bar.get_metrics(trainer, task)
     assert shown["train/loss"] == guard.last_loss and 0 < guard.last_loss < 10
-    assert shown["train/lr"] == trainer.optimizers[0].param_groups[0]["lr"]
+    assert float(shown["train/lr"]) == pytest.approx(trainer.optimizers[0].param_groups[0]["lr"],
+                                                     rel=1e-2)
 
 
 class _SyncProbe(L.Callback):

@@ -68,9 +68,11 @@ class SampleText(L.Callback):
 
 
 class ValidateLastStep(L.Callback):
-    """The final model is always scored: when the last step is not a validation step anyway, the
-    run is asked to stop there, which makes Lightning validate inside fit. (A trainer.validate
-    after fit would wrap an FSDP model a second time, around parameters left sharded.)"""
+    """The final model is always scored: the run is asked to stop at its last step, which makes
+    Lightning validate inside fit when that step is not a validation step anyway (once when it
+    is), and write that step's row of metrics whatever log_every_n_steps says. (A
+    trainer.validate after fit would wrap an FSDP model a second time, around parameters left
+    sharded.)"""
 
     def __init__(self, every: int):
         self.every = every
@@ -79,5 +81,5 @@ class ValidateLastStep(L.Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # not the end of an optimizer step
         step = trainer.global_step
-        if 0 < trainer.max_steps <= step and step % self.every:
+        if 0 < trainer.max_steps <= step:
             trainer.should_stop = True

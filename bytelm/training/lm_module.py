@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from bytelm.config import ConfigError, OptimConfig
 from bytelm.training import distributed
 from bytelm.training.datamodule import IGNORE
-from bytelm.training.metrics import log_on_logging_steps, may_log_this_step
+from bytelm.training.metrics import log_on_logging_steps
 from bytelm.models.lm import LM, ModelConfig
 from bytelm.tokenizer import ByteTokenizer
 
@@ -91,15 +91,20 @@ class LMTask(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.nll(batch)  # NaN/inf: the NumericalGuard callback applies train.on_nonfinite
-        if may_log_this_step(self.trainer):
-            # Averaged over ranks (equal batches): the loss of the global batch, as on one
-            # device. Only on steps whose row may be written: sync_dist's reduce makes the host
-            # wait for the GPU (a barrier first), and self.log costs CPU time.
-            self.log("train/loss", loss, sync_dist=True)
-            targets = batch[:, 1:]
-            self.log("train/bpb", loss * targets.numel() / (self.token_bytes[targets].sum() * LN2),
-                     sync_dist=True)
+        # Logged every step, so that a row Lightning writes where a run stops never carries an
+        # older step's values (it keeps the last logged one).
+        self.log("train/loss", self._rank_mean(loss))
+        targets = batch[:, 1:]
+        bpb = loss * targets.numel() / (self.token_bytes[targets].sum() * LN2)
+        self.log("train/bpb", self._rank_mean(bpb))
         return loss
+
+    def _rank_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """x averaged over ranks (equal batches: the global batch's value, as on one device),
+        queued on the stream like a kernel; self.log's sync_dist would put a barrier first,
+        which makes the host wait for the GPU."""
+        world = self.trainer.world_size
+        return distributed.all_reduce_sum(x.detach()) / world if world > 1 else x.detach()
 
     def on_train_start(self):
         """Training FLOPs per byte of text, once: 3 x forward per id / bytes per id."""
@@ -117,10 +122,9 @@ class LMTask(L.LightningModule):
         flops = float((self.global_step + 1) * per_step)
         log_on_logging_steps(self.trainer, {"train/flops": flops,
                                             "train/lr": optimizer.param_groups[0]["lr"]})
-        if may_log_this_step(self.trainer):  # the same answer on every rank: FSDP reduces here
-            norm = distributed.grad_norm(self.parameters(), self.trainer)  # every rank's shard
-            if norm is not None:
-                self.log("train/grad_norm", norm)
+        norm = distributed.grad_norm(self.parameters(), self.trainer)  # of every rank's shard
+        if norm is not None:
+            self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
                                     gradient_clip_algorithm=None):

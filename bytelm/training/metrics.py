@@ -25,8 +25,8 @@ PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.flo
 def may_log_this_step(trainer) -> bool:
     """Whether this optimizer step's row may reach the loggers: Lightning writes one on every
     log_every_n_steps-th step and on the step a run stops at (should_stop), which for the last
-    step (max_steps) train.py's ValidateLastStep decides only at the step's end. Asked earlier in
-    the step, this answers for the whole step: a superset of the rows Lightning writes."""
+    step (max_steps) train.py's ValidateLastStep decides only at the step's end. Asked before
+    that, this answers for the whole step (a stop the guard itself decides aside)."""
     step = trainer.fit_loop.epoch_loop._batches_that_stepped  # this step's index, all step long
     return trainer._logger_connector.should_update_logs or 0 < trainer.max_steps <= step + 1
 
@@ -126,6 +126,6 @@ class ProgressBar(RichProgressBar):
         loss = next((c.last_loss for c in trainer.callbacks if hasattr(c, "last_loss")), None)
         if loss is not None:
             items["train/loss"] = loss
-        if trainer.optimizers:
-            items["train/lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        if trainer.optimizers:  # 3e-4 in three significant digits, not the bar's "0.000"
+            items["train/lr"] = f"{trainer.optimizers[0].param_groups[0]['lr']:.2e}"
         return items
