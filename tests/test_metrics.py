@@ -95,8 +95,8 @@ def test_a_time_limited_run_logs_its_last_step(corpus):
     assert train.main(tiny_run_args(corpus, "timed", 100000, 100000,
                                     "--trainer.max_time", "00:00:00:03")) == 0
     run = corpus / "runs" / "timed"
-    last = max(column(run, "train/loss"))
-    assert 10 < last < 100000 - 1
+    last = max(column(run, "train/loss"))  # on a GPU the first step's compiles can take it all
+    assert last < 100000 - 1
     for key in ("train/lr", "train/time", "train/skipped_steps"):
         assert max(column(run, key)) == last, key
 
