@@ -422,3 +422,12 @@ def test_fused_adamw_refused_where_an_fp16_scaler_clips(monkeypatch):
     monkeypatch.setattr(LMTask, "trainer", property(lambda self: trainer))
     with pytest.raises(ConfigError, match="optim.fused true: fp16 gradients must be unscaled"):
         task.configure_optimizers()
+
+
+def test_lightning_still_has_the_per_batch_sigterm_broadcast_we_turn_off():
+    """StepCheckpoints replaces this method of the training epoch loop (over several ranks it
+    reads a GPU value at every batch start); a Lightning that renamed it would run it again."""
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    assert callable(getattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor", None))
+

@@ -221,6 +221,21 @@ class Preempted(Exception):
         self.signum = signum
 
 
+def _all_reduce_max(value: int, device: torch.device):
+    """Queue the maximum of `value` over ranks and its copy to the host: (host tensor, CUDA
+    event to wait for, None on the CPU). torch.full, not torch.tensor: the latter would wait for
+    the GPU."""
+    reduced = torch.full((1,), value, dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+    if reduced.device.type != "cuda":
+        return reduced, None
+    host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+    host.copy_(reduced, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 class PreemptionSignals:
     """SIGTERM and SIGUSR1 (what schedulers send before they kill a job) only set a flag here."""
 
@@ -265,11 +280,18 @@ class StepCheckpoints(L.Callback):
         self.last_path: Path | None = None
         self._staged: int | None = None
         self._preempted: int | None = None  # the signal, agreed by all ranks at a step's end
+        self._agreeing = None  # several ranks: the all-reduce of this step's signals, unread
 
     def on_train_start(self, trainer, pl_module):
         self.saved_step = trainer.global_step  # 0, or the step this run resumed from: on disk
         if self.signals is not None:
             self.signals.install()  # replaces Lightning's handler, which raises mid-step
+            # Over several ranks Lightning broadcasts what its SIGTERM handler saw at every
+            # batch start and reads it back (.item(): the host waits for the GPU). With its
+            # handler replaced that is always 0; the ranks agree on signals below instead.
+            loop = trainer.fit_loop.epoch_loop
+            if trainer.world_size > 1 and hasattr(loop, "_broadcast_sigterm_tensor"):
+                loop._broadcast_sigterm_tensor = lambda: None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
@@ -333,9 +355,19 @@ class StepCheckpoints(L.Callback):
         self.saved_step, self.last_path = trainer.global_step, path
 
     def _agreed_signal(self, trainer) -> int | None:
-        """The preemption signal this rank or any other received (they must stop at one step)."""
+        """The preemption signal this rank or any other received (they must stop at one step).
+        Over several ranks: the maximum over ranks of what each had received by the previous
+        step's end, all-reduced then and read now, when it is long done (reading it at once
+        would make the host wait for the GPU at every step). A preemption thus checkpoints one
+        step later than on one rank, the same step on every rank."""
         signum = (self.signals.received if self.signals is not None else None) or 0
-        if trainer.world_size > 1:
-            signum = torch.tensor(signum, device=trainer.strategy.root_device)
-            signum = int(trainer.strategy.reduce(signum, reduce_op="max"))
-        return signum or None
+        if trainer.world_size == 1:
+            return signum or None
+        agreed, self._agreeing = self._agreeing, _all_reduce_max(
+            signum, trainer.strategy.root_device)
+        if agreed is None:
+            return None
+        host, ready = agreed
+        if ready is not None:
+            ready.synchronize()
+        return int(host.item()) or None
