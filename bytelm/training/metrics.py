@@ -4,10 +4,10 @@ A host sync inside the training step (reading a tensor's value, or making a CUDA
 Python number, which LightningModule.log does with every float) leaves the GPU idle while the
 CPU catches up with launching the next kernels. So here: Python numbers go straight to the
 loggers, on logging steps only; step time and throughput are measured between logging steps
-(one sync each); the progress bar shows numbers the host already holds. On one device a step
-between logging steps then never waits (tests/test_metrics.py checks it on the GPU). Over
-several, Lightning's SIGTERM broadcast at every batch start and the preemption agreement at
-every batch end (bytelm/training/checkpointing.py) still read a value from the GPU.
+(one sync each); the progress bar shows numbers the host already holds. A step between
+logging steps then never waits (tests/test_metrics.py checks it on one GPU); over several,
+ranks average by queued all_reduces and agree on preemption a step late
+(bytelm/training/checkpointing.py).
 """
 
 from __future__ import annotations
