@@ -60,6 +60,7 @@ EOF
   size=(--data "$out/corpus.txt" --data.prepared_dir "$out/prepared" --data.seq_len 16
         --data.val_bytes 272 --model.d_model 16 --model.n_layer 1 --model.d_state 4
         --optim.warmup_steps 2 --trainer.accelerator cpu)
+  log_every=1  # a few steps: every one logged
 else
   steps=${2:-200}
   m=4
@@ -71,6 +72,9 @@ else
   fi
   # val_bytes and sample_bytes small: the final validation and sample are not what is timed.
   size=(--data.val_bytes 65536)
+  # train.py's default: StepTimer waits for the GPU on logged steps only (logging every step
+  # adds a wait a step; the 2026-11-29 runs in results/multi-gpu-h200.md logged every step)
+  log_every=10
 fi
 if (( steps < 4 || steps % 2 )); then
   echo "error: STEPS must be even and at least 4 (got $steps)" >&2
@@ -82,7 +86,7 @@ accum_steps=$((steps / 4 > 10 ? steps / 4 : 10))
 # Everything but the batch layout and the devices is the same for every run. decay_steps fixed
 # so that every run follows one schedule whatever its max_steps (as backend_parity.sh).
 common=(--config configs/mamba-125m.yaml --train.out_dir "$out" --overwrite
-        --optim.decay_steps 20000 --trainer.log_every_n_steps 1 --train.eval_every 100000
+        --optim.decay_steps 20000 --trainer.log_every_n_steps "$log_every" --train.eval_every 100000
         --train.ckpt_every 100000 --train.sample_bytes 0 --trainer.enable_progress_bar false
         --trainer.enable_model_summary false "${size[@]}")
 one_gpu=(--trainer.devices 1 --trainer.strategy auto)

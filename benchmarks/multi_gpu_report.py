@@ -3,7 +3,8 @@
     python benchmarks/multi_gpu_report.py OUT_DIR --steps 200 --resume-step 100
 
 Every number comes from the runs' own files: step times from the logged train/time column
-(median over consecutive optimizer steps, compare_curves.seconds_per_step), the batch from each
+(median over the intervals between logged steps, per optimizer step,
+compare_curves.seconds_per_step), the batch from each
 run's config.yaml (checked against the train/global_batch_bytes it logged), losses from
 train/loss. A run missing, or a number that is not finite, is an error (exit 1), not a row.
 """
@@ -117,8 +118,9 @@ def report(out: Path, steps: int, resume_step: int, command: str) -> str:
     lines = [f"# DDP and FSDP on 2 GPUs against 1 GPU: {out.name}", "",
              f"- {environment()}", f"- Command: `{command}`" if command else "",
              f"- {steps} optimizer steps; fsdp's step-{resume_step} checkpoint resumed on 1 GPU "
-             f"for steps {resume_step + 1}-{steps}. Step time: median over consecutive optimizer "
-             f"steps of the logged train/time (rank 0, CUDA-synchronised).", "",
+             f"for steps {resume_step + 1}-{steps}. Step time: median over the intervals between "
+             f"logged steps of train/time, per optimizer step (rank 0, CUDA-synchronised at "
+             f"logged steps).", "",
              "| run | what | windows x accumulated x devices | bytes/step | steps timed | "
              "s/step (median) | bytes/s | bytes/s per GPU | last train/loss | final val bpb |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
