@@ -21,6 +21,7 @@ import train
 from bytelm.training import checkpointing
 from bytelm.training.checkpointing import verify_checkpoint
 from bytelm.training.lm_module import LMTask
+from word_corpus import write_word_corpus
 
 REPO = Path(train.__file__).resolve().parent
 # A resumed run equal bit for bit to an uninterrupted one: on the CPU. On a GPU the scan
@@ -43,10 +44,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    words = "the of and to in is was for on that with as by at from his her it an be".split()
-    rng = random.Random(0)
-    text = " ".join(rng.choice(words) for _ in range(3000))
-    (root / "corpus.txt").write_text("\n".join(text[i:i + 70] for i in range(0, len(text), 70)))
+    write_word_corpus(root / "corpus.txt")
     return root
 
 
@@ -217,19 +215,25 @@ def test_sigterm_before_our_handler_is_installed_still_checkpoints(root, referen
     assert_same_run(reference, run)
 
 
+def crash_in_validation(monkeypatch, at_step: int):
+    """Make the validation after optimizer step `at_step` raise; returns the real method."""
+    real_validation_step = LMTask.validation_step
+
+    def validation_step(self, batch, batch_idx):
+        if self.trainer.global_step == at_step:
+            raise RuntimeError("crash in validation")
+        return real_validation_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(LMTask, "validation_step", validation_step)
+    return real_validation_step
+
+
 @BITWISE
 def test_a_crash_during_a_checkpoint_steps_validation_resumes_from_the_one_before(
         root, reference, monkeypatch):
     """The step-8 checkpoint is only committed once step 8's validation is logged: after a crash
     in that validation the run resumes from step 4 and logs the validation it missed."""
-    real_validation_step = LMTask.validation_step
-
-    def validation_step(self, batch, batch_idx):
-        if self.trainer.global_step == 8:
-            raise RuntimeError("crash in validation")
-        return real_validation_step(self, batch, batch_idx)
-
-    monkeypatch.setattr(LMTask, "validation_step", validation_step)
+    crash_in_validation(monkeypatch, at_step=8)
     with pytest.raises(RuntimeError, match="crash in validation"):
         train.main(run_args(root, "crashed"))
     run = root / "runs" / "crashed"
@@ -247,17 +251,10 @@ def test_deferred_verdicts_resume_exactly(root, monkeypatch, capsys):
     extra = ("--optim.fused", "true", "--trainer.log_every_n_steps", "3")
     poison(monkeypatch, loss={3, 9}, grad={6})
     assert train.main(run_args(root, "deferred-ref", STEPS, *extra)) == 0
-    real_validation_step = LMTask.validation_step
-
-    def validation_step(self, batch, batch_idx):
-        if self.trainer.global_step == 8:
-            raise RuntimeError("crash in validation")
-        return real_validation_step(self, batch, batch_idx)
-
-    monkeypatch.setattr(LMTask, "validation_step", validation_step)
+    real_validation_step = crash_in_validation(monkeypatch, at_step=8)
     with pytest.raises(RuntimeError, match="crash in validation"):
         train.main(run_args(root, "deferred-crashed", STEPS, *extra))
-    monkeypatch.setattr(LMTask, "validation_step", real_validation_step)
+    monkeypatch.setattr(LMTask, "validation_step", real_validation_step)  # the faults stay
     run = root / "runs" / "deferred-crashed"
     assert train.main(["--resume", str(run)]) == 0
     assert_same_run(root / "runs" / "deferred-ref", run)

@@ -4,7 +4,6 @@ from the GPU; on a GPU, training steps with no host sync at all."""
 
 import csv
 import math
-import random
 import warnings
 
 import lightning as L
@@ -18,6 +17,7 @@ from bytelm.training.datamodule import ByteDataModule
 from bytelm.training.faults import NumericalGuard
 from bytelm.training.lm_module import LMTask
 from bytelm.training.metrics import ProgressBar, StepTimer
+from word_corpus import write_word_corpus
 
 CUDA = torch.cuda.is_available()
 
@@ -25,10 +25,7 @@ CUDA = torch.cuda.is_available()
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics")
-    words = "the of and to in is was for on that with as by at from his her it an be".split()
-    rng = random.Random(0)
-    text = " ".join(rng.choice(words) for _ in range(3000))
-    (root / "corpus.txt").write_text("\n".join(text[i:i + 70] for i in range(0, len(text), 70)))
+    write_word_corpus(root / "corpus.txt")
     return root
 
 
