@@ -38,6 +38,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bytelm.checkpoint import CheckpointError, manifest_path, verify_manifest
+from bytelm.training.metrics import HostCopy
 
 MANIFEST_KEY = "bytelm_manifest"  # the manifest is also stored inside the checkpoint
 STAGED_SUFFIX = ".staged"  # written, not yet committed
@@ -221,19 +222,12 @@ class Preempted(Exception):
         self.signum = signum
 
 
-def _all_reduce_max(value: int, device: torch.device):
-    """Queue the maximum of `value` over ranks and its copy to the host: (host tensor, CUDA
-    event to wait for, None on the CPU). torch.full, not torch.tensor: the latter would wait for
-    the GPU."""
+def _all_reduce_max(value: int, device: torch.device) -> HostCopy:
+    """Queue the maximum of `value` over ranks and its copy to the host. torch.full, not
+    torch.tensor: the latter would wait for the GPU."""
     reduced = torch.full((1,), value, dtype=torch.int32, device=device)
     torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
-    if reduced.device.type != "cuda":
-        return reduced, None
-    host = torch.empty(1, dtype=torch.int32, pin_memory=True)
-    host.copy_(reduced, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
+    return HostCopy(reduced)
 
 
 class PreemptionSignals:
@@ -365,9 +359,4 @@ class StepCheckpoints(L.Callback):
             return signum or None
         agreed, self._agreeing = self._agreeing, _all_reduce_max(
             signum, trainer.strategy.root_device)
-        if agreed is None:
-            return None
-        host, ready = agreed
-        if ready is not None:
-            ready.synchronize()
-        return int(host.item()) or None
+        return (agreed.tolist()[0] or None) if agreed is not None else None

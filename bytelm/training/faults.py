@@ -28,8 +28,8 @@ import sys
 import lightning as L
 import torch
 
-from bytelm.training.distributed import all_reduce_sum
-from bytelm.training.metrics import log_on_logging_steps, may_log_this_step
+from bytelm.training.distributed import all_reduce_sum, has_grad_scaler
+from bytelm.training.metrics import HostCopy, log_on_logging_steps, may_log_this_step
 
 SPIKE_WARMUP = 10  # steps of loss history before spikes are judged
 SPIKE_DECAY = 0.98  # the running mean follows roughly the last 50 steps
@@ -59,7 +59,7 @@ class NumericalGuard(L.Callback):
         self.stop_reason: str | None = None
         self.last_loss: float | None = None  # the newest loss read on the host
         self._loss_sum: torch.Tensor | None = None  # this step's micro-batch losses, summed
-        self._pending = None  # a deferred verdict: (host copy, its event, trainer, where)
+        self._pending = None  # a deferred verdict: (HostCopy of the stats, trainer, where)
         self._flagged = None  # the optimizer holding this step's found_inf
 
     def state_dict(self) -> dict:
@@ -81,9 +81,9 @@ class NumericalGuard(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaled = has_grad_scaler(trainer)
         # A GradScaler skips overflowing steps itself and lowers its scale: not our fault to count.
-        check_grads = bool(grads) and scaler is None
+        check_grads = bool(grads) and not scaled
         zero = torch.zeros((), device=pl_module.device)  # where a collective can reduce it
         grad_norm = torch.nn.utils.get_total_norm(grads) if check_grads else zero
         loss = self._loss_sum if self._loss_sum is not None else zero
@@ -92,10 +92,10 @@ class NumericalGuard(L.Callback):
         if trainer.world_size > 1:  # a NaN on any rank makes the mean NaN: every rank agrees
             stats = all_reduce_sum(stats) / trainer.world_size
         self._read_pending()  # the previous step's (deferred) verdict, before this one's
-        if self.policy == "skip" and scaler is None and _skips_on_found_inf(optimizer):
+        if self.policy == "skip" and not scaled and _skips_on_found_inf(optimizer):
             optimizer.found_inf = (~stats.isfinite().all()).float()  # 1.0: no update at all
             self._flagged = optimizer
-            self._defer(stats, trainer)
+            self._pending = (HostCopy(stats), trainer, self._where(trainer))
         else:
             loss_value, norm_value = stats.tolist()  # a host sync
             if not self._judge(trainer, loss_value, norm_value, self._where(trainer)):
@@ -118,25 +118,13 @@ class NumericalGuard(L.Callback):
     def on_train_end(self, trainer, pl_module):
         self._read_pending()  # a verdict still unread: its warning and stop reason
 
-    def _defer(self, stats: torch.Tensor, trainer) -> None:
-        """Copy the step's (loss, grad norm) to the host without waiting for it."""
-        if stats.is_cuda:
-            host = torch.empty(2, dtype=torch.float32, pin_memory=True)
-            host.copy_(stats, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        else:
-            host, ready = stats.detach().clone(), None
-        self._pending = (host, ready, trainer, self._where(trainer))
-
     def _read_pending(self) -> None:
         if self._pending is None:
             return
-        host, ready, trainer, where = self._pending
+        stats, trainer, where = self._pending
         self._pending = None
-        if ready is not None:
-            ready.synchronize()  # a step old: done, unless the GPU is a whole step behind
-        self._judge(trainer, *host.tolist(), where)
+        # a step old: done, unless the GPU is a whole step behind
+        self._judge(trainer, *stats.tolist(), where)
 
     def _judge(self, trainer, loss_value: float, norm_value: float, where: str) -> bool:
         """Count the step's verdict; True when its loss and gradient are finite."""

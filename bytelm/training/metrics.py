@@ -41,6 +41,27 @@ def log_on_logging_steps(trainer, metrics: dict[str, float]) -> None:
         trainer._logger_connector.log_metrics(metrics)
 
 
+class HostCopy:
+    """A tensor's value on its way to the host without waiting for it: a non-blocking copy into
+    pinned memory and an event behind it on the stream; `tolist` waits for that event only,
+    long passed when read a step later. On the CPU, a plain copy."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._ready = None
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = tensor.detach().clone()
+
+    def tolist(self):
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
 def _windows(batch) -> torch.Tensor:
     """The (batch, length) ids of a training batch or of a validation (windows, targets) pair."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch
