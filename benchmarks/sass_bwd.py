@@ -86,8 +86,8 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
     with the kernels stubbed; returns the captured launches. ckpt_dtype overrides the
     checkpoints' dtype (default: scan_config's for the mixer's bf16 inputs). The backward is
     captured as scan_bwd picks it for this shape (cfg_bwd None: backward_config; CPU tensors,
-    so one piece, uncapped) and, where scan_config has a register cap, capped as well (what
-    short batches run)."""
+    so one piece, scan_config's cap) and, where scan_config has a register cap, at
+    backward_config's other cap as well (128 registers: grids over 12 warps an SM)."""
     bf = torch.bfloat16
     def cm(nch, dtype=bf):  # (channels, batch * length) storage viewed (batch, channels, length)
         return torch.zeros(nch, batch * length, dtype=dtype).view(nch, batch, length).transpose(0, 1)
@@ -114,7 +114,8 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
         # forward_config runs it for short batches whose sequence is cut into pieces
         S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
                    cfg=dict(cfg, maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"]))
-    for c in [cfg_bwd] + ([capped] if cfg_bwd is None and capped.get("maxnreg") else []):
+    for c in [cfg_bwd] + ([dict(capped, maxnreg=128, warps_per_sm=16)]
+                          if cfg_bwd is None and capped.get("maxnreg") else []):
         S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False, cfg=c)
     S._scan_fwd_kernel, S._scan_bwd_kernel = K._scan_fwd_kernel, K._scan_bwd_kernel
     S._scan_fwd_segment_kernel = K._scan_fwd_segment_kernel
@@ -136,7 +137,7 @@ def main():
         fcalls, bcalls, scalls = capture(nstate, ckpt_dtype=ckpt_dtype)
         todo = [("bwd", K._scan_bwd_kernel, bcalls[0])]
         if len(bcalls) > 1:
-            todo.append(("bwd-capped", K._scan_bwd_kernel, bcalls[1]))
+            todo.append(("bwd-cap128", K._scan_bwd_kernel, bcalls[1]))
         if args.fwd:
             todo += [("fwd-pipelined", K._scan_fwd_kernel, fcalls[1]),
                      ("fwd-one-chunk", K._scan_fwd_kernel, fcalls[2]),

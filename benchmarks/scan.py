@@ -203,8 +203,12 @@ def tune(x, dout, n):
                     dict(base_f, maxnreg=168, warps_per_sm=12),  # more warps an SM to hide latency
                     dict(piped, ckpt_dtype=torch.float32),  # the checkpoints bf16 inputs had before
                     dict(one_chunk, ckpt_dtype=torch.float32)]
-    if base_f["NPT"] == 8 and base_f["KN"] == 2:  # half the states a thread: twice the programs
-        fwd_variants.append(dict(base_f, NPT=4, KN=4, LD=8))
+    half = dict(NPT=4, KN=4, LD=8) if base_f["NPT"] == 8 and base_f["KN"] == 2 else {}
+    if half:  # half the states a thread: twice the programs
+        fwd_variants += [dict(base_f, **half), dict(one_chunk, **half)]
+    if base_f["KN"] == base_f["T"] or half:  # the per-(step, channel) work one step a lane or not
+        flip = dict(lane_steps=not base_f["lane_steps"], lane_steps_ckpt=not base_f["lane_steps_ckpt"])
+        fwd_variants += [dict(base_f, **half, **flip), dict(one_chunk, **half, **flip)]
     fwd_variants = [c for i, c in enumerate(fwd_variants) if c not in fwd_variants[:i]]
     for cfg in fwd_variants:
         # the training forward also writes the chunk checkpoints: time both
@@ -218,8 +222,14 @@ def tune(x, dout, n):
                      dict(base_b, maxnreg=None, warps_per_sm=8, reduce_scatter=False)]
     elif (capped := tss.scan_config(n, backward=True)).get("maxnreg"):  # with it
         variants += [dict(base_b, maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"])]
+    if base_b["KN"] % base_b["T"] == 0:  # the per-(step, channel) work in every lane, not once
+        variants.append(dict(base_b, lane_steps=False))
+    if n == 16:  # register caps: 128 (16 warps an SM), 168 (12), none (~139 with triton 3.6: 14)
+        variants += [dict(base_b, maxnreg=128, warps_per_sm=16), dict(base_b, maxnreg=168, warps_per_sm=12),
+                     dict(base_b, maxnreg=None, warps_per_sm=14), dict(base_b, maxnreg=128, warps_per_sm=16, SEG=1)]
     if base_b["NPT"] in (4, 8) and base_b["LD"] > 1:  # half the states a thread: twice the programs
         variants.append(dict(base_b, NPT=base_b["NPT"] // 2, KN=base_b["KN"] * 2, LD=base_b["LD"] // 2))
+    variants = [c for i, c in enumerate(variants) if c not in variants[:i]]
     for cfg in variants:
         if cfg["NPT"] != base_b["NPT"]:  # another state split packs B and C differently
             Bq, Cq = tss.pack_bc(x["B"], cfg), tss.pack_bc(x["C"], cfg)

@@ -149,16 +149,20 @@ def test_scan_in_segments(nseg, monkeypatch):
     check_scan(*SMALL, 70, 4, torch.bfloat16, seed=nseg + 1, drop=("initial_state",))
 
 
-@pytest.mark.parametrize("capped,uncapped", [(1, 1), (4, 2), (2, 2)])
-def test_backward_register_cap_only_where_it_buys_pieces(capped, uncapped, monkeypatch):
-    """N=16's backward keeps its register cap (12 warps an SM) only when that cuts the
-    sequence into more pieces than without it (8 warps an SM); other state sizes have no cap."""
-    monkeypatch.setattr(tss, "segments", lambda b, d, n, cfg, dev: capped if cfg.get("maxnreg") else uncapped)
-    cfg = tss.backward_config(16, 2, 1536, 2048, torch.device("cpu"))
-    assert (cfg.get("maxnreg"), cfg["warps_per_sm"]) == ((168, 12) if capped > uncapped else (None, 8))
+@pytest.mark.parametrize("sms,batch,dim,cap", [
+    (None, 8, 2048, 168), (132, 8, 1536, 168), (132, 8, 2048, 128), (132, 2, 1536, 168),
+    (132, 16, 2048, 128)])
+def test_backward_register_cap(sms, batch, dim, cap, monkeypatch):
+    """N=16's backward runs capped at 168 registers (12 one-warp programs an SM), at 128 (16
+    an SM) where its programs (8 channels each) do not all fit at 12 an SM: on 132 SMs, 1584;
+    8 x 2048 channels are 2048 programs. No SM count (not CUDA): 168. Other state sizes have
+    no cap."""
+    monkeypatch.setattr(tss, "_sm_count", lambda device: sms)
+    cfg = tss.backward_config(16, batch, dim, 2048, torch.device("cpu"))
+    assert (cfg["maxnreg"], cfg["warps_per_sm"]) == ((168, 12) if cap == 168 else (128, 16))
     assert {k: v for k, v in cfg.items() if k not in ("maxnreg", "warps_per_sm")} == \
         {k: v for k, v in tss.scan_config(16, backward=True).items() if k not in ("maxnreg", "warps_per_sm")}
-    assert not tss.backward_config(64, 2, 1536, 2048, torch.device("cpu")).get("maxnreg")
+    assert not tss.backward_config(64, 16, 2048, 2048, torch.device("cpu")).get("maxnreg")
 
 
 @pytest.mark.parametrize("capped,uncapped,expect_cap", [
@@ -208,6 +212,29 @@ def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
     override_scan_config(monkeypatch, reduce_scatter=reduce_scatter)
     check_scan(*SMALL, 33, 16, torch.float32, seed=11)
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=12)
+
+
+@pytest.mark.parametrize("lane_steps", [True, False], ids=["one_step_a_lane", "every_lane"])
+def test_scan_per_step_work_layouts(lane_steps, monkeypatch):
+    """Where a channel has T state lanes (KN == T: N=16 with 4 states a thread) or, backward, a
+    multiple (N=64: 8 lanes of which 4 work) the per-(step, channel) work -- softplus, gate, D,
+    the outputs and their gradients -- can be done once, state lane kn taking step kn
+    (lane_steps, lane_steps_ckpt); or every lane does every step. Both must give the
+    reference's results, whole and cut into pieces (the pre-passes have both forms too), in
+    both forward loops, with and without checkpoints (forward without gradients)."""
+    override_scan_config(monkeypatch, lane_steps=lane_steps, lane_steps_ckpt=lane_steps)
+    check_scan(*SMALL, 33, 16, torch.bfloat16, seed=21)       # forward NPT 4 on the CPU
+    check_scan(*SMALL, 21, 64, torch.float32, seed=22)
+    override_scan_config(monkeypatch, SEG=3, pipeline=False, pipeline_ckpt=False)
+    check_scan(*SMALL, 33, 16, torch.bfloat16, seed=23)
+    check_scan(*SMALL, 30, 64, torch.bfloat16, seed=24, drop=("initial_state",))
+    for pipeline in (True, False):  # no gradients: no checkpoints, the inference forward
+        override_scan_config(monkeypatch, pipeline=pipeline)
+        x = make_inputs(*SMALL, 33, 16, torch.bfloat16, seed=25)
+        out = tss.selective_scan_triton(**x, delta_softplus=True)
+        ref = selective_scan_ref(**{k: v.double() if v is not None else None for k, v in x.items()},
+                                 delta_softplus=True)
+        assert rel_err(out, ref) < TOL[torch.bfloat16][0]
 
 
 @pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "one_chunk"])

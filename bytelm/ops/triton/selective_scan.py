@@ -19,7 +19,10 @@ the Triton version: `tie_order_ascending`). Inside a chunk the recurrence is unr
 (`tl.static_range`); `sum(where(t == k, tile, -0.0), 0)` takes step k out of the in-thread time
 axis and folds to a register read. No associative scan: each thread runs its states
 sequentially, so the decays exp2(dt * A * log2 e) are the only per-element transcendental and
-the backward's reverse recurrence finds exp(dt_{t+1} A) in registers.
+the backward's reverse recurrence finds exp(dt_{t+1} A) in registers. The per-(step, channel)
+work (softplus, gate, D, the outputs and their gradients) would be repeated by each of a
+channel's KN state lanes; where KN % T == 0 (LANE) state lane kn does it for step kn of the chunk
+alone, and the step sizes (and, backward, dy) reach the other lanes by shuffles.
 
 B and C are small, so the wrapper packs them once as (batch, chunk + 2, state block, T) fp32
 (`pack_bc`): no bf16 unpacking or masks per (channel, state, step). The forward stores the state
@@ -91,12 +94,12 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     if backward:
         npt = 4 if block_n == 16 else npt  # twice the programs; measured faster at N=16
         cfg = dict(T=4, NPT=npt, KN=block_n // npt, LD=32 // (block_n // npt), WD=1,
-                   warps_per_sm=8)  # ~225-255 registers a thread: 8 warps an SM
+                   warps_per_sm=8, lane_steps=True)  # ~230-255 registers a thread at N=64
         if block_n == 16:
-            # capped at 168 registers (ptxas .maxnreg): 12 one-warp programs an SM instead of
-            # 8, so a short batch cuts its sequence into more pieces; backward_config drops
-            # the cap where it does not. Offline sm_90 compiles (benchmarks/sass_bwd.py): no
-            # spills with triton 3.6 (the H200's) or 3.9.
+            # capped at 168 registers (ptxas .maxnreg): 12 one-warp programs an SM, so a
+            # short batch cuts its sequence into more pieces (and, with lane_steps, faster
+            # everywhere measured than uncapped: backward_config); no spills with triton 3.6
+            # (the H200's) or 3.9 (offline sm_90 compiles, benchmarks/sass_bwd.py)
             cfg.update(maxnreg=168, warps_per_sm=12)
         return cfg
     # pipeline: chunk c + 1's step sizes, decays and rows are computed / loaded while chunk c's
@@ -106,9 +109,16 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     # H200, bf16, 8 x 2048 x 2048 (NOTES.md, fifth session): N=16 pipelined 0.499 -> 0.467 ms
     # (0.529 -> 0.527 with checkpoints; 8 x 1536 x 8192: 1.78 -> 1.52, 1.78 -> 1.74); N=64
     # inference 1.76 -> 1.64, but with checkpoints 3.70 -> 5.66: the one-chunk loop there
+    # lane_steps (where KN == T: forward_config's N=16 tile with 4 states a thread): the per-
+    # (step, channel) work one step a lane (module docstring). H200, bf16 (NOTES.md, ninth
+    # session), NPT 4, with / without checkpoints: 8 x 1536 x 8192 1.605 -> 1.512 / 1.442 ->
+    # 1.598 ms, 4 x 2048 x 8192 1.297 -> 1.290 / 1.163 -> 1.451, 8 x 2048 x 2048 0.499 ->
+    # 0.467 / 0.472 -> 0.470: on for the training forward (lane_steps_ckpt) only. At N=64
+    # (KN 8, half the lanes idle) it is slower either way (1.661 -> 1.845 ms with checkpoints).
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pipeline=True,
-                pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype)
+                pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=False,
+                lane_steps_ckpt=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,23 +181,31 @@ def segments(batch, dim, n_chunks, cfg, device) -> int:
     if device.type != "cuda":
         return 1
     warps = batch * triton.cdiv(dim, cfg["WD"] * cfg["LD"]) * cfg["WD"]
-    fit = cfg["warps_per_sm"] * torch.cuda.get_device_properties(device).multi_processor_count
+    fit = cfg["warps_per_sm"] * _sm_count(device)
     return max(1, min(fit // warps, n_chunks // 16))
 
 
+def _sm_count(device):
+    """Streaming multiprocessors of a CUDA device; None elsewhere."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
 def backward_config(nstate, batch, dim, n_chunks, device) -> dict:
-    """scan_config(backward=True) for this launch: the register cap (12 warps an SM) only
-    where it buys more sequence pieces. Where the sequence is one piece either way the uncapped
-    kernel (8 warps an SM) is faster with the (batch, chunk, dim, state) checkpoints: H200,
-    bf16, N=16: 8 x 2048 x 2048 1.378 -> 1.347 ms, 4 x 2048 x 8192 2.516 -> 2.428,
-    8 x 1536 x 8192 3.297 -> 3.250; at 2 x 1536 x 8192 the cap gives 4 pieces instead of 2,
-    1.180 vs 1.768 ms (benchmarks/NOTES.md, sixth session). Where both give the same number
-    of pieces above one it runs uncapped too (by the same reasoning; not measured)."""
+    """scan_config(backward=True) for this launch. N=16 runs capped at 168 registers a thread
+    (12 one-warp programs an SM), and at 128 (16 an SM) where its programs do not all fit on
+    the GPU at 12 an SM. H200, bf16, per-(step, channel) work one step a lane (NOTES.md, ninth
+    session), uncapped / 168 / 128: 8 x 2048 x 2048 (2048 programs, 1.3 waves at 12 an SM, one
+    at 16) 1.365 / 1.197 / 1.026 ms; 8 x 1536 x 8192 (1536 programs, one wave at 12) 3.198 /
+    3.037 / 3.183; 4 x 2048 x 8192 (1024) 2.688 / 2.360 / 2.579 (2 pieces at 16 an SM); 2 x
+    1536 x 32768 (384, cut into pieces) 4.059 (4 pieces) / 4.053 (4) / 4.141 (5). Beyond 16 an
+    SM's worth of programs: 128 by the same reasoning, not measured. The 128 cap compiles
+    without spills with triton 3.6; 3.9 spills 16 bytes a thread (offline sm_90 compiles).
+    n_chunks: unused (kept for the launch's signature)."""
     cfg = scan_config(nstate, backward=True)
-    uncapped = dict(cfg, maxnreg=None, warps_per_sm=8)
-    if cfg.get("maxnreg") and (segments(batch, dim, n_chunks, cfg, device)
-                               <= segments(batch, dim, n_chunks, uncapped, device)):
-        return uncapped
+    sms = _sm_count(device)
+    warps = batch * triton.cdiv(dim, cfg["WD"] * cfg["LD"]) * cfg["WD"]
+    if cfg.get("maxnreg") and sms and warps > cfg["warps_per_sm"] * sms:
+        return dict(cfg, maxnreg=128, warps_per_sm=16)
     return cfg
 
 
@@ -234,9 +252,10 @@ def _register_cap(cfg) -> dict:
     return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
 
 
-def _launch_consts(cfg, delta_softplus, delta_bias):
+def _launch_consts(cfg, delta_softplus, delta_bias, lane):
     return dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-                FAST_LOG=not _INTERPRET, num_warps=cfg["WD"], **_layout_constexprs(), **_tile(cfg))
+                FAST_LOG=not _INTERPRET, LANE=lane, num_warps=cfg["WD"], **_layout_constexprs(),
+                **_tile(cfg))
 
 
 def checkpoint_nbytes(batch, dim, length, nstate, cfg) -> int:
@@ -265,7 +284,9 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
                    dtype=cfg.get("ckpt_dtype", torch.float32)) if store_ckpt else None)
     hseg = torch.empty(batch, nseg, nstate, dim, **f32)
     lseg = torch.empty(batch, nseg, dim, **f32)
-    consts = _launch_consts(cfg, delta_softplus, delta_bias)
+    # the per-(step, channel) work one step a lane (scan_config): forward where KN == T
+    lane = bool(cfg.get("lane_steps_ckpt" if store_ckpt else "lane_steps")) and cfg["KN"] == cfg["T"]
+    consts = _launch_consts(cfg, delta_softplus, delta_bias, lane)
     grid = (batch, triton.cdiv(dim, cfg["WD"] * cfg["LD"]))
     bias = delta_bias if delta_bias is not None else A
     if nseg > 1:
@@ -308,7 +329,9 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     dh0 = _empty(batch, dim, nstate, **f32) if need_dh0 else None
     gseg = torch.empty(batch, nseg, nstate, dim, **f32)
     lseg = torch.empty(batch, nseg, dim, **f32)
-    consts = _launch_consts(cfg, delta_softplus, delta_bias)
+    # the per-(step, channel) work one step a lane (scan_config): backward where KN % T == 0
+    lane = bool(cfg.get("lane_steps")) and cfg["KN"] % cfg["T"] == 0
+    consts = _launch_consts(cfg, delta_softplus, delta_bias, lane)
     grid = (batch, triton.cdiv(dim, cfg["WD"] * cfg["LD"]))
     bias = delta_bias if delta_bias is not None else A
     zz = z if z is not None else u

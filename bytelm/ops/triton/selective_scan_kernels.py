@@ -25,6 +25,15 @@ def _log2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _rcp(x, FAST: tl.constexpr):
+    # 1 / x: rcp.approx without div.full's range scaling on the GPU (4 instructions fewer)
+    if FAST:
+        return libdevice.fast_dividef(1.0, x)
+    else:
+        return tl.fdiv(1.0, x, ieee_rounding=False)
+
+
+@triton.jit
 def _softplus(x):
     """log(1 + e^x), and x itself above 20 like torch.nn.functional.softplus."""
     return tl.where(x > 20.0, x, tl.log2(1.0 + tl.exp2(x * 1.4426950408889634)) * 0.6931471805599453)
@@ -33,6 +42,46 @@ def _softplus(x):
 @triton.jit
 def _sigmoid(x):
     return tl.fdiv(1.0, 1.0 + tl.exp2(-x * 1.4426950408889634), ieee_rounding=False)
+
+
+@triton.jit
+def _step_sum(x, LANE: tl.constexpr, AX_KN: tl.constexpr):
+    """A per-(step, channel) accumulator summed over steps: over the time axis, and with LANE
+    (one step a state lane, the lanes kn >= T left at zero) over the state lanes too."""
+    x = tl.reduce(x, 0, _add, keep_dims=True)
+    if LANE:
+        x = tl.reduce(x, AX_KN, _add, keep_dims=True)
+    return x
+
+
+@triton.jit
+def _from_lanes(x, t_, kn_, T: tl.constexpr, AX_KN: tl.constexpr):
+    """LANE layout -> time axis: x holds step kn of the chunk on state lane kn (kn < T); returns
+    the chunk's T steps in every lane (a masked sum over the state lanes per step: shuffles;
+    tl.gather would impose its own layout on the whole kernel)."""
+    out = tl.zeros_like(t_ + x)
+    for k in tl.static_range(T):
+        out = tl.where(t_ == k, tl.reduce(tl.where(kn_ == k, x, 0.0), AX_KN, _add, keep_dims=True), out)
+    return out
+
+
+@triton.jit
+def _to_lanes(x, t_, ts_):
+    """Time axis -> LANE layout: each state lane keeps its own step ts_ of x (in-thread)."""
+    return tl.reduce(tl.where(t_ == ts_, x, 0.0), 0, _add, keep_dims=True)
+
+
+@triton.jit
+def _lane_steps(t_, kn_, T: tl.constexpr, LANE: tl.constexpr):
+    """The step of its chunk each lane does the per-(step, channel) work for, and which lanes
+    do it: with LANE, state lane kn takes step kn (lanes kn >= T repeat and are masked off);
+    else every lane takes all T (the time axis)."""
+    if LANE:
+        # contiguity hint 1: adjacent state lanes read adjacent steps, but they must stay laid
+        # out as the tiles' lanes (a load's contiguous dim gets a layout of its own)
+        return tl.max_contiguous(kn_ % T, [1, 1, 1, 1, 1]), kn_ < T
+    else:
+        return t_, kn_ * 0 == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,9 +124,12 @@ def _scan_fwd_kernel(
     PIPELINE: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
-    AX_LD: tl.constexpr,
+    AX_LD: tl.constexpr, LANE: tl.constexpr,
 ):
-    """Program (batch row, channel block, segment): the segment's CPS chunks of T steps."""
+    """Program (batch row, channel block, segment): the segment's CPS chunks of T steps.
+    LANE (KN % T == 0 only): the per-(step, channel) work -- softplus, gate, D, the output --
+    done once, state lane kn taking step kn of the chunk, instead of by every state lane for
+    every step; the step sizes reach the other lanes by shuffles (`_from_lanes`)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
@@ -122,6 +174,10 @@ def _scan_fwd_kernel(
     zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
+    ts_, own = _lane_steps(t_, kn_, T, LANE)   # per-(step, channel) values: their steps, lanes
+    tSs = ts_ * ST
+    tZs = ts_ * ZT
+    LANE_D: tl.constexpr = LANE and HAS_D       # u is also read one step a lane, for D u
     # B, C packed by the wrapper as (batch, chunk + 2, state block, T) fp32, zero padded
     # scalar pointers to the chunk's block plus the tile's int32 offsets within it
     bc_tile = n * T + t_ + (wd_ + ld_) * 0
@@ -143,25 +199,33 @@ def _scan_fwd_kernel(
         # one-chunk prefetch below cost ~60 MOVs per chunk). The loop starts one chunk early, at
         # a warm-up chunk c_lo - 1 with decay 1, no input and no stores, which computes chunk
         # c_lo's decays; a chunk past c_hi (odd count) is the same no-op.
-        o = row + (zero64 + c_lo) * TST + tS
-        dl_nx = tl.load(delta_ptr + o, mask=(c_lo * T + t_ < L) & mask_row, other=0.0)
-        u_cur = tl.zeros_like(o).to(u_ptr.dtype.element_ty)
+        os_ = row + (zero64 + c_lo) * TST + tSs
+        dl_nx = tl.load(delta_ptr + os_, mask=(c_lo * T + ts_ < L) & mask_row & own, other=0.0)
+        u_cur = tl.zeros_like(row + tS).to(u_ptr.dtype.element_ty)
+        if LANE_D:
+            us_cur = tl.zeros_like(os_).to(u_ptr.dtype.element_ty)
         if HAS_Z:
-            z_cur = tl.zeros_like(o).to(z_ptr.dtype.element_ty)
+            z_cur = tl.zeros_like(os_).to(z_ptr.dtype.element_ty)
         B_cur = tl.zeros_like(bc_tile).to(tl.float32)
         C_cur = B_cur
-        dt_cur = tl.zeros_like(o).to(tl.float32)
+        dt_cur = tl.zeros_like(u_cur).to(tl.float32)
         dA_cur = B_cur + 1.0
         for c in range(c_lo - 1, c_hi, 2):
             for half in tl.static_range(2):
                 cc = c + half
                 t = cc * T + t_
+                ts = cc * T + ts_
                 o = row + (zero64 + cc) * TST + tS
+                os_ = row + (zero64 + cc) * TST + tSs
                 m_nx = (t + T < L) & mask_row
+                ms_nx = (ts + T < L) & mask_row & own
                 u_nx = tl.load(u_ptr + o + TST, mask=m_nx, other=0.0)
+                if LANE_D:
+                    us_nx = tl.load(u_ptr + os_ + TST, mask=ms_nx, other=0.0)
                 if HAS_Z:
-                    z_nx = tl.load(z_ptr + zrow + (zero64 + cc + 1) * TZT + tZ, mask=m_nx, other=0.0)
-                dl_nn = tl.load(delta_ptr + o + 2 * TST, mask=(t + 2 * T < L) & mask_row, other=0.0)
+                    z_nx = tl.load(z_ptr + zrow + (zero64 + cc + 1) * TZT + tZs, mask=ms_nx, other=0.0)
+                dl_nn = tl.load(delta_ptr + os_ + 2 * TST, mask=(ts + 2 * T < L) & mask_row & own,
+                                other=0.0)
                 # packed B, C: two padding chunks past the end cover the odd no-op chunk's
                 # (a loop-carried scalar pointer: ptxas then folds the tile's offsets into
                 # the loads' immediates; a clamped chunk index cost an IMAD.WIDE per load)
@@ -177,7 +241,9 @@ def _scan_fwd_kernel(
                 if SOFTPLUS:  # torch's softplus: x itself above 20
                     dt_nx = tl.where(dt_nx > 20.0, dt_nx,
                                      _log2(1.0 + tl.exp2(dt_nx * LOG2E), FAST_LOG) * 0.6931471805599453)
-                dt_nx = tl.where(m_nx & (zero_kn + cc + 1 < c_hi), dt_nx, 0.0)
+                dt_nx = tl.where(ms_nx & (zero_kn + cc + 1 < c_hi), dt_nx, 0.0)
+                if LANE:
+                    dt_nx = _from_lanes(dt_nx, t_, kn_, T, AX_KN)
                 dA_nx = tl.exp2(dt_nx * A2)
 
                 # chunk cc's recurrence, output and checkpoint
@@ -195,17 +261,22 @@ def _scan_fwd_kernel(
                     H = tl.where(at_k, h, H)
                 y = tl.reduce(tl.reduce(H * C_cur, AX_NPT, _add, keep_dims=True), AX_KN, _add,
                               keep_dims=True)
+                if LANE:
+                    y = _to_lanes(y, t_, ts_)
                 if HAS_D:
-                    y = y + Dv * u
+                    if LANE:
+                        y = y + Dv * us_cur.to(tl.float32)
+                    else:
+                        y = y + Dv * u
                 if HAS_Z:  # y z sigmoid(z); zz * -LOG2E: a negation would cost an FADD
                     zz = z_cur.to(tl.float32)
-                    if FAST_LOG:  # rcp.approx: no range scaling (4 instructions per value)
-                        y = y * zz * libdevice.fast_dividef(1.0, 1.0 + tl.exp2(zz * -LOG2E))
-                    else:
-                        y = y * zz * tl.fdiv(1.0, 1.0 + tl.exp2(zz * -LOG2E), ieee_rounding=False)
-                tl.store(out_ptr + o, y.to(out_ptr.dtype.element_ty), mask=(t < L) & mask_row & in_seg)
+                    y = y * zz * _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
+                tl.store(out_ptr + os_, y.to(out_ptr.dtype.element_ty),
+                         mask=(ts < L) & mask_row & own & in_seg)
 
                 u_cur, B_cur, C_cur, dt_cur, dA_cur, dl_nx = u_nx, B_nx, C_nx, dt_nx, dA_nx, dl_nn
+                if LANE_D:
+                    us_cur = us_nx
                 if HAS_Z:
                     z_cur = z_nx
     else:
@@ -213,27 +284,40 @@ def _scan_fwd_kernel(
         # cache latency was a third of the stalls without their prefetch)
         t = c_lo * T + t_
         m_nx = (t < L) & mask_row
+        ms_nx = (c_lo * T + ts_ < L) & mask_row & own
         o = row + (zero64 + c_lo) * TST + tS
+        os_ = row + (zero64 + c_lo) * TST + tSs
         u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
-        dl_nx = tl.load(delta_ptr + o, mask=m_nx, other=0.0)
+        if LANE_D:
+            us_nx = tl.load(u_ptr + os_, mask=ms_nx, other=0.0)
+        dl_nx = tl.load(delta_ptr + os_, mask=ms_nx, other=0.0)
         if HAS_Z:
-            z_nx = tl.load(z_ptr + zrow + (zero64 + c_lo) * TZT + tZ, mask=m_nx, other=0.0)
+            z_nx = tl.load(z_ptr + zrow + (zero64 + c_lo) * TZT + tZs, mask=ms_nx, other=0.0)
         ckpt_ptrs = ckpt_ptr + (pid_b * n_chunks + c_lo) * DIM * NSTATE + ckpt_tile
         B_nx = tl.load(B_chunk + bc_tile)
         C_nx = tl.load(C_chunk + bc_tile)
         for c in range(c_lo, c_hi):
             t = c * T + t_
-            m_row = (t < L) & mask_row
+            ts = c * T + ts_
+            m_s = (ts < L) & mask_row & own
             u = u_nx.to(tl.float32)
+            if LANE_D:
+                us = us_nx.to(tl.float32)
+            else:
+                us = u
             dt = dl_nx.to(tl.float32)
             if HAS_Z:
                 zz = z_nx.to(tl.float32)
             m_nx = (t + T < L) & mask_row
+            ms_nx = (ts + T < L) & mask_row & own
             o = row + (zero64 + c) * TST + tS              # chunk c; c + 1 is prefetched
+            os_ = row + (zero64 + c) * TST + tSs
             u_nx = tl.load(u_ptr + o + TST, mask=m_nx, other=0.0)
-            dl_nx = tl.load(delta_ptr + o + TST, mask=m_nx, other=0.0)
+            if LANE_D:
+                us_nx = tl.load(u_ptr + os_ + TST, mask=ms_nx, other=0.0)
+            dl_nx = tl.load(delta_ptr + os_ + TST, mask=ms_nx, other=0.0)
             if HAS_Z:
-                z_nx = tl.load(z_ptr + zrow + (zero64 + c + 1) * TZT + tZ, mask=m_nx, other=0.0)
+                z_nx = tl.load(z_ptr + zrow + (zero64 + c + 1) * TZT + tZs, mask=ms_nx, other=0.0)
             Bt = B_nx   # the packed B, C hold padding chunks past the end: no mask needed
             Ct = C_nx
             B_nx = tl.load(B_chunk + BN * T + bc_tile)
@@ -247,7 +331,9 @@ def _scan_fwd_kernel(
                 dt += bias
             if SOFTPLUS:  # torch's softplus: x itself above 20
                 dt = tl.where(dt > 20.0, dt, _log2(1.0 + tl.exp2(dt * LOG2E), FAST_LOG) * 0.6931471805599453)
-            dt = tl.where(m_row, dt, 0.0)       # steps past the end: decay 1, no input
+            dt = tl.where(m_s, dt, 0.0)       # steps past the end: decay 1, no input
+            if LANE:
+                dt = _from_lanes(dt, t_, kn_, T, AX_KN)
             dA = tl.exp2(dt * A2)
             dBu = (dt * u) * Bt
             H = tl.zeros_like(dBu)
@@ -261,11 +347,13 @@ def _scan_fwd_kernel(
                 H = tl.where(at_k, h, H)
             # y_t = C_t . h_t: the NPT states in-thread, then over the KN lanes
             y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
+            if LANE:
+                y = _to_lanes(y, t_, ts_)
             if HAS_D:
-                y = y + Dv * u
+                y = y + Dv * us
             if HAS_Z:
-                y = y * zz * tl.fdiv(1.0, 1.0 + tl.exp2(-zz * LOG2E), ieee_rounding=False)
-            tl.store(out_ptr + o, y.to(out_ptr.dtype.element_ty), mask=m_row)
+                y = y * zz * _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
+            tl.store(out_ptr + os_, y.to(out_ptr.dtype.element_ty), mask=m_s)
 
     tl.store(hlast_ptr + state_off, h, mask=mask_dn & (zero_kn + seg == NSEG - 1))
 
@@ -277,10 +365,11 @@ def _scan_fwd_segment_kernel(
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
-    AX_LD: tl.constexpr,
+    AX_LD: tl.constexpr, LANE: tl.constexpr,
 ):
     """Program (batch row, channel block, segment < NSEG - 1): the segment's end state from a
-    zero start and its summed step sizes, so that later segments can start without waiting."""
+    zero start and its summed step sizes, so that later segments can start without waiting.
+    LANE: as in `_scan_fwd_kernel`."""
     LOG2E: tl.constexpr = 1.4426950408889634
     NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
@@ -309,22 +398,26 @@ def _scan_fwd_segment_kernel(
     # warm-up chunk c_lo - 1 and a no-op chunk c_hi when the count is odd
     bc_tile = n * T + t_ + (wd_ + ld_) * 0
     B_chunk = B_ptr + (pid_b * (n_chunks + 2) + c_lo) * BN * T
-    o = row + (zero64 + c_lo) * TST + tS
-    dl_nx = tl.load(delta_ptr + o, mask=(c_lo * T + t_ < L) & mask_row, other=0.0)
-    u_cur = tl.zeros_like(o).to(u_ptr.dtype.element_ty)
+    ts_, own = _lane_steps(t_, kn_, T, LANE)   # the step sizes' softplus: see _scan_fwd_kernel
+    tSs = ts_ * ST
+    os_ = row + (zero64 + c_lo) * TST + tSs
+    dl_nx = tl.load(delta_ptr + os_, mask=(c_lo * T + ts_ < L) & mask_row & own, other=0.0)
+    u_cur = tl.zeros_like(row + tS).to(u_ptr.dtype.element_ty)
     B_cur = tl.zeros_like(bc_tile).to(tl.float32)
-    dt_cur = tl.zeros_like(o).to(tl.float32)
+    dt_cur = tl.zeros_like(u_cur).to(tl.float32)
     dA_cur = B_cur + 1.0
     h = tl.zeros_like(A2)
-    lam = dt_cur
+    lam = tl.zeros_like(os_).to(tl.float32)
     for c in range(c_lo - 1, c_hi, 2):
         for half in tl.static_range(2):
             cc = c + half
             t = cc * T + t_
             o = row + (zero64 + cc) * TST + tS
             m_nx = (t + T < L) & mask_row & (zero_kn + cc + 1 < c_hi)
+            ts = cc * T + ts_
             u_nx = tl.load(u_ptr + o + TST, mask=m_nx, other=0.0)
-            dl_nn = tl.load(delta_ptr + o + 2 * TST, mask=(t + 2 * T < L) & mask_row, other=0.0)
+            dl_nn = tl.load(delta_ptr + row + (zero64 + cc) * TST + tSs + 2 * TST,
+                            mask=(ts + 2 * T < L) & mask_row & own, other=0.0)
             B_nx = tl.load(B_chunk + bc_tile)
             B_chunk += BN * T
             dt_nx = dl_nx.to(tl.float32)
@@ -333,8 +426,10 @@ def _scan_fwd_segment_kernel(
             if SOFTPLUS:
                 dt_nx = tl.where(dt_nx > 20.0, dt_nx,
                                  _log2(1.0 + tl.exp2(dt_nx * LOG2E), FAST_LOG) * 0.6931471805599453)
-            dt_nx = tl.where(m_nx, dt_nx, 0.0)
+            dt_nx = tl.where((ts + T < L) & mask_row & own & (zero_kn + cc + 1 < c_hi), dt_nx, 0.0)
             lam += dt_nx
+            if LANE:
+                dt_nx = _from_lanes(dt_nx, t_, kn_, T, AX_KN)
             dA_nx = tl.exp2(dt_nx * A2)
             dBu = (dt_cur * u_cur.to(tl.float32)) * B_cur
             for k in tl.static_range(T):
@@ -344,8 +439,8 @@ def _scan_fwd_segment_kernel(
             u_cur, B_cur, dt_cur, dA_cur, dl_nx = u_nx, B_nx, dt_nx, dA_nx, dl_nn
     seg_off = tl.max_contiguous((pid_b * NSEG + seg) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
     tl.store(hseg_ptr + seg_off, h, mask=mask_dn)
-    tl.store(lseg_ptr + (pid_b * NSEG + seg) * DIM + d + zero_kn,
-             tl.reduce(lam, 0, _add, keep_dims=True), mask=mask_row)
+    tl.store(lseg_ptr + (pid_b * NSEG + seg) * DIM + d + zero_kn, _step_sum(lam, LANE, AX_KN),
+             mask=mask_row & (kn_ == 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,10 +456,13 @@ def _scan_bwd_kernel(
     HAS_DLAST: tl.constexpr, STORE_DH0: tl.constexpr, FAST_LOG: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
-    AX_LD: tl.constexpr, RS: tl.constexpr, LOG_LD: tl.constexpr,
+    AX_LD: tl.constexpr, RS: tl.constexpr, LOG_LD: tl.constexpr, LANE: tl.constexpr,
 ):
     """Program (batch row, channel block, segment): the segment's chunks, last to first.
-    RS (WD == 1 and 2 <= LD <= T * NPT only): dB, dC summed over channels by a lane reduce-scatter."""
+    RS (WD == 1 and 2 <= LD <= T * NPT only): dB, dC summed over channels by a lane reduce-scatter.
+    LANE (KN % T == 0 only): the per-(step, channel) work -- softplus, gate, the outputs -- done
+    once, state lane kn taking step kn of the chunk, instead of by every state lane for every
+    step; the step sizes and dy reach the other lanes by one shuffle each."""
     LOG2E: tl.constexpr = 1.4426950408889634
     NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
@@ -425,36 +523,56 @@ def _scan_bwd_kernel(
         rs_tile = (tl.arange(0, KN)[:, None, None] * V + ld_q * (V // LD)
                    + tl.arange(0, V // LD)[None, None, :])
     dA_acc = tl.zeros_like(A)
-    dD_acc = tl.zeros_like(t_ + d + zero_kn).to(tl.float32)     # (T, channel) accumulators
+
+    # per-(step, channel) values ("scalars": loads, softplus, gate, outputs) live either on the
+    # whole time axis of every lane (t_) or, LANE, one step a state lane (ts_ = kn % T; lanes
+    # kn >= T repeat lane kn - T and are masked off)
+    ts_, own = _lane_steps(t_, kn_, T, LANE)
+    tSs = ts_ * ST
+    tZs = ts_ * ZT
+    dD_acc = tl.zeros_like(ts_ + d + zero_kn).to(tl.float32)     # (step, channel) accumulators
     dbias_acc = tl.zeros_like(dD_acc)
 
     # the chunk processed next (one earlier in time) is loaded while this one computes
     t = (c_hi - 1) * T + t_
     m_nx = (t < L) & mask_row
+    ms_nx = ((c_hi - 1) * T + ts_ < L) & mask_row & own
     o = row + (zero64 + c_hi - 1) * TST + tS
+    os_ = row + (zero64 + c_hi - 1) * TST + tSs
     u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
-    dl_nx = tl.load(delta_ptr + o, mask=m_nx, other=0.0)
-    do_nx = tl.load(dout_ptr + o, mask=m_nx, other=0.0)
+    if LANE:
+        us_nx = tl.load(u_ptr + os_, mask=ms_nx, other=0.0)
+    dl_nx = tl.load(delta_ptr + os_, mask=ms_nx, other=0.0)
+    do_nx = tl.load(dout_ptr + os_, mask=ms_nx, other=0.0)
     if HAS_Z:
-        z_nx = tl.load(z_ptr + zrow + (zero64 + c_hi - 1) * TZT + tZ, mask=m_nx, other=0.0)
+        z_nx = tl.load(z_ptr + zrow + (zero64 + c_hi - 1) * TZT + tZs, mask=ms_nx, other=0.0)
     h_nx = tl.load(ckpt_ptrs, mask=mask_dn, other=0.0)
     for cc in range(0, c_hi - c_lo):
         c = c_hi - 1 - cc
         t = c * T + t_
-        m_row = (t < L) & mask_row
+        ts = c * T + ts_
+        m_s = (ts < L) & mask_row & own
         u = u_nx.to(tl.float32)
+        if LANE:
+            us = us_nx.to(tl.float32)
+        else:
+            us = u
         draw = dl_nx.to(tl.float32)
         dout = do_nx.to(tl.float32)
         if HAS_Z:
             zz = z_nx.to(tl.float32)
         h = h_nx.to(tl.float32)          # the checkpoint may be bf16; the recurrence runs in fp32
         m_nx = (t - T >= c_lo * T) & mask_row            # chunk c - 1 is in this segment
+        ms_nx = (ts - T >= c_lo * T) & mask_row & own
         o = row + (zero64 + c) * TST + tS              # chunk c; c - 1 is prefetched
+        os_ = row + (zero64 + c) * TST + tSs
         u_nx = tl.load(u_ptr + o - TST, mask=m_nx, other=0.0)
-        dl_nx = tl.load(delta_ptr + o - TST, mask=m_nx, other=0.0)
-        do_nx = tl.load(dout_ptr + o - TST, mask=m_nx, other=0.0)
+        if LANE:
+            us_nx = tl.load(u_ptr + os_ - TST, mask=ms_nx, other=0.0)
+        dl_nx = tl.load(delta_ptr + os_ - TST, mask=ms_nx, other=0.0)
+        do_nx = tl.load(dout_ptr + os_ - TST, mask=ms_nx, other=0.0)
         if HAS_Z:
-            z_nx = tl.load(z_ptr + zrow + (zero64 + c - 1) * TZT + tZ, mask=m_nx, other=0.0)
+            z_nx = tl.load(z_ptr + zrow + (zero64 + c - 1) * TZT + tZs, mask=ms_nx, other=0.0)
         ckpt_ptrs -= DIM * NSTATE
         h_nx = tl.load(ckpt_ptrs, mask=mask_dn & (zero_kn + c > c_lo), other=0.0)
 
@@ -470,8 +588,19 @@ def _scan_bwd_kernel(
             # (above 20 softplus is the identity, its derivative 1)
             e_draw = tl.exp2(draw * LOG2E)
             dt = tl.where(draw > 20.0, draw, _log2(1.0 + e_draw, FAST_LOG) * 0.6931471805599453)
-            dsp = tl.where(draw > 20.0, 1.0, e_draw * tl.fdiv(1.0, 1.0 + e_draw, ieee_rounding=False))
-        dt = tl.where(m_row, dt, 0.0)
+            dsp = tl.where(draw > 20.0, 1.0, e_draw * _rcp(1.0 + e_draw, FAST_LOG))
+        dts = tl.where(m_s, dt, 0.0)
+        if HAS_Z:
+            sig = _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
+            dys = dout * zz * sig
+        else:
+            dys = dout
+        if LANE:  # every lane gets the chunk's T step sizes and dy from the lanes that own them
+            dt = _from_lanes(dts, t_, kn_, T, AX_KN)
+            dy = _from_lanes(dys, t_, kn_, T, AX_KN)
+        else:
+            dt = dts
+            dy = dys
         dtu = dt * u
         dA = tl.exp2(dt * A2)
         dBu = dtu * Bt
@@ -489,16 +618,14 @@ def _scan_bwd_kernel(
 
         if HAS_Z:
             y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
+            if LANE:  # the lane's own step
+                y = _to_lanes(y, t_, ts_)
             if HAS_D:
-                y = y + Dv * u
-            sig = tl.fdiv(1.0, 1.0 + tl.exp2(-zz * LOG2E), ieee_rounding=False)
-            dy = dout * zz * sig
+                y = y + Dv * us
             dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
-            tl.store(dz_ptr + o, dz.to(dz_ptr.dtype.element_ty), mask=m_row)
-        else:
-            dy = dout
+            tl.store(dz_ptr + os_, dz.to(dz_ptr.dtype.element_ty), mask=m_s)
         if HAS_D:
-            dD_acc += dy * u
+            dD_acc += dys * us
 
         # walk the chunk backwards: dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1}; g carries the
         # second term, and after step 0 it is the gradient of the chunk's starting state
@@ -555,15 +682,18 @@ def _scan_bwd_kernel(
             tl.atomic_add(dB_ptr + bc_red, dB_c, sem="relaxed")
             tl.atomic_add(dC_ptr + bc_red, dC_c, sem="relaxed")
 
-        du = dt * s_dhB
+        if LANE:  # the lane's own step
+            s_dhB = _to_lanes(s_dhB, t_, ts_)
+            s_qA = _to_lanes(s_qA, t_, ts_)
+        du = dts * s_dhB
         if HAS_D:
-            du += Dv * dy
-        tl.store(du_ptr + o, du.to(du_ptr.dtype.element_ty), mask=m_row)
-        ddt = s_qA + u * s_dhB
+            du += Dv * dys
+        tl.store(du_ptr + os_, du.to(du_ptr.dtype.element_ty), mask=m_s)
+        ddt = s_qA + us * s_dhB
         if SOFTPLUS:
             ddt = ddt * dsp
-        ddt = tl.where(m_row, ddt, 0.0)
-        tl.store(ddelta_ptr + o, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_row)
+        ddt = tl.where(m_s, ddt, 0.0)
+        tl.store(ddelta_ptr + os_, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_s)
         if HAS_BIAS:
             dbias_acc += ddt
 
@@ -571,11 +701,11 @@ def _scan_bwd_kernel(
     tl.atomic_add(dA_ptr + d * NSTATE + n + (wd_ + ld_) * 0, dA_acc, mask=mask_dn, sem="relaxed")
     first_kn = mask_row & (kn_ == 0)  # the KN lanes hold copies of each channel's sums
     if HAS_D:
-        tl.atomic_add(dD_ptr + d + zero_kn, tl.reduce(dD_acc, 0, _add, keep_dims=True),
-                      mask=first_kn, sem="relaxed")
+        tl.atomic_add(dD_ptr + d + zero_kn, _step_sum(dD_acc, LANE, AX_KN), mask=first_kn,
+                      sem="relaxed")
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + d + zero_kn, tl.reduce(dbias_acc, 0, _add, keep_dims=True),
-                      mask=first_kn, sem="relaxed")
+        tl.atomic_add(dbias_ptr + d + zero_kn, _step_sum(dbias_acc, LANE, AX_KN), mask=first_kn,
+                      sem="relaxed")
     if STORE_DH0:
         tl.store(dh0_ptr + state_off, g, mask=mask_dn & (zero_kn + seg == 0))
 
@@ -587,10 +717,11 @@ def _scan_bwd_segment_kernel(
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
-    AX_LD: tl.constexpr,
+    AX_LD: tl.constexpr, LANE: tl.constexpr,
 ):
     """Program (batch row, channel block, segment >= 1): the gradient its own outputs send to
-    the state entering it (zero from later steps) and its summed step sizes."""
+    the state entering it (zero from later steps) and its summed step sizes. LANE: as in
+    `_scan_bwd_kernel`."""
     LOG2E: tl.constexpr = 1.4426950408889634
     NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
@@ -619,26 +750,31 @@ def _scan_bwd_segment_kernel(
     c_lo = seg * CPS
     c_hi = tl.minimum(c_lo + CPS, n_chunks)
     bc_off = (pid_b * (n_chunks + 2) + c_hi - 1) * BN * T + n * T + t_ + (wd_ + ld_) * 0
+    ts_, own = _lane_steps(t_, kn_, T, LANE)   # the per-(step, channel) work: see _scan_bwd_kernel
+    tS = ts_ * ST
+    tZ = ts_ * ZT
     g = tl.zeros_like(A2)
-    lam = tl.zeros_like(t_ + d + zero_kn).to(tl.float32)
+    lam = tl.zeros_like(ts_ + d + zero_kn).to(tl.float32)
     for cc in range(0, c_hi - c_lo):
         c = c_hi - 1 - cc
-        t = c * T + t_
-        m_row = (t < L) & mask_row
+        m_s = (c * T + ts_ < L) & mask_row & own
         o = row + (zero64 + c) * TST + tS
-        dt = tl.load(delta_ptr + o, mask=m_row, other=0.0).to(tl.float32)
-        dy = tl.load(dout_ptr + o, mask=m_row, other=0.0).to(tl.float32)
+        dt = tl.load(delta_ptr + o, mask=m_s, other=0.0).to(tl.float32)
+        dy = tl.load(dout_ptr + o, mask=m_s, other=0.0).to(tl.float32)
         if HAS_Z:
-            zz = tl.load(z_ptr + zrow + (zero64 + c) * TZT + tZ, mask=m_row, other=0.0).to(tl.float32)
-            dy = dy * zz * tl.fdiv(1.0, 1.0 + tl.exp2(-zz * LOG2E), ieee_rounding=False)
+            zz = tl.load(z_ptr + zrow + (zero64 + c) * TZT + tZ, mask=m_s, other=0.0).to(tl.float32)
+            dy = dy * zz * _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
         Ct = tl.load(C_ptr + bc_off)
         bc_off -= BN * T
         if HAS_BIAS:
             dt += bias
         if SOFTPLUS:
             dt = tl.where(dt > 20.0, dt, _log2(1.0 + tl.exp2(dt * LOG2E), FAST_LOG) * 0.6931471805599453)
-        dt = tl.where(m_row, dt, 0.0)
+        dt = tl.where(m_s, dt, 0.0)
         lam += dt
+        if LANE:
+            dt = _from_lanes(dt, t_, kn_, T, AX_KN)
+            dy = _from_lanes(dy, t_, kn_, T, AX_KN)
         dA = tl.exp2(dt * A2)
         x = Ct * dy
         for k in tl.static_range(T - 1, -1, -1):
@@ -647,8 +783,8 @@ def _scan_bwd_segment_kernel(
                 g + tl.reduce(tl.where(at_k, x, NEG0), 0, _add, keep_dims=True))
     seg_off = tl.max_contiguous((pid_b * NSEG + seg) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
     tl.store(gseg_ptr + seg_off, g, mask=mask_dn)
-    tl.store(lseg_ptr + (pid_b * NSEG + seg) * DIM + d + zero_kn,
-             tl.reduce(lam, 0, _add, keep_dims=True), mask=mask_row)
+    tl.store(lseg_ptr + (pid_b * NSEG + seg) * DIM + d + zero_kn, _step_sum(lam, LANE, AX_KN),
+             mask=mask_row & (kn_ == 0))
 
 
 # --------------------------------------------------------------------------------------------
