@@ -1,8 +1,8 @@
 """Triton kernels of the fused selective scan; launched and documented by `selective_scan.py`.
 
 Layout: every scan kernel works on 5-d tiles (time, state-in-thread, warp, state-lane,
-channel-lane) built by `_tile_index`; the per-step work is written inline (no jit helper calls)
-because under TRITON_INTERPRET each such call costs milliseconds.
+channel-lane) built by `_tile_index`; the per-step work is written inline (no jit helper calls
+per step, a few per chunk) because under TRITON_INTERPRET each such call costs milliseconds.
 """
 
 import triton
@@ -127,9 +127,10 @@ def _scan_fwd_kernel(
     AX_LD: tl.constexpr, LANE: tl.constexpr,
 ):
     """Program (batch row, channel block, segment): the segment's CPS chunks of T steps.
-    LANE (KN % T == 0 only): the per-(step, channel) work -- softplus, gate, D, the output --
-    done once, state lane kn taking step kn of the chunk, instead of by every state lane for
-    every step; the step sizes reach the other lanes by shuffles (`_from_lanes`)."""
+    LANE (KN % T == 0 only; scan_fwd sets it where KN == T): the per-(step, channel) work --
+    softplus, gate, D, the output -- done once, state lane kn taking step kn of the chunk,
+    instead of by every state lane for every step; the step sizes reach the other lanes by
+    shuffles (`_from_lanes`)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
