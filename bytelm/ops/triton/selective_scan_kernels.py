@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.standard import _sum_combine as _add  # tl.sum without its jit wrapper
+from triton.language.standard import _log2 as _ilog2  # log2 of a constexpr int
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ def _step_sum(x, LANE: tl.constexpr, AX_KN: tl.constexpr):
 def _from_lanes(x, t_, kn_, T: tl.constexpr, AX_KN: tl.constexpr):
     """LANE layout -> time axis: x holds step kn of the chunk on state lane kn (kn < T); returns
     the chunk's T steps in every lane (a masked sum over the state lanes per step: shuffles;
-    tl.gather would impose its own layout on the whole kernel)."""
+    tl.gather on the tiles would impose its own layout on the whole kernel)."""
     out = tl.zeros_like(t_ + x)
     for k in tl.static_range(T):
         out = tl.where(t_ == k, tl.reduce(tl.where(kn_ == k, x, 0.0), AX_KN, _add, keep_dims=True), out)
@@ -66,9 +67,43 @@ def _from_lanes(x, t_, kn_, T: tl.constexpr, AX_KN: tl.constexpr):
 
 
 @triton.jit
-def _to_lanes(x, t_, ts_):
-    """Time axis -> LANE layout: each state lane keeps its own step ts_ of x (in-thread)."""
-    return tl.reduce(tl.where(t_ == ts_, x, 0.0), 0, _add, keep_dims=True)
+def _lane_state_sum(x, t_, ts_, T: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr,
+                    LD: tl.constexpr, ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr,
+                    AX_KN: tl.constexpr, AX_LD: tl.constexpr):
+    """x summed over a channel's states per step, in the LANE layout: each state lane holds
+    its own step ts_ of the sums."""
+    x = tl.reduce(x, AX_NPT, _add, keep_dims=True)
+    if KN == T:
+        # a reduce-scatter over the state lanes: each round a lane keeps the half of its steps
+        # whose bit matches its own kn's, sends the other half to the partner (kn xor that
+        # bit) and adds what it receives; after log2(T) rounds state lane kn holds step kn's
+        # sum (one shuffle per value and round, where a butterfly shuffles all T values
+        # log2(KN) times and then picks one). On a (WD, lane, T) reshape, lane = kn * LD + ld:
+        # tl.gather lays its axis out on the fastest lanes, which in the tiles are the
+        # channels', so a gather over KN alone (or on the 5-d tiles) would add layout
+        # conversions (shuffles)
+        Q = tl.reshape(tl.permute(x, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (WD, KN * LD, T))
+        lane = tl.arange(0, KN * LD)[None, :, None]
+        for lvl in tl.static_range(_ilog2(T)):
+            # a: the steps whose top bit is 0, b: 1; the round's state lane bit is that top
+            # bit's value, Q.shape[2] // 2 (inline: names assigned in a static_range body stop
+            # being constexprs)
+            a, b = tl.split(tl.permute(tl.reshape(Q, (WD, KN * LD, 2, Q.shape[2] // 2)), (0, 1, 3, 2)))
+            up = (lane & (Q.shape[2] // 2 * LD)) != 0
+            send = tl.where(up, a, b)
+            keep = tl.where(up, b, a)
+            Q = keep + tl.gather(send, (lane ^ (Q.shape[2] // 2 * LD))
+                                 + tl.zeros((WD, KN * LD, Q.shape[2] // 2), tl.int32), 1)
+        Q = tl.reshape(Q, (WD, KN, LD))
+        if ASC:  # back to the tiles' dims
+            x = tl.permute(Q, (2, 1, 0))[None, :, :, :, None]
+        else:
+            x = Q[None, None, :, :, :]
+    else:
+        # KN a multiple of T: a butterfly over the state lanes, then each lane's own step
+        x = tl.reduce(x, AX_KN, _add, keep_dims=True)
+        x = tl.reduce(tl.where(t_ == ts_, x, 0.0), 0, _add, keep_dims=True)
+    return x
 
 
 @triton.jit
@@ -260,10 +295,12 @@ def _scan_fwd_kernel(
                     h = (tl.reduce(tl.where(at_k, dA_cur, NEG0), 0, _add, keep_dims=True) * h
                          + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
                     H = tl.where(at_k, h, H)
-                y = tl.reduce(tl.reduce(H * C_cur, AX_NPT, _add, keep_dims=True), AX_KN, _add,
-                              keep_dims=True)
                 if LANE:
-                    y = _to_lanes(y, t_, ts_)
+                    y = _lane_state_sum(H * C_cur, t_, ts_, T, WD, KN, LD, ASC, AX_NPT, AX_WD,
+                                        AX_KN, AX_LD)
+                else:
+                    y = tl.reduce(tl.reduce(H * C_cur, AX_NPT, _add, keep_dims=True), AX_KN, _add,
+                                  keep_dims=True)
                 if HAS_D:
                     if LANE:
                         y = y + Dv * us_cur.to(tl.float32)
@@ -347,9 +384,12 @@ def _scan_fwd_kernel(
                      + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
                 H = tl.where(at_k, h, H)
             # y_t = C_t . h_t: the NPT states in-thread, then over the KN lanes
-            y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
             if LANE:
-                y = _to_lanes(y, t_, ts_)
+                y = _lane_state_sum(H * Ct, t_, ts_, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN,
+                                    AX_LD)
+            else:
+                y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add,
+                              keep_dims=True)
             if HAS_D:
                 y = y + Dv * us
             if HAS_Z:
@@ -618,9 +658,12 @@ def _scan_bwd_kernel(
             H = tl.where(at_k, h, H)
 
         if HAS_Z:
-            y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
             if LANE:  # the lane's own step
-                y = _to_lanes(y, t_, ts_)
+                y = _lane_state_sum(H * Ct, t_, ts_, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN,
+                                    AX_LD)
+            else:
+                y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add,
+                              keep_dims=True)
             if HAS_D:
                 y = y + Dv * us
             dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
@@ -640,8 +683,16 @@ def _scan_bwd_kernel(
 
         # q = dh * exp(dt A) h_{t-1} = dh (h_t - dt u B): the gradient of the exponent dt * A
         q = DH * (H - dBu)
-        s_dhB = tl.reduce(tl.reduce(DH * Bt, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
-        s_qA = tl.reduce(tl.reduce(q * A, AX_NPT, _add, keep_dims=True), AX_KN, _add, keep_dims=True)
+        if LANE:  # the lane's own step
+            s_dhB = _lane_state_sum(DH * Bt, t_, ts_, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN,
+                                    AX_LD)
+            s_qA = _lane_state_sum(q * A, t_, ts_, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN,
+                                   AX_LD)
+        else:
+            s_dhB = tl.reduce(tl.reduce(DH * Bt, AX_NPT, _add, keep_dims=True), AX_KN, _add,
+                              keep_dims=True)
+            s_qA = tl.reduce(tl.reduce(q * A, AX_NPT, _add, keep_dims=True), AX_KN, _add,
+                             keep_dims=True)
         dA_acc += tl.reduce(q * dt, 0, _add, keep_dims=True)
         if RS:
             # dB, dC summed over the LD channel lanes by a reduce-scatter: each round a lane
@@ -683,9 +734,6 @@ def _scan_bwd_kernel(
             tl.atomic_add(dB_ptr + bc_red, dB_c, sem="relaxed")
             tl.atomic_add(dC_ptr + bc_red, dC_c, sem="relaxed")
 
-        if LANE:  # the lane's own step
-            s_dhB = _to_lanes(s_dhB, t_, ts_)
-            s_qA = _to_lanes(s_qA, t_, ts_)
         du = dts * s_dhB
         if HAS_D:
             du += Dv * dys
