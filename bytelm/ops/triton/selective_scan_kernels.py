@@ -56,14 +56,25 @@ def _step_sum(x, LANE: tl.constexpr, AX_KN: tl.constexpr):
 
 
 @triton.jit
-def _from_lanes(x, t_, kn_, T: tl.constexpr, AX_KN: tl.constexpr):
+def _from_lanes(x, T: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
+                ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
+                AX_LD: tl.constexpr):
     """LANE layout -> time axis: x holds step kn of the chunk on state lane kn (kn < T); returns
-    the chunk's T steps in every lane (a masked sum over the state lanes per step: shuffles;
-    tl.gather on the tiles would impose its own layout on the whole kernel)."""
-    out = tl.zeros_like(t_ + x)
-    for k in tl.static_range(T):
-        out = tl.where(t_ == k, tl.reduce(tl.where(kn_ == k, x, 0.0), AX_KN, _add, keep_dims=True), out)
-    return out
+    the chunk's T steps in every lane. An all-gather over a (WD, lane, T) reshape, lane = kn *
+    LD + ld, step t read from lane t * LD + ld: one shuffle a value and step (a masked sum
+    over the state lanes per step took log2(KN) shuffles and adds; tl.gather on the 5-d tiles,
+    or over KN alone, lays its axis on the fastest lanes, the channels', and converts the tiles
+    around it)."""
+    Q = tl.reshape(tl.permute(x, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (WD, KN * LD, 1))
+    lane = tl.arange(0, KN * LD)[None, :, None]
+    step = tl.arange(0, T)[None, None, :]
+    G = tl.gather(tl.broadcast_to(Q, (WD, KN * LD, T)),
+                  lane % LD + step * LD + tl.zeros((WD, KN * LD, T), tl.int32), 1)
+    G = tl.reshape(G, (WD, KN, LD, 1, T))
+    if ASC:  # back to the tiles' dims
+        return tl.permute(G, (4, 2, 1, 0, 3))
+    else:
+        return tl.permute(G, (4, 3, 0, 1, 2))
 
 
 @triton.jit
@@ -279,7 +290,7 @@ def _scan_fwd_kernel(
                                      _log2(1.0 + tl.exp2(dt_nx * LOG2E), FAST_LOG) * 0.6931471805599453)
                 dt_nx = tl.where(ms_nx & (zero_kn + cc + 1 < c_hi), dt_nx, 0.0)
                 if LANE:
-                    dt_nx = _from_lanes(dt_nx, t_, kn_, T, AX_KN)
+                    dt_nx = _from_lanes(dt_nx, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
                 dA_nx = tl.exp2(dt_nx * A2)
 
                 # chunk cc's recurrence, output and checkpoint
@@ -371,7 +382,7 @@ def _scan_fwd_kernel(
                 dt = tl.where(dt > 20.0, dt, _log2(1.0 + tl.exp2(dt * LOG2E), FAST_LOG) * 0.6931471805599453)
             dt = tl.where(m_s, dt, 0.0)       # steps past the end: decay 1, no input
             if LANE:
-                dt = _from_lanes(dt, t_, kn_, T, AX_KN)
+                dt = _from_lanes(dt, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
             dA = tl.exp2(dt * A2)
             dBu = (dt * u) * Bt
             H = tl.zeros_like(dBu)
@@ -470,7 +481,7 @@ def _scan_fwd_segment_kernel(
             dt_nx = tl.where((ts + T < L) & mask_row & own & (zero_kn + cc + 1 < c_hi), dt_nx, 0.0)
             lam += dt_nx
             if LANE:
-                dt_nx = _from_lanes(dt_nx, t_, kn_, T, AX_KN)
+                dt_nx = _from_lanes(dt_nx, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
             dA_nx = tl.exp2(dt_nx * A2)
             dBu = (dt_cur * u_cur.to(tl.float32)) * B_cur
             for k in tl.static_range(T):
@@ -637,8 +648,8 @@ def _scan_bwd_kernel(
         else:
             dys = dout
         if LANE:  # every lane gets the chunk's T step sizes and dy from the lanes that own them
-            dt = _from_lanes(dts, t_, kn_, T, AX_KN)
-            dy = _from_lanes(dys, t_, kn_, T, AX_KN)
+            dt = _from_lanes(dts, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+            dy = _from_lanes(dys, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
         else:
             dt = dts
             dy = dys
@@ -822,8 +833,8 @@ def _scan_bwd_segment_kernel(
         dt = tl.where(m_s, dt, 0.0)
         lam += dt
         if LANE:
-            dt = _from_lanes(dt, t_, kn_, T, AX_KN)
-            dy = _from_lanes(dy, t_, kn_, T, AX_KN)
+            dt = _from_lanes(dt, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+            dy = _from_lanes(dy, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
         dA = tl.exp2(dt * A2)
         x = Ct * dy
         for k in tl.static_range(T - 1, -1, -1):
