@@ -206,7 +206,7 @@ def tune(x, dout, n):
     half = dict(NPT=4, KN=4, LD=8) if base_f["NPT"] == 8 and base_f["KN"] == 2 else {}
     if half:  # half the states a thread: twice the programs
         fwd_variants += [dict(base_f, **half), dict(one_chunk, **half)]
-    if base_f["KN"] == base_f["T"] or half:  # the per-(step, channel) work one step a lane or not
+    if base_f["KN"] % base_f["T"] == 0 or half:  # the per-(step, channel) work one step a lane or not
         flip = dict(lane_steps=not base_f["lane_steps"], lane_steps_ckpt=not base_f["lane_steps_ckpt"])
         fwd_variants += [dict(base_f, **half, **flip), dict(one_chunk, **half, **flip)]
     fwd_variants = [c for i, c in enumerate(fwd_variants) if c not in fwd_variants[:i]]

@@ -216,10 +216,10 @@ def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
 
 @pytest.mark.parametrize("lane_steps", [True, False], ids=["one_step_a_lane", "every_lane"])
 def test_scan_per_step_work_layouts(lane_steps, monkeypatch):
-    """Where a channel has T state lanes (KN == T: N=16 with 4 states a thread) or, backward, a
-    multiple (N=64: 8 lanes of which 4 work) the per-(step, channel) work -- softplus, gate, D,
-    the outputs and their gradients -- can be done once, state lane kn taking step kn
-    (lane_steps, lane_steps_ckpt); or every lane does every step. Both must give the
+    """Where a channel has T state lanes (KN == T: N=16 with 4 states a thread) or a multiple
+    (N=64: 8 lanes of which 4 work; on by default in the backward only) the per-(step, channel)
+    work -- softplus, gate, D, the outputs and their gradients -- can be done once, state lane
+    kn taking step kn (lane_steps, lane_steps_ckpt); or every lane does every step. Both must give the
     reference's results, whole and cut into pieces (the pre-passes have both forms too), in
     both forward loops, with and without checkpoints (forward without gradients)."""
     override_scan_config(monkeypatch, lane_steps=lane_steps, lane_steps_ckpt=lane_steps)

@@ -109,16 +109,19 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     # H200, bf16, 8 x 2048 x 2048 (NOTES.md, fifth session): N=16 pipelined 0.499 -> 0.467 ms
     # (0.529 -> 0.527 with checkpoints; 8 x 1536 x 8192: 1.78 -> 1.52, 1.78 -> 1.74); N=64
     # inference 1.76 -> 1.64, but with checkpoints 3.70 -> 5.66: the one-chunk loop there
-    # lane_steps (where KN == T: forward_config's N=16 tile with 4 states a thread): the per-
-    # (step, channel) work one step a lane (module docstring). H200, bf16 (NOTES.md, ninth
-    # session), NPT 4, with / without checkpoints: 8 x 1536 x 8192 1.605 -> 1.512 / 1.442 ->
-    # 1.598 ms, 4 x 2048 x 8192 1.297 -> 1.290 / 1.163 -> 1.451, 8 x 2048 x 2048 0.499 ->
-    # 0.467 / 0.472 -> 0.470: on for the training forward (lane_steps_ckpt) only. At N=64
-    # (KN 8, half the lanes idle) it is slower either way (1.661 -> 1.845 ms with checkpoints).
+    # lane_steps, lane_steps_ckpt (without / with checkpoints; used where KN % T == 0, e.g.
+    # forward_config's N=16 tile with 4 states a thread): the per-(step, channel) work one step
+    # a lane (module docstring). H200, bf16, NPT 4, off -> on (NOTES.md, ninth session, fourth
+    # call), without / with checkpoints: 8 x 1536 x 8192 1.435 -> 1.218 / 1.594 -> 1.328 ms,
+    # 4 x 2048 x 8192 1.141 -> 1.062 / 1.268 -> 1.115, 8 x 2048 x 2048 0.472 -> 0.392 / 0.498
+    # -> 0.413. (Before the state sums by reduce-scatter and the step sizes by all-gather, the
+    # first call, it lost without checkpoints.) At N=64 (KN 8, half the lanes idle) it was
+    # slower either way in the first call (1.661 -> 1.845 ms with checkpoints): off from KN 8.
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
+    lane = kn <= 4
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pipeline=True,
-                pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=False,
-                lane_steps_ckpt=True)
+                pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=lane,
+                lane_steps_ckpt=lane)
 
 
 @functools.lru_cache(maxsize=None)
@@ -284,8 +287,8 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
                    dtype=cfg.get("ckpt_dtype", torch.float32)) if store_ckpt else None)
     hseg = torch.empty(batch, nseg, nstate, dim, **f32)
     lseg = torch.empty(batch, nseg, dim, **f32)
-    # the per-(step, channel) work one step a lane (scan_config): forward where KN == T
-    lane = bool(cfg.get("lane_steps_ckpt" if store_ckpt else "lane_steps")) and cfg["KN"] == cfg["T"]
+    # the per-(step, channel) work one step a lane (scan_config), where KN % T == 0
+    lane = bool(cfg.get("lane_steps_ckpt" if store_ckpt else "lane_steps")) and cfg["KN"] % cfg["T"] == 0
     consts = _launch_consts(cfg, delta_softplus, delta_bias, lane)
     grid = (batch, triton.cdiv(dim, cfg["WD"] * cfg["LD"]))
     bias = delta_bias if delta_bias is not None else A
