@@ -217,7 +217,7 @@ def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
 @pytest.mark.parametrize("lane_steps", [True, False], ids=["one_step_a_lane", "every_lane"])
 def test_scan_per_step_work_layouts(lane_steps, monkeypatch):
     """Where a channel has T state lanes (KN == T: N=16 with 4 states a thread) or a multiple
-    (N=64: 8 lanes of which 4 work; on by default in the backward only) the per-(step, channel)
+    (N=64: 8 lanes of which 4 work; by default not in its training forward) the per-(step, channel)
     work -- softplus, gate, D, the outputs and their gradients -- can be done once, state lane
     kn taking step kn (lane_steps, lane_steps_ckpt); or every lane does every step. Both must give the
     reference's results, whole and cut into pieces (the pre-passes have both forms too), in
@@ -228,9 +228,9 @@ def test_scan_per_step_work_layouts(lane_steps, monkeypatch):
     override_scan_config(monkeypatch, SEG=3, pipeline=False, pipeline_ckpt=False)
     check_scan(*SMALL, 33, 16, torch.bfloat16, seed=23)
     check_scan(*SMALL, 30, 64, torch.bfloat16, seed=24, drop=("initial_state",))
-    for pipeline in (True, False):  # no gradients: no checkpoints, the inference forward
-        override_scan_config(monkeypatch, pipeline=pipeline)
-        x = make_inputs(*SMALL, 33, 16, torch.bfloat16, seed=25)
+    for pipeline, nstate in ((True, 16), (False, 16), (True, 64)):  # no gradients: no
+        override_scan_config(monkeypatch, pipeline=pipeline)     # checkpoints, the inference forward
+        x = make_inputs(*SMALL, 33, nstate, torch.bfloat16, seed=25)
         out = tss.selective_scan_triton(**x, delta_softplus=True)
         ref = selective_scan_ref(**{k: v.double() if v is not None else None for k, v in x.items()},
                                  delta_softplus=True)

@@ -115,13 +115,13 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     # call), without / with checkpoints: 8 x 1536 x 8192 1.435 -> 1.218 / 1.594 -> 1.328 ms,
     # 4 x 2048 x 8192 1.141 -> 1.062 / 1.268 -> 1.115, 8 x 2048 x 2048 0.472 -> 0.392 / 0.498
     # -> 0.413. (Before the state sums by reduce-scatter and the step sizes by all-gather, the
-    # first call, it lost without checkpoints.) At N=64 (KN 8, half the lanes idle) it was
-    # slower either way in the first call (1.661 -> 1.845 ms with checkpoints): off from KN 8.
+    # first call, it lost without checkpoints.) At N=64 (KN 8, half the lanes idle; fifth
+    # call) it wins without checkpoints (8 x 2048 x 2048, pipelined: 1.644 -> 1.472 ms) and
+    # loses with them (one-chunk loop: 1.656 -> 1.801): lane_steps_ckpt only up to KN 4.
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
-    lane = kn <= 4
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pipeline=True,
-                pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=lane,
-                lane_steps_ckpt=lane)
+                pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=True,
+                lane_steps_ckpt=kn <= 4)
 
 
 @functools.lru_cache(maxsize=None)

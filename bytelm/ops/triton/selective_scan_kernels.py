@@ -173,7 +173,7 @@ def _scan_fwd_kernel(
     AX_LD: tl.constexpr, LANE: tl.constexpr,
 ):
     """Program (batch row, channel block, segment): the segment's CPS chunks of T steps.
-    LANE (KN % T == 0 only; scan_config turns it on where KN <= 4): the per-(step, channel) work --
+    LANE (KN % T == 0 only; scan_config: lane_steps, lane_steps_ckpt): the per-(step, channel) work --
     softplus, gate, D, the output -- done once, state lane kn taking step kn of the chunk,
     instead of by every state lane for every step; the step sizes reach the other lanes by
     shuffles (`_from_lanes`)."""
