@@ -9,7 +9,8 @@ is read with the wheel's cuobjdump.
 --fwd adds the forward with checkpoints (the training forward) in both its loops (fwd-pipelined,
 fwd-one-chunk; scan_config's pipeline_ckpt picks one per N), without them (fwd-infer) and the
 forward's segment pre-pass (fwd-seg, launched when the sequence is cut into pieces) and, at
-N=16, the training forward capped at 168 registers (fwd-capped: forward_config's short batches). stg_kinds /
+N=16, the training forward capped at 168 registers (fwd-capped: forward_config's short batches)
+and with 4 states a thread (fwd-npt4: its one-piece launches). stg_kinds /
 ldg_kinds: the main loop's global stores / loads by width (U16: 2 bytes, 32: 4, 64, 128 bits).
 """
 import argparse, os, re, subprocess, tempfile
@@ -114,6 +115,10 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
         # forward_config runs it for short batches whose sequence is cut into pieces
         S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
                    cfg=dict(cfg, maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"]))
+    if (cfg["NPT"], cfg["KN"]) == (8, 2):  # forward_config's NPT 4 tile (one-piece launches),
+        # the training forward with its per-(step, channel) work one step a lane
+        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
+                   cfg=dict(cfg, NPT=4, KN=4, LD=8))
     for c in [cfg_bwd] + ([dict(capped, maxnreg=128, warps_per_sm=16)]
                           if cfg_bwd is None and capped.get("maxnreg") else []):
         S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False, cfg=c)
@@ -143,8 +148,10 @@ def main():
                      ("fwd-one-chunk", K._scan_fwd_kernel, fcalls[2]),
                      ("fwd-infer", K._scan_fwd_kernel, fcalls[0]),
                      ("fwd-seg", K._scan_fwd_segment_kernel, scalls[0])]
-            if len(fcalls) > 3:
+            if len(fcalls) > 3 and fcalls[3][2].get("maxnreg"):
                 todo.append(("fwd-capped", K._scan_fwd_kernel, fcalls[3]))
+            if fcalls[-1][2]["NPT"] == 4 and fcalls[-1][2]["KN"] == 4:
+                todo.append(("fwd-npt4", K._scan_fwd_kernel, fcalls[-1]))
         for name, fn, (grid, a, kw) in todo:
             kw = dict(kw); kw["FAST_LOG"] = True
             k = compile_captured(fn, a, kw)

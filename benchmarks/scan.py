@@ -224,7 +224,8 @@ def tune(x, dout, n):
         variants += [dict(base_b, maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"])]
     if base_b["KN"] % base_b["T"] == 0:  # the per-(step, channel) work in every lane, not once
         variants.append(dict(base_b, lane_steps=False))
-    if n == 16:  # register caps: 128 (16 warps an SM), 168 (12), none (~139 with triton 3.6: 14)
+    if n == 16:  # register caps: 128 (16 warps an SM), 168 (12), none (triton 3.6: 139 registers
+        # before the state-lane reduce-scatter, 14 warps an SM; 168 since, 12)
         variants += [dict(base_b, maxnreg=128, warps_per_sm=16), dict(base_b, maxnreg=168, warps_per_sm=12),
                      dict(base_b, maxnreg=None, warps_per_sm=14), dict(base_b, maxnreg=128, warps_per_sm=16, SEG=1)]
     if base_b["NPT"] in (4, 8) and base_b["LD"] > 1:  # half the states a thread: twice the programs

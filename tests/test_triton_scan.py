@@ -216,25 +216,27 @@ def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
 
 @pytest.mark.parametrize("lane_steps", [True, False], ids=["one_step_a_lane", "every_lane"])
 def test_scan_per_step_work_layouts(lane_steps, monkeypatch):
-    """Where a channel has T state lanes (KN == T: N=16 with 4 states a thread) or a multiple
-    (N=64: 8 lanes of which 4 work; by default not in its training forward) the per-(step, channel)
-    work -- softplus, gate, D, the outputs and their gradients -- can be done once, state lane
-    kn taking step kn (lane_steps, lane_steps_ckpt); or every lane does every step. Both must give the
-    reference's results, whole and cut into pieces (the pre-passes have both forms too), in
-    both forward loops, with and without checkpoints (forward without gradients)."""
-    override_scan_config(monkeypatch, lane_steps=lane_steps, lane_steps_ckpt=lane_steps)
-    check_scan(*SMALL, 33, 16, torch.bfloat16, seed=21)       # forward NPT 4 on the CPU
-    check_scan(*SMALL, 21, 64, torch.float32, seed=22)
-    override_scan_config(monkeypatch, SEG=3, pipeline=False, pipeline_ckpt=False)
-    check_scan(*SMALL, 33, 16, torch.bfloat16, seed=23)
-    check_scan(*SMALL, 30, 64, torch.bfloat16, seed=24, drop=("initial_state",))
-    for pipeline, nstate in ((True, 16), (False, 16), (True, 64)):  # no gradients: no
-        override_scan_config(monkeypatch, pipeline=pipeline)     # checkpoints, the inference forward
-        x = make_inputs(*SMALL, 33, nstate, torch.bfloat16, seed=25)
-        out = tss.selective_scan_triton(**x, delta_softplus=True)
-        ref = selective_scan_ref(**{k: v.double() if v is not None else None for k, v in x.items()},
-                                 delta_softplus=True)
-        assert rel_err(out, ref) < TOL[torch.bfloat16][0]
+    """Where a channel has T state lanes (KN == T: N=16 with 4 states a thread, N=32) or a
+    multiple (N=64: 8 lanes of which 4 work) the per-(step, channel) work -- softplus, gate, D,
+    the outputs and their gradients -- can be done once, state lane kn taking step kn
+    (lane_steps, lane_steps_ckpt); or every lane does every step. Both must give the
+    reference's results: whole and cut into pieces (the pre-passes have both forms too), in
+    both forward loops, with checkpoints (gradients) and without (the inference forward)."""
+    config = tss.scan_config
+    tiles = {16: dict(NPT=4, KN=4, LD=8), 32: {}, 64: {}}   # N=16: forward_config's NPT 4 tile
+    loops = [({}, torch.bfloat16, 33), (dict(SEG=3, pipeline=False, pipeline_ckpt=False), torch.bfloat16, 30),
+             (dict(SEG=3, pipeline=True, pipeline_ckpt=True), torch.float32, 21)]
+    for nstate, tile in tiles.items():
+        for i, (loop, dtype, length) in enumerate(loops):
+            over = dict(lane_steps=lane_steps, lane_steps_ckpt=lane_steps, **tile, **loop)
+            monkeypatch.setattr(tss, "scan_config", lambda *a, over=over, **k: dict(config(*a, **k), **over))
+            seed = 21 + 4 * i + nstate
+            check_scan(*SMALL, length, nstate, dtype, seed=seed, drop=("initial_state",) if i == 1 else ())
+            x = make_inputs(*SMALL, length, nstate, dtype, seed=seed)     # no gradients
+            out = tss.selective_scan_triton(**x, delta_softplus=True)
+            ref = selective_scan_ref(**{k: v.double() if v is not None else None for k, v in x.items()},
+                                     delta_softplus=True)
+            assert rel_err(out, ref) < TOL[dtype][0], (nstate, loop)
 
 
 @pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "one_chunk"])

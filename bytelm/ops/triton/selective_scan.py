@@ -109,6 +109,7 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     # H200, bf16, 8 x 2048 x 2048 (NOTES.md, fifth session): N=16 pipelined 0.499 -> 0.467 ms
     # (0.529 -> 0.527 with checkpoints; 8 x 1536 x 8192: 1.78 -> 1.52, 1.78 -> 1.74); N=64
     # inference 1.76 -> 1.64, but with checkpoints 3.70 -> 5.66: the one-chunk loop there
+    # (pipeline_ckpt only up to N = 16).
     # lane_steps, lane_steps_ckpt (without / with checkpoints; used where KN % T == 0, e.g.
     # forward_config's N=16 tile with 4 states a thread): the per-(step, channel) work one step
     # a lane (module docstring). H200, bf16, NPT 4, off -> on (NOTES.md, ninth session, fourth
@@ -200,9 +201,10 @@ def backward_config(nstate, batch, dim, n_chunks, device) -> dict:
     session), uncapped / 168 / 128: 8 x 2048 x 2048 (2048 programs, 1.3 waves at 12 an SM, one
     at 16) 1.365 / 1.197 / 1.026 ms; 8 x 1536 x 8192 (1536 programs, one wave at 12) 3.198 /
     3.037 / 3.183; 4 x 2048 x 8192 (1024) 2.688 / 2.360 / 2.579 (2 pieces at 16 an SM); 2 x
-    1536 x 32768 (384, cut into pieces) 4.059 (4 pieces) / 4.053 (4) / 4.141 (5). Beyond 16 an
-    SM's worth of programs: 128 by the same reasoning, not measured. The 128 cap compiles
-    without spills with triton 3.6; 3.9 spills 16 bytes a thread (offline sm_90 compiles).
+    1536 x 32768 (384, cut into pieces) 6.454 (2 pieces; 4.059 uncapped but cut as for 14 an SM)
+    / 4.053 (4) / 4.141 (5). Beyond 16 an SM's worth of programs: 128 by the same reasoning,
+    not measured. The 128 cap compiles without spills with triton 3.6; 3.9 spills 24 bytes a
+    thread (offline sm_90 compiles).
     n_chunks: unused (kept for the launch's signature)."""
     cfg = scan_config(nstate, backward=True)
     sms = _sm_count(device)

@@ -217,7 +217,6 @@ def _scan_fwd_kernel(
     row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
     zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
     tS = t_ * ST
-    tZ = t_ * ZT
     zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
@@ -514,7 +513,7 @@ def _scan_bwd_kernel(
     RS (WD == 1 and 2 <= LD <= T * NPT only): dB, dC summed over channels by a lane reduce-scatter.
     LANE (KN % T == 0 only): the per-(step, channel) work -- softplus, gate, the outputs -- done
     once, state lane kn taking step kn of the chunk, instead of by every state lane for every
-    step; the step sizes and dy reach the other lanes by one shuffle each."""
+    step; the step sizes and dy reach the other lanes by one shuffle a value and step."""
     LOG2E: tl.constexpr = 1.4426950408889634
     NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
@@ -556,7 +555,6 @@ def _scan_bwd_kernel(
     row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
     zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
     tS = t_ * ST
-    tZ = t_ * ZT
     zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
@@ -802,8 +800,6 @@ def _scan_bwd_segment_kernel(
     # (ST = 1: contiguous or channel-major storage); z may have its own strides
     row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
     zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
-    tS = t_ * ST
-    tZ = t_ * ZT
     zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
