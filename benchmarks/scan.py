@@ -188,7 +188,7 @@ def tune(x, dout, n):
     base_f = tss.scan_config(n, input_dtype=u.dtype)
     Bp, Cp = tss.pack_bc(x["B"], base_f), tss.pack_bc(x["C"], base_f)
     _, _, ckpt = tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True)
-    base_b = tss.backward_config(n, u.shape[0], u.shape[1], ckpt.shape[1], u.device)
+    base_b = tss.backward_config(n, u.shape[0], u.shape[1], u.device)
     bwd = lambda cfg, ck=ckpt: tss.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ck,  # noqa: E731
                                             base_f["T"], dout, None, False, cfg=cfg)
     ref_grads = bwd(dict(base_b, SEG=1))

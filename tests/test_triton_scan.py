@@ -158,11 +158,11 @@ def test_backward_register_cap(sms, batch, dim, cap, monkeypatch):
     8 x 2048 channels are 2048 programs. No SM count (not CUDA): 168. Other state sizes have
     no cap."""
     monkeypatch.setattr(tss, "_sm_count", lambda device: sms)
-    cfg = tss.backward_config(16, batch, dim, 2048, torch.device("cpu"))
+    cfg = tss.backward_config(16, batch, dim, torch.device("cpu"))
     assert (cfg["maxnreg"], cfg["warps_per_sm"]) == ((168, 12) if cap == 168 else (128, 16))
     assert {k: v for k, v in cfg.items() if k not in ("maxnreg", "warps_per_sm")} == \
         {k: v for k, v in tss.scan_config(16, backward=True).items() if k not in ("maxnreg", "warps_per_sm")}
-    assert not tss.backward_config(64, 16, 2048, 2048, torch.device("cpu")).get("maxnreg")
+    assert not tss.backward_config(64, 16, 2048, torch.device("cpu")).get("maxnreg")
 
 
 @pytest.mark.parametrize("capped,uncapped,expect_cap", [

@@ -184,9 +184,8 @@ def segments(batch, dim, n_chunks, cfg, device) -> int:
         return max(1, min(cfg["SEG"], n_chunks))
     if device.type != "cuda":
         return 1
-    warps = batch * triton.cdiv(dim, cfg["WD"] * cfg["LD"]) * cfg["WD"]
     fit = cfg["warps_per_sm"] * _sm_count(device)
-    return max(1, min(fit // warps, n_chunks // 16))
+    return max(1, min(fit // _grid_warps(batch, dim, cfg), n_chunks // 16))
 
 
 def _sm_count(device):
@@ -194,7 +193,12 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
-def backward_config(nstate, batch, dim, n_chunks, device) -> dict:
+def _grid_warps(batch, dim, cfg) -> int:
+    """Warps of a launch over the whole sequence: (batch, channel block) programs of WD warps."""
+    return batch * triton.cdiv(dim, cfg["WD"] * cfg["LD"]) * cfg["WD"]
+
+
+def backward_config(nstate, batch, dim, device) -> dict:
     """scan_config(backward=True) for this launch. N=16 runs capped at 168 registers a thread
     (12 one-warp programs an SM), and at 128 (16 an SM) where its programs do not all fit on
     the GPU at 12 an SM. H200, bf16, per-(step, channel) work one step a lane (NOTES.md, ninth
@@ -204,12 +208,10 @@ def backward_config(nstate, batch, dim, n_chunks, device) -> dict:
     1536 x 32768 (384, cut into pieces) 6.454 (2 pieces; 4.059 uncapped but cut as for 14 an SM)
     / 4.053 (4) / 4.141 (5). Beyond 16 an SM's worth of programs: 128 by the same reasoning,
     not measured. The 128 cap compiles without spills with triton 3.6; 3.9 spills 24 bytes a
-    thread (offline sm_90 compiles).
-    n_chunks: unused (kept for the launch's signature)."""
+    thread (offline sm_90 compiles)."""
     cfg = scan_config(nstate, backward=True)
     sms = _sm_count(device)
-    warps = batch * triton.cdiv(dim, cfg["WD"] * cfg["LD"]) * cfg["WD"]
-    if cfg.get("maxnreg") and sms and warps > cfg["warps_per_sm"] * sms:
+    if cfg.get("maxnreg") and sms and _grid_warps(batch, dim, cfg) > cfg["warps_per_sm"] * sms:
         return dict(cfg, maxnreg=128, warps_per_sm=16)
     return cfg
 
@@ -257,7 +259,10 @@ def _register_cap(cfg) -> dict:
     return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
 
 
-def _launch_consts(cfg, delta_softplus, delta_bias, lane):
+def _launch_consts(cfg, delta_softplus, delta_bias, lane_key):
+    # LANE: the per-(step, channel) work one step a lane where cfg[lane_key] asks for it
+    # (scan_config) and a channel's state lanes are a multiple of the chunk's steps
+    lane = bool(cfg.get(lane_key)) and cfg["KN"] % cfg["T"] == 0
     return dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                 FAST_LOG=not _INTERPRET, LANE=lane, num_warps=cfg["WD"], **_layout_constexprs(),
                 **_tile(cfg))
@@ -289,9 +294,8 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
                    dtype=cfg.get("ckpt_dtype", torch.float32)) if store_ckpt else None)
     hseg = torch.empty(batch, nseg, nstate, dim, **f32)
     lseg = torch.empty(batch, nseg, dim, **f32)
-    # the per-(step, channel) work one step a lane (scan_config), where KN % T == 0
-    lane = bool(cfg.get("lane_steps_ckpt" if store_ckpt else "lane_steps")) and cfg["KN"] % cfg["T"] == 0
-    consts = _launch_consts(cfg, delta_softplus, delta_bias, lane)
+    consts = _launch_consts(cfg, delta_softplus, delta_bias,
+                            "lane_steps_ckpt" if store_ckpt else "lane_steps")
     grid = (batch, triton.cdiv(dim, cfg["WD"] * cfg["LD"]))
     bias = delta_bias if delta_bias is not None else A
     if nseg > 1:
@@ -318,7 +322,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     batch, dim, length = u.shape
     nstate = A.shape[1]
     n_chunks = ckpt.shape[1]
-    cfg = dict(cfg or backward_config(nstate, batch, dim, n_chunks, u.device), T=t_chunk)
+    cfg = dict(cfg or backward_config(nstate, batch, dim, u.device), T=t_chunk)
     nseg = segments(batch, dim, n_chunks, cfg, u.device)
     cps = triton.cdiv(n_chunks, nseg)
     nseg = triton.cdiv(n_chunks, cps)
@@ -334,9 +338,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     dh0 = _empty(batch, dim, nstate, **f32) if need_dh0 else None
     gseg = torch.empty(batch, nseg, nstate, dim, **f32)
     lseg = torch.empty(batch, nseg, dim, **f32)
-    # the per-(step, channel) work one step a lane (scan_config): backward where KN % T == 0
-    lane = bool(cfg.get("lane_steps")) and cfg["KN"] % cfg["T"] == 0
-    consts = _launch_consts(cfg, delta_softplus, delta_bias, lane)
+    consts = _launch_consts(cfg, delta_softplus, delta_bias, "lane_steps")
     grid = (batch, triton.cdiv(dim, cfg["WD"] * cfg["LD"]))
     bias = delta_bias if delta_bias is not None else A
     zz = z if z is not None else u

@@ -78,13 +78,15 @@ def _from_lanes(x, T: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.c
 
 
 @triton.jit
-def _lane_state_sum(x, t_, ts_, T: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr,
-                    LD: tl.constexpr, ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr,
-                    AX_KN: tl.constexpr, AX_LD: tl.constexpr):
-    """x summed over a channel's states per step, in the LANE layout: each state lane holds
-    its own step ts_ of the sums."""
+def _state_sum(x, t_, ts_, LANE: tl.constexpr, T: tl.constexpr, WD: tl.constexpr,
+               KN: tl.constexpr, LD: tl.constexpr, ASC: tl.constexpr, AX_NPT: tl.constexpr,
+               AX_WD: tl.constexpr, AX_KN: tl.constexpr, AX_LD: tl.constexpr):
+    """x summed over a channel's states per step: without LANE on every lane's time axis, with
+    LANE in its layout (each state lane holds its own step ts_ of the sums)."""
     x = tl.reduce(x, AX_NPT, _add, keep_dims=True)
-    if KN == T:
+    if not LANE:
+        x = tl.reduce(x, AX_KN, _add, keep_dims=True)
+    elif KN == T:
         # a reduce-scatter over the state lanes: each round a lane keeps the half of its steps
         # whose bit matches its own kn's, sends the other half to the partner (kn xor that
         # bit) and adds what it receives; after log2(T) rounds state lane kn holds step kn's
@@ -305,12 +307,7 @@ def _scan_fwd_kernel(
                     h = (tl.reduce(tl.where(at_k, dA_cur, NEG0), 0, _add, keep_dims=True) * h
                          + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
                     H = tl.where(at_k, h, H)
-                if LANE:
-                    y = _lane_state_sum(H * C_cur, t_, ts_, T, WD, KN, LD, ASC, AX_NPT, AX_WD,
-                                        AX_KN, AX_LD)
-                else:
-                    y = tl.reduce(tl.reduce(H * C_cur, AX_NPT, _add, keep_dims=True), AX_KN, _add,
-                                  keep_dims=True)
+                y = _state_sum(H * C_cur, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
                 if HAS_D:
                     if LANE:
                         y = y + Dv * us_cur.to(tl.float32)
@@ -394,12 +391,7 @@ def _scan_fwd_kernel(
                      + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
                 H = tl.where(at_k, h, H)
             # y_t = C_t . h_t: the NPT states in-thread, then over the KN lanes
-            if LANE:
-                y = _lane_state_sum(H * Ct, t_, ts_, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN,
-                                    AX_LD)
-            else:
-                y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add,
-                              keep_dims=True)
+            y = _state_sum(H * Ct, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
             if HAS_D:
                 y = y + Dv * us
             if HAS_Z:
@@ -667,12 +659,7 @@ def _scan_bwd_kernel(
             H = tl.where(at_k, h, H)
 
         if HAS_Z:
-            if LANE:  # the lane's own step
-                y = _lane_state_sum(H * Ct, t_, ts_, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN,
-                                    AX_LD)
-            else:
-                y = tl.reduce(tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True), AX_KN, _add,
-                              keep_dims=True)
+            y = _state_sum(H * Ct, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
             if HAS_D:
                 y = y + Dv * us
             dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
@@ -692,16 +679,8 @@ def _scan_bwd_kernel(
 
         # q = dh * exp(dt A) h_{t-1} = dh (h_t - dt u B): the gradient of the exponent dt * A
         q = DH * (H - dBu)
-        if LANE:  # the lane's own step
-            s_dhB = _lane_state_sum(DH * Bt, t_, ts_, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN,
-                                    AX_LD)
-            s_qA = _lane_state_sum(q * A, t_, ts_, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN,
-                                   AX_LD)
-        else:
-            s_dhB = tl.reduce(tl.reduce(DH * Bt, AX_NPT, _add, keep_dims=True), AX_KN, _add,
-                              keep_dims=True)
-            s_qA = tl.reduce(tl.reduce(q * A, AX_NPT, _add, keep_dims=True), AX_KN, _add,
-                             keep_dims=True)
+        s_dhB = _state_sum(DH * Bt, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+        s_qA = _state_sum(q * A, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
         dA_acc += tl.reduce(q * dt, 0, _add, keep_dims=True)
         if RS:
             # dB, dC summed over the LD channel lanes by a reduce-scatter: each round a lane
