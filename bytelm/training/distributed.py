@@ -122,6 +122,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_mean(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The mean over world_size ranks (equal batches: the global batch's value, as on one
+    device), queued like all_reduce_sum; the tensor itself on one rank."""
+    return all_reduce_sum(tensor) / world_size if world_size > 1 else tensor
+
+
 def has_grad_scaler(trainer) -> bool:
     """Whether gradients arrive scaled (fp16 mixed precision) and are unscaled by Lightning."""
     return getattr(trainer.precision_plugin, "scaler", None) is not None

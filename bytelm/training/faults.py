@@ -28,7 +28,7 @@ import sys
 import lightning as L
 import torch
 
-from bytelm.training.distributed import all_reduce_sum, has_grad_scaler
+from bytelm.training.distributed import all_reduce_mean, has_grad_scaler
 from bytelm.training.metrics import HostCopy, log_on_logging_steps, may_log_this_step
 
 SPIKE_WARMUP = 10  # steps of loss history before spikes are judged
@@ -89,8 +89,7 @@ class NumericalGuard(L.Callback):
         loss = self._loss_sum if self._loss_sum is not None else zero
         self._loss_sum = None
         stats = torch.stack([loss.float(), grad_norm.float()])
-        if trainer.world_size > 1:  # a NaN on any rank makes the mean NaN: every rank agrees
-            stats = all_reduce_sum(stats) / trainer.world_size
+        stats = all_reduce_mean(stats, trainer.world_size)  # a NaN on any rank: every rank agrees
         self._read_pending()  # the previous step's (deferred) verdict, before this one's
         if self.policy == "skip" and not scaled and _skips_on_found_inf(optimizer):
             optimizer.found_inf = (~stats.isfinite().all()).float()  # 1.0: no update at all

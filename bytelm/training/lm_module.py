@@ -92,19 +92,14 @@ class LMTask(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self.nll(batch)  # NaN/inf: the NumericalGuard callback applies train.on_nonfinite
         # Logged every step, so that a row Lightning writes where a run stops never carries an
-        # older step's values (it keeps the last logged one).
-        self.log("train/loss", self._rank_mean(loss))
+        # older step's values (it keeps the last logged one); averaged over ranks by a queued
+        # all_reduce (self.log's sync_dist puts a barrier first: the host would wait for the GPU).
+        world = self.trainer.world_size
+        self.log("train/loss", distributed.all_reduce_mean(loss.detach(), world))
         targets = batch[:, 1:]
         bpb = loss * targets.numel() / (self.token_bytes[targets].sum() * LN2)
-        self.log("train/bpb", self._rank_mean(bpb))
+        self.log("train/bpb", distributed.all_reduce_mean(bpb.detach(), world))
         return loss
-
-    def _rank_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """x averaged over ranks (equal batches: the global batch's value, as on one device),
-        queued on the stream like a kernel; self.log's sync_dist would put a barrier first,
-        which makes the host wait for the GPU."""
-        world = self.trainer.world_size
-        return distributed.all_reduce_sum(x.detach()) / world if world > 1 else x.detach()
 
     def on_train_start(self):
         """Training FLOPs per byte of text, once: 3 x forward per id / bytes per id."""
