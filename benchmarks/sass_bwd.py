@@ -82,13 +82,14 @@ def sass_stats(k):
                 stg_kinds=kinds("STG"), ldg_kinds=kinds("LDG")), sass, k.asm["ttgir"]
 
 
-def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=None):
+def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=None, bwd_over=None):
     """Run scan_fwd / scan_bwd on CPU tensors shaped like the mixer's (channel-major storage)
     with the kernels stubbed; returns the captured launches. ckpt_dtype overrides the
     checkpoints' dtype (default: scan_config's for the mixer's bf16 inputs). The backward is
     captured as scan_bwd picks it for this shape (cfg_bwd None: backward_config; CPU tensors,
     so one piece, scan_config's cap) and, where scan_config has a register cap, at
-    backward_config's other cap as well (128 registers: grids over 12 warps an SM)."""
+    backward_config's other cap as well (128 registers: grids over 12 warps an SM). bwd_over:
+    keys to override in both backward configs (e.g. rs_rounds)."""
     bf = torch.bfloat16
     def cm(nch, dtype=bf):  # (channels, batch * length) storage viewed (batch, channels, length)
         return torch.zeros(nch, batch * length, dtype=dtype).view(nch, batch, length).transpose(0, 1)
@@ -119,8 +120,11 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
         # the training forward with its per-(step, channel) work one step a lane
         S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
                    cfg=dict(cfg, NPT=4, KN=4, LD=8))
-    for c in [cfg_bwd] + ([dict(capped, maxnreg=128, warps_per_sm=16)]
-                          if cfg_bwd is None and capped.get("maxnreg") else []):
+    bwd_over = bwd_over or {}
+    if bwd_over and cfg_bwd is None:
+        cfg_bwd = dict(capped, **bwd_over)
+    for c in [cfg_bwd] + ([dict(capped, maxnreg=128, warps_per_sm=16, **bwd_over)]
+                          if capped.get("maxnreg") and cfg_bwd in (None, dict(capped, **bwd_over)) else []):
         S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False, cfg=c)
     S._scan_fwd_kernel, S._scan_bwd_kernel = K._scan_fwd_kernel, K._scan_bwd_kernel
     S._scan_fwd_segment_kernel = K._scan_fwd_segment_kernel
@@ -133,13 +137,16 @@ def main():
     ap.add_argument("--dump", default=None)
     ap.add_argument("--fwd", action="store_true")
     ap.add_argument("--ckpt-dtype", choices=["fp32", "bf16"], help="default: scan_config's for bf16 inputs")
+    ap.add_argument("--bwd", nargs="*", default=[], metavar="KEY=INT",
+                    help="backward config overrides, e.g. rs_rounds=1")
     args = ap.parse_args()
     ckpt_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.ckpt_dtype]
     S._INTERPRET = False
     asc = triton.__version__.startswith("3.6")  # 3.6 (the H200's) gives lanes in dim order
     S.tie_order_ascending = lambda: asc
     for nstate in args.nstate:
-        fcalls, bcalls, scalls = capture(nstate, ckpt_dtype=ckpt_dtype)
+        over = {k: int(v) for k, v in (kv.split("=") for kv in args.bwd)}
+        fcalls, bcalls, scalls = capture(nstate, ckpt_dtype=ckpt_dtype, bwd_over=over)
         todo = [("bwd", K._scan_bwd_kernel, bcalls[0])]
         if len(bcalls) > 1:
             todo.append(("bwd-cap128", K._scan_bwd_kernel, bcalls[1]))
@@ -161,7 +168,7 @@ def main():
             # (the pipelined forward and its segment pre-pass run two chunks per iteration)
             two = kw.get("PIPELINE") or fn is K._scan_fwd_segment_kernel
             elems = cfg["T"] * cfg["NPT"] * (2 if two else 1)
-            extra = {x: kw[x] for x in ("RS", "maxnreg", "PIPELINE") if x in kw}
+            extra = {x: kw[x] for x in ("RS", "RS_ROUNDS", "maxnreg", "PIPELINE") if x in kw}
             if "ckpt_ptr" in fn.arg_names:  # the segment pre-pass stores none
                 extra["ckpt"] = str(a[list(fn.arg_names).index("ckpt_ptr")].dtype).removeprefix("torch.")
             print(f"triton {triton.__version__} N={nstate} {name} {cfg} {extra} grid={grid} "

@@ -222,6 +222,8 @@ def tune(x, dout, n):
                      dict(base_b, maxnreg=None, warps_per_sm=8, reduce_scatter=False)]
     elif (capped := tss.scan_config(n, backward=True)).get("maxnreg"):  # with it
         variants += [dict(base_b, maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"])]
+    log_ld = base_b["LD"].bit_length() - 1  # fewer reduce-scatter rounds for dB/dC, more atomics
+    variants += [dict(base_b, rs_rounds=r) for r in range(log_ld - 1, -1, -1)]
     if base_b["KN"] % base_b["T"] == 0:  # the per-(step, channel) work in every lane, not once
         variants.append(dict(base_b, lane_steps=False))
     if n == 16:  # register caps: 128 (16 warps an SM), 168 (12), none (triton 3.6: 139 registers
@@ -282,7 +284,7 @@ def main():
 
     if args.profile_once is not None:
         b, d, l, n = SHAPES[args.profile_once]
-        x = make_inputs(b, d, l, n)
+        x = make_inputs(b, d, l, n, layout=args.layout)
         fwd, fwd_bwd = ours_fns(x, torch.randn(b, d, l, device="cuda", dtype=torch.bfloat16))
         for fn in (fwd, fwd_bwd, fwd, fwd_bwd):  # the first pair compiles
             fn()

@@ -204,12 +204,15 @@ def test_forward_takes_four_states_a_thread_where_that_is_one_piece(half_pieces,
         assert tss.forward_config(nstate, 4, 2048, 8192, torch.device("cpu"), dtype)["NPT"] == 8
 
 
-@pytest.mark.parametrize("reduce_scatter", [True, False], ids=["reduce_scatter", "butterfly"])
-def test_scan_dbc_channel_sums(reduce_scatter, monkeypatch):
-    """The backward sums dB and dC over channel lanes by a reduce-scatter (the default) or by
-    a butterfly (other tile shapes, or reduce_scatter=False): both must give the reference's
+@pytest.mark.parametrize("reduce_scatter,rs_rounds", [(True, None), (True, 1), (True, 0), (False, None)],
+                         ids=["reduce_scatter", "one_round", "atomics_only", "butterfly"])
+def test_scan_dbc_channel_sums(reduce_scatter, rs_rounds, monkeypatch):
+    """The backward sums dB and dC over channel lanes by a reduce-scatter (the default; or
+    fewer rounds of it, the lanes left with partial sums adding them by atomics) or by a
+    butterfly (other tile shapes, or reduce_scatter=False): all must give the reference's
     gradients."""
-    override_scan_config(monkeypatch, reduce_scatter=reduce_scatter)
+    override_scan_config(monkeypatch, reduce_scatter=reduce_scatter,
+                         **({} if rs_rounds is None else dict(rs_rounds=rs_rounds)))
     check_scan(*SMALL, 33, 16, torch.float32, seed=11)
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=12)
 

@@ -349,6 +349,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     # dB, dC summed over channel lanes by a reduce-scatter (one warp per program, and at least
     # one (state, step) value per lane at the end: T * NPT >= LD)
     rs = (cfg.get("reduce_scatter", True) and cfg["WD"] == 1 and 2 <= cfg["LD"] <= cfg["T"] * cfg["NPT"])
+    log_ld = cfg["LD"].bit_length() - 1
     _scan_bwd_kernel[grid + (nseg,)](
         u, delta, A, Bp, Cp, D if D is not None else A, zz, bias, ckpt, dout,
         dlast if dlast is not None else A, gseg, lseg,
@@ -356,7 +357,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
-        STORE_DH0=need_dh0, RS=rs, LOG_LD=cfg["LD"].bit_length() - 1,
+        STORE_DH0=need_dh0, RS=rs, LOG_LD=log_ld, RS_ROUNDS=min(cfg.get("rs_rounds", log_ld), log_ld),
         **_register_cap(cfg), **consts)
     return du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0
 

@@ -499,10 +499,13 @@ def _scan_bwd_kernel(
     HAS_DLAST: tl.constexpr, STORE_DH0: tl.constexpr, FAST_LOG: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
-    AX_LD: tl.constexpr, RS: tl.constexpr, LOG_LD: tl.constexpr, LANE: tl.constexpr,
+    AX_LD: tl.constexpr, RS: tl.constexpr, LOG_LD: tl.constexpr, RS_ROUNDS: tl.constexpr,
+    LANE: tl.constexpr,
 ):
     """Program (batch row, channel block, segment): the segment's chunks, last to first.
-    RS (WD == 1 and 2 <= LD <= T * NPT only): dB, dC summed over channels by a lane reduce-scatter.
+    RS (WD == 1 and 2 <= LD <= T * NPT only): dB, dC summed over channels by a lane reduce-scatter
+    of RS_ROUNDS <= LOG_LD rounds; the 2 ** (LOG_LD - RS_ROUNDS) lanes then holding partial sums
+    of the same (state, step) values add them by atomics.
     LANE (KN % T == 0 only): the per-(step, channel) work -- softplus, gate, the outputs -- done
     once, state lane kn taking step kn of the chunk, instead of by every state lane for every
     step; the step sizes and dy reach the other lanes by one shuffle a value and step."""
@@ -561,9 +564,11 @@ def _scan_bwd_kernel(
     if RS:  # index tiles of the reduce-scatter's (KN, LD, values) layout
         V: tl.constexpr = T * NPT
         ld_q = tl.arange(0, LD)[None, :, None]
-        # the (state, step) values a lane holds at the end: v = ld * (V / LD) + w of its KN row
-        rs_tile = (tl.arange(0, KN)[:, None, None] * V + ld_q * (V // LD)
-                   + tl.arange(0, V // LD)[None, None, :])
+        # the (state, step) values a lane holds at the end: v = (ld >> (LOG_LD - RS_ROUNDS)) * W
+        # + w of its KN row, W = V >> RS_ROUNDS (the rounds split on ld's bits, highest first)
+        W: tl.constexpr = V >> RS_ROUNDS
+        rs_tile = (tl.arange(0, KN)[:, None, None] * V + (ld_q >> (LOG_LD - RS_ROUNDS)) * W
+                   + tl.arange(0, W)[None, None, :])
     dA_acc = tl.zeros_like(A)
 
     # per-(step, channel) values ("scalars": loads, softplus, gate, outputs) live either on the
@@ -687,7 +692,9 @@ def _scan_bwd_kernel(
             # keeps one half of its values, sends the other half to the partner lane (lane xor m)
             # and adds what the partner sent; after log2(LD) rounds each lane holds the channel
             # sums of T * NPT / LD (state, step) pairs (1 shuffle per pair and round instead of
-            # log2(LD) shuffles for every value), and the atomics are not replicated over lanes
+            # log2(LD) shuffles for every value), and the atomics are not replicated over lanes.
+            # Fewer rounds (RS_ROUNDS) trade shuffles for atomics: 2 ** (LOG_LD - RS_ROUNDS)
+            # lanes add partial sums of each value
             bc_red = (pid_b * (n_chunks + 2) + c) * BN * T + rs_tile
             for kk in tl.static_range(2):
                 if kk == 0:
@@ -696,11 +703,11 @@ def _scan_bwd_kernel(
                     P = H * dy
                 # (KN, LD, V): v = npt * T + t in-thread
                 Q = tl.reshape(tl.permute(P, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (KN, LD, V))
-                for lvl in tl.static_range(LOG_LD):
+                for lvl in tl.static_range(RS_ROUNDS):
                     # Q.shape[2] values per lane before this round; its lane bit (Q.shape[2] * LD
                     # // (2 V)) is LD / 2, LD / 4, ..., 1 (inline: names assigned in a static_range
                     # body stop being constexprs). a: v's top bit 0, b: top bit 1; lanes with the
-                    # bit set keep b, so after all rounds v = ld * (V / LD) + w
+                    # bit set keep b, so after RS_ROUNDS rounds v = (ld >> (LOG_LD - RS_ROUNDS)) * W + w
                     a, b = tl.split(tl.permute(tl.reshape(Q, (KN, LD, 2, Q.shape[2] // 2)), (0, 1, 3, 2)))
                     up = (ld_q & (Q.shape[2] * LD // (2 * V))) != 0
                     send = tl.where(up, a, b)
