@@ -82,14 +82,15 @@ def sass_stats(k):
                 stg_kinds=kinds("STG"), ldg_kinds=kinds("LDG")), sass, k.asm["ttgir"]
 
 
-def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=None, bwd_over=None):
+def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=None, bwd_over=None,
+            bc_bf16=False):
     """Run scan_fwd / scan_bwd on CPU tensors shaped like the mixer's (channel-major storage)
     with the kernels stubbed; returns the captured launches. ckpt_dtype overrides the
     checkpoints' dtype (default: scan_config's for the mixer's bf16 inputs). The backward is
     captured as scan_bwd picks it for this shape (cfg_bwd None: backward_config; CPU tensors,
     so one piece, scan_config's cap) and, where scan_config has a register cap, at
     backward_config's other cap as well (128 registers: grids over 12 warps an SM). bwd_over:
-    keys to override in both backward configs (e.g. rs_rounds)."""
+    keys to override in both backward configs (e.g. rs_rounds). bc_bf16: B and C packed in bf16."""
     bf = torch.bfloat16
     def cm(nch, dtype=bf):  # (channels, batch * length) storage viewed (batch, channels, length)
         return torch.zeros(nch, batch * length, dtype=dtype).view(nch, batch, length).transpose(0, 1)
@@ -97,13 +98,14 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
     z = xz[dim:].view(dim, batch, length).transpose(0, 1)
     u, delta, dout = cm(dim), cm(dim), cm(dim)
     A = torch.zeros(dim, nstate); D = torch.zeros(dim); bias = torch.zeros(dim)
-    B = cm(nstate, torch.float32); C = cm(nstate, torch.float32)
+    B = cm(nstate, bf if bc_bf16 else torch.float32); C = cm(nstate, bf if bc_bf16 else torch.float32)
     fwd, bwd = _Capture(K._scan_fwd_kernel), _Capture(K._scan_bwd_kernel)
     seg = _Capture(K._scan_fwd_segment_kernel)
     S._scan_fwd_kernel, S._scan_bwd_kernel, S._scan_fwd_segment_kernel = fwd, bwd, seg
     cfg = S.scan_config(nstate, input_dtype=bf)
     if ckpt_dtype is not None:
         cfg["ckpt_dtype"] = ckpt_dtype
+    cfg["bc_bf16"] = bc_bf16
     Bp, Cp = S.pack_bc(B, cfg), S.pack_bc(C, cfg)
     n_chunks = triton.cdiv(length, cfg["T"])
     ckpt = torch.zeros(batch, n_chunks, dim, nstate, dtype=cfg["ckpt_dtype"])
@@ -137,6 +139,7 @@ def main():
     ap.add_argument("--dump", default=None)
     ap.add_argument("--fwd", action="store_true")
     ap.add_argument("--ckpt-dtype", choices=["fp32", "bf16"], help="default: scan_config's for bf16 inputs")
+    ap.add_argument("--bc-bf16", action="store_true", help="B and C packed in bf16")
     ap.add_argument("--bwd", nargs="*", default=[], metavar="KEY=INT",
                     help="backward config overrides, e.g. rs_rounds=1")
     args = ap.parse_args()
@@ -146,7 +149,7 @@ def main():
     S.tie_order_ascending = lambda: asc
     for nstate in args.nstate:
         over = {k: int(v) for k, v in (kv.split("=") for kv in args.bwd)}
-        fcalls, bcalls, scalls = capture(nstate, ckpt_dtype=ckpt_dtype, bwd_over=over)
+        fcalls, bcalls, scalls = capture(nstate, ckpt_dtype=ckpt_dtype, bwd_over=over, bc_bf16=args.bc_bf16)
         todo = [("bwd", K._scan_bwd_kernel, bcalls[0])]
         if len(bcalls) > 1:
             todo.append(("bwd-cap128", K._scan_bwd_kernel, bcalls[1]))

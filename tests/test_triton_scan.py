@@ -217,6 +217,18 @@ def test_scan_dbc_channel_sums(reduce_scatter, rs_rounds, monkeypatch):
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=12)
 
 
+def test_scan_bc_packed_in_bf16(monkeypatch):
+    """bc_bf16: bf16 B and C are packed in bf16 (lossless; half the bytes the kernels load) and
+    must give the same results as the fp32 packing; fp32 B and C stay fp32."""
+    override_scan_config(monkeypatch, bc_bf16=True)
+    cfg = tss.scan_config(16)
+    assert tss.pack_bc(torch.randn(2, 16, 9).bfloat16(), cfg).dtype == torch.bfloat16
+    assert tss.pack_bc(torch.randn(2, 16, 9), cfg).dtype == torch.float32
+    check_scan(*SMALL, 33, 16, torch.bfloat16, seed=13)
+    check_scan(*SMALL, 21, 64, torch.bfloat16, seed=14, layout=dict(u="cm1", delta="cm1", z="cm2"))
+    check_scan(*SMALL, 17, 16, torch.float32, seed=15)
+
+
 @pytest.mark.parametrize("lane_steps", [True, False], ids=["one_step_a_lane", "every_lane"])
 def test_scan_per_step_work_layouts(lane_steps, monkeypatch):
     """Where a channel has T state lanes (KN == T: N=16 with 4 states a thread, N=32) or a

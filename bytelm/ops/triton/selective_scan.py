@@ -156,11 +156,13 @@ def _strides(u, z):
 
 def pack_bc(x, cfg):
     """(batch, state, length) -> (batch, n_chunks + 2, state block, T) fp32, zero padded: each
-    thread's rows of a chunk sit together, and the kernels need no masks to read them."""
+    thread's rows of a chunk sit together, and the kernels need no masks to read them.
+    cfg["bc_bf16"]: bf16 inputs stay bf16 (no rounding; half the bytes the kernels load)."""
     batch, nstate, length = x.shape
     T, block_n = cfg["T"], cfg["NPT"] * cfg["KN"]
     n_chunks = triton.cdiv(length, T)
-    out = x.new_zeros(batch, block_n, (n_chunks + 2) * T, dtype=torch.float32)
+    dtype = torch.bfloat16 if cfg.get("bc_bf16") and x.dtype == torch.bfloat16 else torch.float32
+    out = x.new_zeros(batch, block_n, (n_chunks + 2) * T, dtype=dtype)
     out[:, :nstate, :length] = x
     # two chunks of padding beyond the last: the forward loads chunk c + 1 unmasked, and its
     # pipelined loop ends with a no-op chunk when it has an odd number of chunks
@@ -332,7 +334,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         dz = _empty(like=u, dtype=z.dtype)  # laid out like u (kernel strides)
     assert dz is None or dz.stride() == u.stride()
     dA = torch.zeros(dim, nstate, **f32)
-    dBp, dCp = torch.zeros_like(Bp), torch.zeros_like(Cp)
+    dBp, dCp = torch.zeros_like(Bp, dtype=torch.float32), torch.zeros_like(Cp, dtype=torch.float32)
     dD = torch.zeros(dim, **f32) if D is not None else None
     dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
     dh0 = _empty(batch, dim, nstate, **f32) if need_dh0 else None

@@ -277,8 +277,8 @@ def _scan_fwd_kernel(
                 # packed B, C: two padding chunks past the end cover the odd no-op chunk's
                 # (a loop-carried scalar pointer: ptxas then folds the tile's offsets into
                 # the loads' immediates; a clamped chunk index cost an IMAD.WIDE per load)
-                B_nx = tl.load(B_chunk + bc_tile)
-                C_nx = tl.load(C_chunk + bc_tile)
+                B_nx = tl.load(B_chunk + bc_tile).to(tl.float32)
+                C_nx = tl.load(C_chunk + bc_tile).to(tl.float32)
                 B_chunk += BN * T
                 C_chunk += BN * T
 
@@ -339,8 +339,8 @@ def _scan_fwd_kernel(
         if HAS_Z:
             z_nx = tl.load(z_ptr + zrow + (zero64 + c_lo) * TZT + tZs, mask=ms_nx, other=0.0)
         ckpt_ptrs = ckpt_ptr + (pid_b * n_chunks + c_lo) * DIM * NSTATE + ckpt_tile
-        B_nx = tl.load(B_chunk + bc_tile)
-        C_nx = tl.load(C_chunk + bc_tile)
+        B_nx = tl.load(B_chunk + bc_tile).to(tl.float32)
+        C_nx = tl.load(C_chunk + bc_tile).to(tl.float32)
         for c in range(c_lo, c_hi):
             t = c * T + t_
             ts = c * T + ts_
@@ -365,8 +365,8 @@ def _scan_fwd_kernel(
                 z_nx = tl.load(z_ptr + zrow + (zero64 + c + 1) * TZT + tZs, mask=ms_nx, other=0.0)
             Bt = B_nx   # the packed B, C hold padding chunks past the end: no mask needed
             Ct = C_nx
-            B_nx = tl.load(B_chunk + BN * T + bc_tile)
-            C_nx = tl.load(C_chunk + BN * T + bc_tile)
+            B_nx = tl.load(B_chunk + BN * T + bc_tile).to(tl.float32)
+            C_nx = tl.load(C_chunk + BN * T + bc_tile).to(tl.float32)
             B_chunk += BN * T
             C_chunk += BN * T
             if STORE_CKPT:  # the state entering chunk c, for the backward
@@ -461,7 +461,7 @@ def _scan_fwd_segment_kernel(
             u_nx = tl.load(u_ptr + o + TST, mask=m_nx, other=0.0)
             dl_nn = tl.load(delta_ptr + row + (zero64 + cc) * TST + tSs + 2 * TST,
                             mask=(ts + 2 * T < L) & mask_row & own, other=0.0)
-            B_nx = tl.load(B_chunk + bc_tile)
+            B_nx = tl.load(B_chunk + bc_tile).to(tl.float32)
             B_chunk += BN * T
             dt_nx = dl_nx.to(tl.float32)
             if HAS_BIAS:
@@ -623,8 +623,8 @@ def _scan_bwd_kernel(
         ckpt_ptrs -= DIM * NSTATE
         h_nx = tl.load(ckpt_ptrs, mask=mask_dn & (zero_kn + c > c_lo), other=0.0)
 
-        Bt = tl.load(B_chunk + bc_tile)
-        Ct = tl.load(C_chunk + bc_tile)
+        Bt = tl.load(B_chunk + bc_tile).to(tl.float32)
+        Ct = tl.load(C_chunk + bc_tile).to(tl.float32)
         B_chunk -= BN * T
         C_chunk -= BN * T
         if HAS_BIAS:
@@ -806,7 +806,7 @@ def _scan_bwd_segment_kernel(
         if HAS_Z:
             zz = tl.load(z_ptr + zrow + (zero64 + c) * TZT + tZ, mask=m_s, other=0.0).to(tl.float32)
             dy = dy * zz * _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
-        Ct = tl.load(C_ptr + bc_off)
+        Ct = tl.load(C_ptr + bc_off).to(tl.float32)
         bc_off -= BN * T
         if HAS_BIAS:
             dt += bias
