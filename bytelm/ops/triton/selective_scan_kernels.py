@@ -132,6 +132,18 @@ def _lane_steps(t_, kn_, T: tl.constexpr, LANE: tl.constexpr):
         return t_, kn_ * 0 == 0
 
 
+@triton.jit
+def _own_step(x, t_, ts_, T: tl.constexpr):
+    """x (a row tile: its T steps in-thread) at each lane's own step ts_ (`_lane_steps`, LANE):
+    register reads and T - 1 selects. Replaces a second load of the row one step a lane, whose
+    2 bytes a lane over 8 channels' rows cost the L1 as many wavefronts as the whole row."""
+    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
+    r = tl.reduce(tl.where(t_ == 0, x, NEG0), 0, _add, keep_dims=True)
+    for k in tl.static_range(1, T):
+        r = tl.where(ts_ == k, tl.reduce(tl.where(t_ == k, x, NEG0), 0, _add, keep_dims=True), r)
+    return r
+
+
 # --------------------------------------------------------------------------------------------
 # the 5-d tile layout
 # --------------------------------------------------------------------------------------------
@@ -225,7 +237,7 @@ def _scan_fwd_kernel(
     ts_, own = _lane_steps(t_, kn_, T, LANE)   # per-(step, channel) values: their steps, lanes
     tSs = ts_ * ST
     tZs = ts_ * ZT
-    LANE_D: tl.constexpr = LANE and HAS_D       # u is also read one step a lane, for D u
+    LANE_D: tl.constexpr = LANE and HAS_D       # D u one step a lane: u at each lane's step
     # B, C packed by the wrapper as (batch, chunk + 2, state block, T) fp32, zero padded
     # scalar pointers to the chunk's block plus the tile's int32 offsets within it
     bc_tile = n * T + t_ + (wd_ + ld_) * 0
@@ -250,8 +262,6 @@ def _scan_fwd_kernel(
         os_ = row + (zero64 + c_lo) * TST + tSs
         dl_nx = tl.load(delta_ptr + os_, mask=(c_lo * T + ts_ < L) & mask_row & own, other=0.0)
         u_cur = tl.zeros_like(row + tS).to(u_ptr.dtype.element_ty)
-        if LANE_D:
-            us_cur = tl.zeros_like(os_).to(u_ptr.dtype.element_ty)
         if HAS_Z:
             z_cur = tl.zeros_like(os_).to(z_ptr.dtype.element_ty)
         B_cur = tl.zeros_like(bc_tile).to(tl.float32)
@@ -268,8 +278,6 @@ def _scan_fwd_kernel(
                 m_nx = (t + T < L) & mask_row
                 ms_nx = (ts + T < L) & mask_row & own
                 u_nx = tl.load(u_ptr + o + TST, mask=m_nx, other=0.0)
-                if LANE_D:
-                    us_nx = tl.load(u_ptr + os_ + TST, mask=ms_nx, other=0.0)
                 if HAS_Z:
                     z_nx = tl.load(z_ptr + zrow + (zero64 + cc + 1) * TZT + tZs, mask=ms_nx, other=0.0)
                 dl_nn = tl.load(delta_ptr + os_ + 2 * TST, mask=(ts + 2 * T < L) & mask_row & own,
@@ -310,7 +318,7 @@ def _scan_fwd_kernel(
                 y = _state_sum(H * C_cur, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
                 if HAS_D:
                     if LANE:
-                        y = y + Dv * us_cur.to(tl.float32)
+                        y = y + Dv * _own_step(u, t_, ts_, T)
                     else:
                         y = y + Dv * u
                 if HAS_Z:  # y z sigmoid(z); zz * -LOG2E: a negation would cost an FADD
@@ -320,8 +328,6 @@ def _scan_fwd_kernel(
                          mask=(ts < L) & mask_row & own & in_seg)
 
                 u_cur, B_cur, C_cur, dt_cur, dA_cur, dl_nx = u_nx, B_nx, C_nx, dt_nx, dA_nx, dl_nn
-                if LANE_D:
-                    us_cur = us_nx
                 if HAS_Z:
                     z_cur = z_nx
     else:
@@ -333,8 +339,6 @@ def _scan_fwd_kernel(
         o = row + (zero64 + c_lo) * TST + tS
         os_ = row + (zero64 + c_lo) * TST + tSs
         u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
-        if LANE_D:
-            us_nx = tl.load(u_ptr + os_, mask=ms_nx, other=0.0)
         dl_nx = tl.load(delta_ptr + os_, mask=ms_nx, other=0.0)
         if HAS_Z:
             z_nx = tl.load(z_ptr + zrow + (zero64 + c_lo) * TZT + tZs, mask=ms_nx, other=0.0)
@@ -347,7 +351,7 @@ def _scan_fwd_kernel(
             m_s = (ts < L) & mask_row & own
             u = u_nx.to(tl.float32)
             if LANE_D:
-                us = us_nx.to(tl.float32)
+                us = _own_step(u, t_, ts_, T)
             else:
                 us = u
             dt = dl_nx.to(tl.float32)
@@ -358,8 +362,6 @@ def _scan_fwd_kernel(
             o = row + (zero64 + c) * TST + tS              # chunk c; c + 1 is prefetched
             os_ = row + (zero64 + c) * TST + tSs
             u_nx = tl.load(u_ptr + o + TST, mask=m_nx, other=0.0)
-            if LANE_D:
-                us_nx = tl.load(u_ptr + os_ + TST, mask=ms_nx, other=0.0)
             dl_nx = tl.load(delta_ptr + os_ + TST, mask=ms_nx, other=0.0)
             if HAS_Z:
                 z_nx = tl.load(z_ptr + zrow + (zero64 + c + 1) * TZT + tZs, mask=ms_nx, other=0.0)
@@ -587,8 +589,6 @@ def _scan_bwd_kernel(
     o = row + (zero64 + c_hi - 1) * TST + tS
     os_ = row + (zero64 + c_hi - 1) * TST + tSs
     u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
-    if LANE:
-        us_nx = tl.load(u_ptr + os_, mask=ms_nx, other=0.0)
     dl_nx = tl.load(delta_ptr + os_, mask=ms_nx, other=0.0)
     do_nx = tl.load(dout_ptr + os_, mask=ms_nx, other=0.0)
     if HAS_Z:
@@ -601,7 +601,7 @@ def _scan_bwd_kernel(
         m_s = (ts < L) & mask_row & own
         u = u_nx.to(tl.float32)
         if LANE:
-            us = us_nx.to(tl.float32)
+            us = _own_step(u, t_, ts_, T)
         else:
             us = u
         draw = dl_nx.to(tl.float32)
@@ -614,8 +614,6 @@ def _scan_bwd_kernel(
         o = row + (zero64 + c) * TST + tS              # chunk c; c - 1 is prefetched
         os_ = row + (zero64 + c) * TST + tSs
         u_nx = tl.load(u_ptr + o - TST, mask=m_nx, other=0.0)
-        if LANE:
-            us_nx = tl.load(u_ptr + os_ - TST, mask=ms_nx, other=0.0)
         dl_nx = tl.load(delta_ptr + os_ - TST, mask=ms_nx, other=0.0)
         do_nx = tl.load(dout_ptr + os_ - TST, mask=ms_nx, other=0.0)
         if HAS_Z:
