@@ -122,6 +122,8 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
         # the training forward with its per-(step, channel) work one step a lane
         S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
                    cfg=dict(cfg, NPT=4, KN=4, LD=8))
+        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=False,  # and inference
+                   cfg=dict(cfg, NPT=4, KN=4, LD=8))
     bwd_over = bwd_over or {}
     if bwd_over and cfg_bwd is None:
         cfg_bwd = dict(capped, **bwd_over)
@@ -161,7 +163,8 @@ def main():
             if len(fcalls) > 3 and fcalls[3][2].get("maxnreg"):
                 todo.append(("fwd-capped", K._scan_fwd_kernel, fcalls[3]))
             if fcalls[-1][2]["NPT"] == 4 and fcalls[-1][2]["KN"] == 4:
-                todo.append(("fwd-npt4", K._scan_fwd_kernel, fcalls[-1]))
+                todo.append(("fwd-npt4", K._scan_fwd_kernel, fcalls[-2]))
+                todo.append(("fwd-npt4-infer", K._scan_fwd_kernel, fcalls[-1]))
         for name, fn, (grid, a, kw) in todo:
             kw = dict(kw); kw["FAST_LOG"] = True
             k = compile_captured(fn, a, kw)

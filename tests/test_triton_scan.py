@@ -229,21 +229,24 @@ def test_scan_bc_packed_in_bf16(monkeypatch):
     check_scan(*SMALL, 17, 16, torch.float32, seed=15)
 
 
-@pytest.mark.parametrize("lane_steps", [True, False], ids=["one_step_a_lane", "every_lane"])
-def test_scan_per_step_work_layouts(lane_steps, monkeypatch):
+@pytest.mark.parametrize("lane_steps,us_row", [(True, False), (True, True), (False, False)],
+                         ids=["one_step_a_lane", "one_step_a_lane_u_from_row", "every_lane"])
+def test_scan_per_step_work_layouts(lane_steps, us_row, monkeypatch):
     """Where a channel has T state lanes (KN == T: N=16 with 4 states a thread, N=32) or a
     multiple (N=64: 8 lanes of which 4 work) the per-(step, channel) work -- softplus, gate, D,
     the outputs and their gradients -- can be done once, state lane kn taking step kn
     (lane_steps, lane_steps_ckpt); or every lane does every step. Both must give the
     reference's results: whole and cut into pieces (the pre-passes have both forms too), in
-    both forward loops, with checkpoints (gradients) and without (the inference forward)."""
+    both forward loops, with checkpoints (gradients) and without (the inference forward). With
+    one step a lane, D u takes u at the lane's step from a second load or (us_row) from the row."""
     config = tss.scan_config
     tiles = {16: dict(NPT=4, KN=4, LD=8), 32: {}, 64: {}}   # N=16: forward_config's NPT 4 tile
     loops = [({}, torch.bfloat16, 33), (dict(SEG=3, pipeline=False, pipeline_ckpt=False), torch.bfloat16, 30),
              (dict(SEG=3, pipeline=True, pipeline_ckpt=True), torch.float32, 21)]
     for nstate, tile in tiles.items():
         for i, (loop, dtype, length) in enumerate(loops):
-            over = dict(lane_steps=lane_steps, lane_steps_ckpt=lane_steps, **tile, **loop)
+            over = dict(lane_steps=lane_steps, lane_steps_ckpt=lane_steps, us_row=us_row, us_row_ckpt=us_row,
+                        **tile, **loop)
             monkeypatch.setattr(tss, "scan_config", lambda *a, over=over, **k: dict(config(*a, **k), **over))
             seed = 21 + 4 * i + nstate
             check_scan(*SMALL, length, nstate, dtype, seed=seed, drop=("initial_state",) if i == 1 else ())

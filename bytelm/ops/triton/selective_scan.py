@@ -94,7 +94,7 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     if backward:
         npt = 4 if block_n == 16 else npt  # twice the programs; measured faster at N=16
         cfg = dict(T=4, NPT=npt, KN=block_n // npt, LD=32 // (block_n // npt), WD=1,
-                   warps_per_sm=8, lane_steps=True)  # ~230-255 registers a thread at N=64
+                   warps_per_sm=8, lane_steps=True, us_row=False)  # ~230-255 registers at N=64
         if block_n == 16:
             # capped at 168 registers (ptxas .maxnreg): 12 one-warp programs an SM, so a
             # short batch cuts its sequence into more pieces (and, with lane_steps, faster
@@ -122,7 +122,7 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pipeline=True,
                 pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=True,
-                lane_steps_ckpt=kn <= 4)
+                lane_steps_ckpt=kn <= 4, us_row=False, us_row_ckpt=False, bc_bf16=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -311,6 +311,7 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None,
         STORE_CKPT=store_ckpt, PIPELINE=cfg.get("pipeline_ckpt" if store_ckpt else "pipeline", True),
+        US_ROW=bool(cfg.get("us_row_ckpt" if store_ckpt else "us_row")),
         **_register_cap(cfg), **consts)
     return out, h_last, ckpt
 
@@ -360,6 +361,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
         STORE_DH0=need_dh0, RS=rs, LOG_LD=log_ld, RS_ROUNDS=min(cfg.get("rs_rounds", log_ld), log_ld),
+        US_ROW=bool(cfg.get("us_row")),
         **_register_cap(cfg), **consts)
     return du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0
 

@@ -181,7 +181,7 @@ def _scan_fwd_kernel(
     L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr, FAST_LOG: tl.constexpr,
-    PIPELINE: tl.constexpr,
+    PIPELINE: tl.constexpr, US_ROW: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
     AX_LD: tl.constexpr, LANE: tl.constexpr,
@@ -237,7 +237,8 @@ def _scan_fwd_kernel(
     ts_, own = _lane_steps(t_, kn_, T, LANE)   # per-(step, channel) values: their steps, lanes
     tSs = ts_ * ST
     tZs = ts_ * ZT
-    LANE_D: tl.constexpr = LANE and HAS_D       # D u one step a lane: u at each lane's step
+    LANE_D: tl.constexpr = LANE and HAS_D       # D u one step a lane: u at each lane's step,
+    # taken from the u row (US_ROW: `_own_step`) or loaded one step a lane
     # B, C packed by the wrapper as (batch, chunk + 2, state block, T) fp32, zero padded
     # scalar pointers to the chunk's block plus the tile's int32 offsets within it
     bc_tile = n * T + t_ + (wd_ + ld_) * 0
@@ -262,6 +263,9 @@ def _scan_fwd_kernel(
         os_ = row + (zero64 + c_lo) * TST + tSs
         dl_nx = tl.load(delta_ptr + os_, mask=(c_lo * T + ts_ < L) & mask_row & own, other=0.0)
         u_cur = tl.zeros_like(row + tS).to(u_ptr.dtype.element_ty)
+        if LANE_D:
+            if not US_ROW:
+                us_cur = tl.zeros_like(os_).to(u_ptr.dtype.element_ty)
         if HAS_Z:
             z_cur = tl.zeros_like(os_).to(z_ptr.dtype.element_ty)
         B_cur = tl.zeros_like(bc_tile).to(tl.float32)
@@ -278,6 +282,9 @@ def _scan_fwd_kernel(
                 m_nx = (t + T < L) & mask_row
                 ms_nx = (ts + T < L) & mask_row & own
                 u_nx = tl.load(u_ptr + o + TST, mask=m_nx, other=0.0)
+                if LANE_D:
+                    if not US_ROW:
+                        us_nx = tl.load(u_ptr + os_ + TST, mask=ms_nx, other=0.0)
                 if HAS_Z:
                     z_nx = tl.load(z_ptr + zrow + (zero64 + cc + 1) * TZT + tZs, mask=ms_nx, other=0.0)
                 dl_nn = tl.load(delta_ptr + os_ + 2 * TST, mask=(ts + 2 * T < L) & mask_row & own,
@@ -318,7 +325,10 @@ def _scan_fwd_kernel(
                 y = _state_sum(H * C_cur, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
                 if HAS_D:
                     if LANE:
-                        y = y + Dv * _own_step(u, t_, ts_, T)
+                        if US_ROW:
+                            y = y + Dv * _own_step(u, t_, ts_, T)
+                        else:
+                            y = y + Dv * us_cur.to(tl.float32)
                     else:
                         y = y + Dv * u
                 if HAS_Z:  # y z sigmoid(z); zz * -LOG2E: a negation would cost an FADD
@@ -328,6 +338,9 @@ def _scan_fwd_kernel(
                          mask=(ts < L) & mask_row & own & in_seg)
 
                 u_cur, B_cur, C_cur, dt_cur, dA_cur, dl_nx = u_nx, B_nx, C_nx, dt_nx, dA_nx, dl_nn
+                if LANE_D:
+                    if not US_ROW:
+                        us_cur = us_nx
                 if HAS_Z:
                     z_cur = z_nx
     else:
@@ -339,6 +352,9 @@ def _scan_fwd_kernel(
         o = row + (zero64 + c_lo) * TST + tS
         os_ = row + (zero64 + c_lo) * TST + tSs
         u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
+        if LANE_D:
+            if not US_ROW:
+                us_nx = tl.load(u_ptr + os_, mask=ms_nx, other=0.0)
         dl_nx = tl.load(delta_ptr + os_, mask=ms_nx, other=0.0)
         if HAS_Z:
             z_nx = tl.load(z_ptr + zrow + (zero64 + c_lo) * TZT + tZs, mask=ms_nx, other=0.0)
@@ -351,7 +367,10 @@ def _scan_fwd_kernel(
             m_s = (ts < L) & mask_row & own
             u = u_nx.to(tl.float32)
             if LANE_D:
-                us = _own_step(u, t_, ts_, T)
+                if US_ROW:
+                    us = _own_step(u, t_, ts_, T)
+                else:
+                    us = us_nx.to(tl.float32)
             else:
                 us = u
             dt = dl_nx.to(tl.float32)
@@ -362,6 +381,9 @@ def _scan_fwd_kernel(
             o = row + (zero64 + c) * TST + tS              # chunk c; c + 1 is prefetched
             os_ = row + (zero64 + c) * TST + tSs
             u_nx = tl.load(u_ptr + o + TST, mask=m_nx, other=0.0)
+            if LANE_D:
+                if not US_ROW:
+                    us_nx = tl.load(u_ptr + os_ + TST, mask=ms_nx, other=0.0)
             dl_nx = tl.load(delta_ptr + os_ + TST, mask=ms_nx, other=0.0)
             if HAS_Z:
                 z_nx = tl.load(z_ptr + zrow + (zero64 + c + 1) * TZT + tZs, mask=ms_nx, other=0.0)
@@ -502,7 +524,7 @@ def _scan_bwd_kernel(
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
     AX_LD: tl.constexpr, RS: tl.constexpr, LOG_LD: tl.constexpr, RS_ROUNDS: tl.constexpr,
-    LANE: tl.constexpr,
+    LANE: tl.constexpr, US_ROW: tl.constexpr,
 ):
     """Program (batch row, channel block, segment): the segment's chunks, last to first.
     RS (WD == 1 and 2 <= LD <= T * NPT only): dB, dC summed over channels by a lane reduce-scatter
@@ -589,6 +611,9 @@ def _scan_bwd_kernel(
     o = row + (zero64 + c_hi - 1) * TST + tS
     os_ = row + (zero64 + c_hi - 1) * TST + tSs
     u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
+    if LANE:
+        if not US_ROW:
+            us_nx = tl.load(u_ptr + os_, mask=ms_nx, other=0.0)
     dl_nx = tl.load(delta_ptr + os_, mask=ms_nx, other=0.0)
     do_nx = tl.load(dout_ptr + os_, mask=ms_nx, other=0.0)
     if HAS_Z:
@@ -601,7 +626,10 @@ def _scan_bwd_kernel(
         m_s = (ts < L) & mask_row & own
         u = u_nx.to(tl.float32)
         if LANE:
-            us = _own_step(u, t_, ts_, T)
+            if US_ROW:
+                us = _own_step(u, t_, ts_, T)
+            else:
+                us = us_nx.to(tl.float32)
         else:
             us = u
         draw = dl_nx.to(tl.float32)
@@ -614,6 +642,9 @@ def _scan_bwd_kernel(
         o = row + (zero64 + c) * TST + tS              # chunk c; c - 1 is prefetched
         os_ = row + (zero64 + c) * TST + tSs
         u_nx = tl.load(u_ptr + o - TST, mask=m_nx, other=0.0)
+        if LANE:
+            if not US_ROW:
+                us_nx = tl.load(u_ptr + os_ - TST, mask=ms_nx, other=0.0)
         dl_nx = tl.load(delta_ptr + os_ - TST, mask=ms_nx, other=0.0)
         do_nx = tl.load(dout_ptr + os_ - TST, mask=ms_nx, other=0.0)
         if HAS_Z:
