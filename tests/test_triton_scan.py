@@ -217,12 +217,14 @@ def test_scan_dbc_channel_sums(reduce_scatter, rs_rounds, monkeypatch):
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=12)
 
 
-def test_scan_bc_packed_in_bf16(monkeypatch):
-    """bc_bf16: bf16 B and C are packed in bf16 (lossless; half the bytes the kernels load) and
-    must give the same results as the fp32 packing; fp32 B and C stay fp32."""
-    override_scan_config(monkeypatch, bc_bf16=True)
+@pytest.mark.parametrize("bc_bf16", [True, False], ids=["bc_bf16", "bc_fp32"])
+def test_scan_bc_packing(bc_bf16, monkeypatch):
+    """bc_bf16 (the default): bf16 B and C are packed in bf16 (lossless; half the bytes the
+    kernels load); else in fp32. Both must give the reference's results; fp32 B and C stay fp32."""
+    assert tss.scan_config(16)["bc_bf16"]
+    override_scan_config(monkeypatch, bc_bf16=bc_bf16)
     cfg = tss.scan_config(16)
-    assert tss.pack_bc(torch.randn(2, 16, 9).bfloat16(), cfg).dtype == torch.bfloat16
+    assert tss.pack_bc(torch.randn(2, 16, 9).bfloat16(), cfg).dtype == (torch.bfloat16 if bc_bf16 else torch.float32)
     assert tss.pack_bc(torch.randn(2, 16, 9), cfg).dtype == torch.float32
     check_scan(*SMALL, 33, 16, torch.bfloat16, seed=13)
     check_scan(*SMALL, 21, 64, torch.bfloat16, seed=14, layout=dict(u="cm1", delta="cm1", z="cm2"))

@@ -24,8 +24,10 @@ work (softplus, gate, D, the outputs and their gradients) would be repeated by e
 channel's KN state lanes; where KN % T == 0 (LANE) state lane kn does it for step kn of the chunk
 alone, and the step sizes (and, backward, dy) reach the other lanes by shuffles.
 
-B and C are small, so the wrapper packs them once as (batch, chunk + 2, state block, T) fp32
-(`pack_bc`): no bf16 unpacking or masks per (channel, state, step). The forward stores the state
+B and C are small, so the wrapper packs them once as (batch, chunk + 2, state block, T), bf16 if
+they come in bf16 and fp32 otherwise (`pack_bc`): no masks per (channel, state, step), and the
+8 channel lanes that read each B, C value cost the L1 half the wavefronts in bf16 (the forward
+is bound by them; the one convert a value is cheaper). The forward stores the state
 entering every chunk (batch, n_chunks, dim, state) when gradients are needed (state last: each
 thread's NPT states of a channel are adjacent, one 16-byte store a chunk in bf16); the backward
 reloads it, recomputes the chunk's states, walks the chunk in reverse for dh, sums dB and dC over
@@ -65,8 +67,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) -> dict:
     """Tile shape for a scan launch (and, forward, the checkpoints' dtype).
 
-    T = 4 steps per chunk: one 16-byte load per fp32 row of B and C (the wrapper hands the
-    kernels fp32 B and C, so no per-element bf16 unpacking), and a small enough chunk that the
+    T = 4 steps per chunk: one load per row of B and C (16 bytes in fp32, 8 in bf16:
+    bc_bf16), and a small enough chunk that the
     backward holds its per-chunk tiles in registers. NPT = min(state, 8) states per thread (4 in
     the backward at N=16), so that the per-(step, channel) work -- softplus, gate, loads -- is
     shared by several states;
@@ -94,7 +96,8 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     if backward:
         npt = 4 if block_n == 16 else npt  # twice the programs; measured faster at N=16
         cfg = dict(T=4, NPT=npt, KN=block_n // npt, LD=32 // (block_n // npt), WD=1,
-                   warps_per_sm=8, lane_steps=True, us_row=False)  # ~230-255 registers at N=64
+                   warps_per_sm=8, lane_steps=True,   # ~230-255 registers a thread at N=64
+                   us_row=False)  # u's own step loaded: 2.842 vs 2.867 ms from the row (8 x 1536 x 8192)
         if block_n == 16:
             # capped at 168 registers (ptxas .maxnreg): 12 one-warp programs an SM, so a
             # short batch cuts its sequence into more pieces (and, with lane_steps, faster
@@ -119,10 +122,19 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     # first call, it lost without checkpoints.) At N=64 (KN 8, half the lanes idle; fifth
     # call) it wins without checkpoints (8 x 2048 x 2048, pipelined: 1.644 -> 1.472 ms) and
     # loses with them (one-chunk loop: 1.656 -> 1.801): lane_steps_ckpt only up to KN 4.
+    # bc_bf16 (pack_bc: bf16 B and C stay bf16, which the backward then reads too) and
+    # us_row / us_row_ckpt (D u's u one step a lane taken from the u row, not loaded again):
+    # both cut L1 data-pipe wavefronts, which bound the forward (95% of peak, Nsight Compute),
+    # for more instructions. H200, bf16 (NOTES.md, tenth session, fourth call), ms, default ->
+    # bc_bf16 -> both: inference forward 4 x 2048 x 8192 1.085 -> 0.950 -> 1.104, 8 x 1536 x
+    # 8192 1.221 -> 1.180 -> 1.241, N=64 1.505 -> 1.237 -> 1.249 (us_row off); training forward
+    # 1.133 -> 1.046 -> 0.996, 1.331 -> 1.287 -> 1.242, 2 x 1536 x 32768 2.236 -> 2.019 ->
+    # 2.020 (us_row_ckpt on); backward (us_row off, scan_config(backward=True)) 2.270 ->
+    # 2.292, 2.842 -> 2.883, N=64 3.742 -> 3.630. Training step's scan -1.2% to -5.1%.
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pipeline=True,
                 pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=True,
-                lane_steps_ckpt=kn <= 4, us_row=False, us_row_ckpt=False, bc_bf16=False)
+                lane_steps_ckpt=kn <= 4, us_row=False, us_row_ckpt=True, bc_bf16=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -381,8 +393,8 @@ class SelectiveScanFn(torch.autograd.Function):
         delta_bias = delta_bias.contiguous().float() if delta_bias is not None else None
         h0 = initial_state.contiguous().float() if initial_state is not None else None
         cfg = forward_config(A.shape[1], *u.shape, u.device, input_dtype=u.dtype)
-        # B and C are small (batch, state, length): one packed fp32 copy saves the kernels
-        # unpacking bf16 and computing masks for every (channel, state, step)
+        # B and C are small (batch, state, length): one packed copy (pack_bc) saves the
+        # kernels computing masks for every (channel, state, step)
         Bp, Cp = pack_bc(B, cfg), pack_bc(C, cfg)
         out, h_last, ckpt = scan_fwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, h0,
                                      store_ckpt=need_grad, cfg=cfg)
