@@ -204,3 +204,17 @@ def test_train_loop_benchmark_bad_input_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("error: ") and "missing.txt" in result.stderr
+
+
+def test_scan_ablate_makes_its_variants(tmp_path, monkeypatch):
+    """scan_ablate.py's substitutions still find their targets in the kernels (it exits with
+    a one-line message when they drift) and each variant's kernels differ from ours."""
+    import scan_ablate
+
+    monkeypatch.setattr(sys, "argv", ["scan_ablate.py", str(tmp_path)])
+    scan_ablate.main()
+    ours = (Path(scan_ablate.__file__).resolve().parents[1] / scan_ablate.KERNELS).read_text()
+    for name in scan_ablate.VARIANTS:
+        text = (tmp_path / name / scan_ablate.KERNELS).read_text()
+        assert text != ours and (tmp_path / name / "benchmarks" / "scan_configs.py").exists()
+    assert scan_ablate.ATOM_B not in (tmp_path / "nors" / scan_ablate.KERNELS).read_text()
