@@ -155,13 +155,14 @@ def test_scan_in_segments(nseg, monkeypatch):
 def test_backward_register_cap(sms, batch, dim, cap, monkeypatch):
     """N=16's backward runs capped at 168 registers (12 one-warp programs an SM), at 128 (16
     an SM) where its programs (8 channels each) do not all fit at 12 an SM: on 132 SMs, 1584;
-    8 x 2048 channels are 2048 programs. No SM count (not CUDA): 168. Other state sizes have
-    no cap."""
+    8 x 2048 channels are 2048 programs, and one chunk at a time (chunk pairs spill there). No
+    SM count (not CUDA): 168. Other state sizes have no cap."""
     monkeypatch.setattr(tss, "_sm_count", lambda device: sms)
     cfg = tss.backward_config(16, batch, dim, torch.device("cpu"))
     assert (cfg["maxnreg"], cfg["warps_per_sm"]) == ((168, 12) if cap == 168 else (128, 16))
-    assert {k: v for k, v in cfg.items() if k not in ("maxnreg", "warps_per_sm")} == \
-        {k: v for k, v in tss.scan_config(16, backward=True).items() if k not in ("maxnreg", "warps_per_sm")}
+    assert cfg["pairs"] == (cap == 168)   # chunk pairs spill under 128
+    assert {k: v for k, v in cfg.items() if k not in ("maxnreg", "warps_per_sm", "pairs")} == \
+        {k: v for k, v in tss.scan_config(16, backward=True).items() if k not in ("maxnreg", "warps_per_sm", "pairs")}
     assert not tss.backward_config(64, 16, 2048, torch.device("cpu")).get("maxnreg")
 
 
@@ -401,3 +402,21 @@ def test_generation_continues_the_scan():
         state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t], x["C"][..., t],
         D=x["D"], z=x["z"][..., t], dt_bias=x["delta_bias"], dt_softplus=True) for t in range(9, 12)]
     assert rel_err(torch.cat([out, torch.stack(steps, -1)], -1), whole) < 1e-5
+
+
+@pytest.mark.parametrize("pairs", [True, False], ids=["chunk_pairs", "one_chunk"])
+def test_scan_backward_chunk_pairs(pairs, monkeypatch):
+    """The backward in chunk pairs (pairs: the per-(step, channel) rows of two chunks loaded and
+    stored together, state lane kn taking 2T / KN adjacent steps of the pair; N=16 with 4
+    states a thread: 2 steps a lane, N=64: 1) or a chunk at a time: both must give the
+    reference's gradients, with odd and even chunk counts (the first pair's later chunk past the
+    segment: a no-op), whole and in pieces, with and without z, D, delta_bias, softplus."""
+    override_scan_config(monkeypatch, pairs=pairs)
+    check_scan(*SMALL, 33, 16, torch.bfloat16, seed=31)                       # 9 chunks
+    check_scan(*SMALL, 30, 64, torch.float32, seed=32)                        # 8 chunks
+    check_scan(*SMALL, 6, 16, torch.float32, seed=33, drop=("z", "D", "delta_bias"), softplus=False)
+    check_scan(*SMALL, 21, 16, torch.bfloat16, seed=34, drop=("initial_state",),
+               layout=dict(u="cm1", delta="cm1", z="cm2"))
+    override_scan_config(monkeypatch, pairs=pairs, SEG=3)                     # 4 + 4 + 3, 3 + 3 + 2 chunks
+    check_scan(*SMALL, 41, 16, torch.bfloat16, seed=35)
+    check_scan(*SMALL, 30, 64, torch.bfloat16, seed=36, drop=("z",))

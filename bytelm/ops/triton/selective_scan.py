@@ -97,7 +97,13 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
         npt = 4 if block_n == 16 else npt  # twice the programs; measured faster at N=16
         cfg = dict(T=4, NPT=npt, KN=block_n // npt, LD=32 // (block_n // npt), WD=1,
                    warps_per_sm=8, lane_steps=True,   # ~230-255 registers a thread at N=64
-                   us_row=False)  # u's own step loaded: 2.842 vs 2.867 ms from the row (8 x 1536 x 8192)
+                   us_row=False,  # u's own step loaded: 2.842 vs 2.867 ms from the row (8 x 1536 x 8192)
+                   # chunk pairs (where KN = T or 2T): the per-(step, channel) rows of two
+                   # chunks loaded and stored together, half the one-step-a-lane wavefronts
+                   # (NOTES.md, eleventh session): H200, bf16, one chunk -> pairs, 4 x 2048 x
+                   # 8192 2.355 -> 2.268 ms, 8 x 1536 x 8192 2.956 -> 2.747, 2 x 1536 x 32768
+                   # 3.973 -> 3.817, N=64 8 x 2048 x 2048 3.792 -> 3.458
+                   pairs=True)
         if block_n == 16:
             # capped at 168 registers (ptxas .maxnreg): 12 one-warp programs an SM, so a
             # short batch cuts its sequence into more pieces (and, with lane_steps, faster
@@ -226,7 +232,9 @@ def backward_config(nstate, batch, dim, device) -> dict:
     cfg = scan_config(nstate, backward=True)
     sms = _sm_count(device)
     if cfg.get("maxnreg") and sms and _grid_warps(batch, dim, cfg) > cfg["warps_per_sm"] * sms:
-        return dict(cfg, maxnreg=128, warps_per_sm=16)
+        # one chunk at a time: chunk pairs spill under 128 registers (184 bytes a thread,
+        # triton 3.6) and measured 0.960 -> 1.160 ms at 8 x 2048 x 2048 (1.181 at 168)
+        return dict(cfg, maxnreg=128, warps_per_sm=16, pairs=False)
     return cfg
 
 
@@ -365,6 +373,9 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     # one (state, step) value per lane at the end: T * NPT >= LD)
     rs = (cfg.get("reduce_scatter", True) and cfg["WD"] == 1 and 2 <= cfg["LD"] <= cfg["T"] * cfg["NPT"])
     log_ld = cfg["LD"].bit_length() - 1
+    # chunk pairs: where the per-(step, channel) work is one step a lane and a pair's steps
+    # spread evenly over the state lanes (KN = T or 2T)
+    pair = bool(cfg.get("pairs")) and consts["LANE"] and cfg["KN"] in (cfg["T"], 2 * cfg["T"])
     _scan_bwd_kernel[grid + (nseg,)](
         u, delta, A, Bp, Cp, D if D is not None else A, zz, bias, ckpt, dout,
         dlast if dlast is not None else A, gseg, lseg,
@@ -373,7 +384,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
         STORE_DH0=need_dh0, RS=rs, LOG_LD=log_ld, RS_ROUNDS=min(cfg.get("rs_rounds", log_ld), log_ld),
-        US_ROW=bool(cfg.get("us_row")),
+        US_ROW=bool(cfg.get("us_row")) and not pair, PAIR=pair,
         **_register_cap(cfg), **consts)
     return du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0
 

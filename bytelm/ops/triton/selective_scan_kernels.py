@@ -58,18 +58,27 @@ def _step_sum(x, LANE: tl.constexpr, AX_KN: tl.constexpr):
 @triton.jit
 def _from_lanes(x, T: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
                 ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
-                AX_LD: tl.constexpr):
-    """LANE layout -> time axis: x holds step kn of the chunk on state lane kn (kn < T); returns
-    the chunk's T steps in every lane. An all-gather over a (WD, lane, T) reshape, lane = kn *
-    LD + ld, step t read from lane t * LD + ld: one shuffle a value and step (a masked sum
-    over the state lanes per step took log2(KN) shuffles and adds; tl.gather on the 5-d tiles,
-    or over KN alone, lays its axis on the fastest lanes, the channels', and converts the tiles
-    around it)."""
-    Q = tl.reshape(tl.permute(x, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (WD, KN * LD, 1))
+                AX_LD: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr):
+    """LANE layout -> time axis: x holds S steps a state lane on its time axis, steps kn * S ..
+    kn * S + S - 1 on lane kn (S = 1: step kn of the chunk, kn < T; S = 2T / KN, the backward's
+    chunk pairs: step kn * S + s of the pair); returns chunk HALF's T steps (HALF = 0 without
+    pairs) in every lane. An all-gather over a (WD, lane, T) reshape, lane = kn * LD + ld: pair
+    step p = HALF * T + t read from lane (p // S) * LD + ld, its value p % S: one shuffle a value
+    and step (with S = 2 each value's gather is written for every step and the select on t % 2,
+    a constant a register, leaves one; a masked sum over the state lanes per step took log2(KN)
+    shuffles and adds; tl.gather on the 5-d tiles, or over KN alone, lays its axis on the
+    fastest lanes, the channels', and converts the tiles around it)."""
+    Q = tl.reshape(tl.permute(x, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (WD, KN * LD, S))
     lane = tl.arange(0, KN * LD)[None, :, None]
     step = tl.arange(0, T)[None, None, :]
-    G = tl.gather(tl.broadcast_to(Q, (WD, KN * LD, T)),
-                  lane % LD + step * LD + tl.zeros((WD, KN * LD, T), tl.int32), 1)
+    src = lane % LD + (HALF * T + step) // S * LD + tl.zeros((WD, KN * LD, T), tl.int32)
+    if S == 1:
+        G = tl.gather(tl.broadcast_to(Q, (WD, KN * LD, T)), src, 1)
+    else:
+        Q0, Q1 = tl.split(Q)
+        G = tl.where(step % 2 == 0,
+                     tl.gather(tl.broadcast_to(Q0[:, :, None], (WD, KN * LD, T)), src, 1),
+                     tl.gather(tl.broadcast_to(Q1[:, :, None], (WD, KN * LD, T)), src, 1))
     G = tl.reshape(G, (WD, KN, LD, 1, T))
     if ASC:  # back to the tiles' dims
         return tl.permute(G, (4, 2, 1, 0, 3))
@@ -78,45 +87,81 @@ def _from_lanes(x, T: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.c
 
 
 @triton.jit
+def _scatter_rounds(Q, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr, ASC: tl.constexpr):
+    """A reduce-scatter over the state lanes: Q (WD, KN * LD, V) holds each lane's partial sums
+    of V values (lane = kn * LD + ld, V a multiple of KN); returns the sums of values kn * S ..
+    kn * S + S - 1 (S = V / KN) on state lane kn, as a tile with S on its time axis. Each round
+    a lane keeps the half of its values whose top bit matches its own kn's bit of that round,
+    sends the other half to the partner (kn xor that bit) and adds what it receives: log2(KN)
+    rounds, one shuffle per value and round (a butterfly shuffles all V values log2(KN) times).
+    tl.gather lays its axis out on the fastest lanes, which in the tiles are the channels', so
+    the rounds run on this (WD, lane, V) reshape (a gather over KN alone, or on the 5-d tiles,
+    would add layout conversions)."""
+    V: tl.constexpr = Q.shape[2]
+    lane = tl.arange(0, KN * LD)[None, :, None]
+    for lvl in tl.static_range(_ilog2(KN)):
+        # a: the values whose top bit is 0, b: 1; the round's state lane bit is Q.shape[2] * KN
+        # // (2 V) (KN / 2, KN / 4, ...; inline: names assigned in a static_range body stop
+        # being constexprs)
+        a, b = tl.split(tl.permute(tl.reshape(Q, (WD, KN * LD, 2, Q.shape[2] // 2)), (0, 1, 3, 2)))
+        up = (lane & (Q.shape[2] * KN // (2 * V) * LD)) != 0
+        send = tl.where(up, a, b)
+        keep = tl.where(up, b, a)
+        Q = keep + tl.gather(send, (lane ^ (Q.shape[2] * KN // (2 * V) * LD))
+                             + tl.zeros((WD, KN * LD, Q.shape[2] // 2), tl.int32), 1)
+    if V == KN:
+        Q = tl.reshape(Q, (WD, KN, LD))
+        if ASC:  # back to the tiles' dims
+            return tl.permute(Q, (2, 1, 0))[None, :, :, :, None]
+        else:
+            return Q[None, None, :, :, :]
+    else:
+        Q = tl.reshape(Q, (WD, KN, LD, V // KN))
+        if ASC:
+            return tl.permute(Q, (3, 2, 1, 0))[:, :, :, :, None]
+        else:
+            return tl.permute(Q, (3, 0, 1, 2))[:, None, :, :, :]
+
+
+@triton.jit
 def _state_sum(x, t_, ts_, LANE: tl.constexpr, T: tl.constexpr, WD: tl.constexpr,
                KN: tl.constexpr, LD: tl.constexpr, ASC: tl.constexpr, AX_NPT: tl.constexpr,
                AX_WD: tl.constexpr, AX_KN: tl.constexpr, AX_LD: tl.constexpr):
     """x summed over a channel's states per step: without LANE on every lane's time axis, with
     LANE in its layout (each state lane holds its own step ts_ of the sums)."""
-    x = tl.reduce(x, AX_NPT, _add, keep_dims=True)
+    return _lanes_sum(tl.reduce(x, AX_NPT, _add, keep_dims=True), t_, ts_, LANE, T, WD, KN, LD,
+                      ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+
+
+@triton.jit
+def _lanes_sum(x, t_, ts_, LANE: tl.constexpr, T: tl.constexpr, WD: tl.constexpr,
+               KN: tl.constexpr, LD: tl.constexpr, ASC: tl.constexpr, AX_NPT: tl.constexpr,
+               AX_WD: tl.constexpr, AX_KN: tl.constexpr, AX_LD: tl.constexpr):
+    """`_state_sum` of x already summed over its thread's states (AX_NPT of size 1)."""
     if not LANE:
         x = tl.reduce(x, AX_KN, _add, keep_dims=True)
     elif KN == T:
-        # a reduce-scatter over the state lanes: each round a lane keeps the half of its steps
-        # whose bit matches its own kn's, sends the other half to the partner (kn xor that
-        # bit) and adds what it receives; after log2(T) rounds state lane kn holds step kn's
-        # sum (one shuffle per value and round, where a butterfly shuffles all T values
-        # log2(KN) times and then picks one). On a (WD, lane, T) reshape, lane = kn * LD + ld:
-        # tl.gather lays its axis out on the fastest lanes, which in the tiles are the
-        # channels', so a gather over KN alone (or on the 5-d tiles) would add layout
-        # conversions (shuffles)
-        Q = tl.reshape(tl.permute(x, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (WD, KN * LD, T))
-        lane = tl.arange(0, KN * LD)[None, :, None]
-        for lvl in tl.static_range(_ilog2(T)):
-            # a: the steps whose top bit is 0, b: 1; the round's state lane bit is that top
-            # bit's value, Q.shape[2] // 2 (inline: names assigned in a static_range body stop
-            # being constexprs)
-            a, b = tl.split(tl.permute(tl.reshape(Q, (WD, KN * LD, 2, Q.shape[2] // 2)), (0, 1, 3, 2)))
-            up = (lane & (Q.shape[2] // 2 * LD)) != 0
-            send = tl.where(up, a, b)
-            keep = tl.where(up, b, a)
-            Q = keep + tl.gather(send, (lane ^ (Q.shape[2] // 2 * LD))
-                                 + tl.zeros((WD, KN * LD, Q.shape[2] // 2), tl.int32), 1)
-        Q = tl.reshape(Q, (WD, KN, LD))
-        if ASC:  # back to the tiles' dims
-            x = tl.permute(Q, (2, 1, 0))[None, :, :, :, None]
-        else:
-            x = Q[None, None, :, :, :]
+        # state lane kn ends with step kn's sum
+        x = _scatter_rounds(tl.reshape(tl.permute(x, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (WD, KN * LD, T)),
+                            WD, KN, LD, ASC)
     else:
         # KN a multiple of T: a butterfly over the state lanes, then each lane's own step
         x = tl.reduce(x, AX_KN, _add, keep_dims=True)
         x = tl.reduce(tl.where(t_ == ts_, x, 0.0), 0, _add, keep_dims=True)
     return x
+
+
+@triton.jit
+def _pair_sum(xa, xb, T: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
+              ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
+              AX_LD: tl.constexpr):
+    """Two chunks' per-step sums (xa the earlier chunk's, xb the later's, each summed over its
+    thread's states) summed over the state lanes into the pair layout: steps kn * S .. kn * S +
+    S - 1 of the pair (S = 2T / KN) on state lane kn, the pair's steps in order."""
+    Qa = tl.reshape(tl.permute(xa, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (WD, KN * LD, T))
+    Qb = tl.reshape(tl.permute(xb, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (WD, KN * LD, T))
+    Q = tl.reshape(tl.permute(tl.join(Qa, Qb), (0, 1, 3, 2)), (WD, KN * LD, 2 * T))
+    return _scatter_rounds(Q, WD, KN, LD, ASC)
 
 
 @triton.jit
@@ -306,7 +351,7 @@ def _scan_fwd_kernel(
                                      _log2(1.0 + tl.exp2(dt_nx * LOG2E), FAST_LOG) * 0.6931471805599453)
                 dt_nx = tl.where(ms_nx & (zero_kn + cc + 1 < c_hi), dt_nx, 0.0)
                 if LANE:
-                    dt_nx = _from_lanes(dt_nx, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+                    dt_nx = _from_lanes(dt_nx, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, 1, 0)
                 dA_nx = tl.exp2(dt_nx * A2)
 
                 # chunk cc's recurrence, output and checkpoint
@@ -402,7 +447,7 @@ def _scan_fwd_kernel(
                 dt = tl.where(dt > 20.0, dt, _log2(1.0 + tl.exp2(dt * LOG2E), FAST_LOG) * 0.6931471805599453)
             dt = tl.where(m_s, dt, 0.0)       # steps past the end: decay 1, no input
             if LANE:
-                dt = _from_lanes(dt, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+                dt = _from_lanes(dt, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, 1, 0)
             dA = tl.exp2(dt * A2)
             dBu = (dt * u) * Bt
             H = tl.zeros_like(dBu)
@@ -496,7 +541,7 @@ def _scan_fwd_segment_kernel(
             dt_nx = tl.where((ts + T < L) & mask_row & own & (zero_kn + cc + 1 < c_hi), dt_nx, 0.0)
             lam += dt_nx
             if LANE:
-                dt_nx = _from_lanes(dt_nx, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+                dt_nx = _from_lanes(dt_nx, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, 1, 0)
             dA_nx = tl.exp2(dt_nx * A2)
             dBu = (dt_cur * u_cur.to(tl.float32)) * B_cur
             for k in tl.static_range(T):
@@ -514,6 +559,157 @@ def _scan_fwd_segment_kernel(
 # backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _bwd_step_inputs(draw, dout, zz, bias, m, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr):
+    """The backward's per-(step, channel) inputs: step sizes dts (0 where not m), the softplus
+    derivative dsp, sigmoid(z) and dy = dout z sigmoid(z) (dsp, sig: dummies without them)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    if HAS_BIAS:
+        draw += bias
+    dt = draw
+    dsp = draw
+    if SOFTPLUS:
+        # softplus and its derivative sigmoid(draw) = e / (1 + e) from one e = exp(draw)
+        # (above 20 softplus is the identity, its derivative 1)
+        e_draw = tl.exp2(draw * LOG2E)
+        dt = tl.where(draw > 20.0, draw, _log2(1.0 + e_draw, FAST_LOG) * 0.6931471805599453)
+        dsp = tl.where(draw > 20.0, 1.0, e_draw * _rcp(1.0 + e_draw, FAST_LOG))
+    dts = tl.where(m, dt, 0.0)
+    sig = dout
+    dys = dout
+    if HAS_Z:
+        sig = _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
+        dys = dout * zz * sig
+    return dts, dsp, sig, dys
+
+
+@triton.jit
+def _bwd_states(u, h, Bt, dt, A2, t_, T: tl.constexpr):
+    """A chunk's states recomputed from its checkpoint h (on the time axis): returns them (H)
+    and the decays, dt B u and dt u they came from. u: the chunk's u row; dt (0 on steps past
+    the end): its step sizes, all T steps in every lane."""
+    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
+    dtu = dt * u
+    dA = tl.exp2(dt * A2)
+    dBu = dtu * Bt
+    H = tl.zeros_like(dBu)
+    for k in tl.static_range(T):
+        at_k = t_ == k
+        # NEG0 for the decays (exp2 results: with +0.0 each extraction costs an FADD); the
+        # products dBu and x take Triton's +0.0 for a literal -0.0, which ptxas folds into
+        # the FFMA that makes them, and which compiles to fewer registers under the cap
+        h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
+             + tl.reduce(tl.where(at_k, dBu, -0.0), 0, _add, keep_dims=True))
+        H = tl.where(at_k, h, H)
+    return H, dA, dBu, dtu
+
+
+@triton.jit
+def _bwd_walk(H, dA, dBu, dtu, Bt, Ct, dt, dy, g, A, dA_acc, dB_ptr, dC_ptr, red_base, red_tile,
+              ld_q, t_, WANT_Y: tl.constexpr, RS: tl.constexpr, RS_ROUNDS: tl.constexpr, LOG_LD: tl.constexpr,
+              T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr,
+              LD: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
+              AX_LD: tl.constexpr):
+    """A chunk walked back from g (the gradient reaching its end state), on the time axis:
+    dA's share, and dB, dC summed over the program's channels into their packed buffers (at
+    red_base + red_tile). H, dA, dBu, dtu: `_bwd_states`; dy: the chunk's output gradients.
+    Returns g at the chunk's start, dA_acc, and per step, summed over the thread's states,
+    dh B (for du), q A (for ddelta) and, WANT_Y, C h (for dz; else a dummy: here, between
+    them, the chunk pairs' backward compiles without spills under the 168 cap)."""
+    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
+    # walk the chunk backwards: dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1}; g carries the
+    # second term, and after step 0 it is the gradient of the chunk's starting state
+    x = Ct * dy
+    DH = tl.zeros_like(x)
+    for k in tl.static_range(T - 1, -1, -1):
+        at_k = t_ == k
+        dh = g + tl.reduce(tl.where(at_k, x, -0.0), 0, _add, keep_dims=True)
+        DH = tl.where(at_k, dh, DH)
+        g = tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * dh
+
+    # q = dh * exp(dt A) h_{t-1} = dh (h_t - dt u B): the gradient of the exponent dt * A
+    q = DH * (H - dBu)
+    dhB_p = tl.reduce(DH * Bt, AX_NPT, _add, keep_dims=True)
+    qA_p = tl.reduce(q * A, AX_NPT, _add, keep_dims=True)
+    y_p = g
+    if WANT_Y:
+        y_p = tl.reduce(H * Ct, AX_NPT, _add, keep_dims=True)
+    dA_acc += tl.reduce(q * dt, 0, _add, keep_dims=True)
+    if RS:
+        # dB, dC summed over the LD channel lanes by a reduce-scatter: each round a lane
+        # keeps one half of its values, sends the other half to the partner lane (lane xor m)
+        # and adds what the partner sent; after log2(LD) rounds each lane holds the channel
+        # sums of T * NPT / LD (state, step) pairs (1 shuffle per pair and round instead of
+        # log2(LD) shuffles for every value), and the atomics are not replicated over lanes.
+        # Fewer rounds (RS_ROUNDS) trade shuffles for atomics: 2 ** (LOG_LD - RS_ROUNDS)
+        # lanes add partial sums of each value
+        V: tl.constexpr = T * NPT
+        for kk in tl.static_range(2):
+            if kk == 0:
+                P = DH * dtu
+            else:
+                P = H * dy
+            # (KN, LD, V): v = npt * T + t in-thread
+            Q = tl.reshape(tl.permute(P, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (KN, LD, V))
+            for lvl in tl.static_range(RS_ROUNDS):
+                # Q.shape[2] values per lane before this round; its lane bit (Q.shape[2] * LD
+                # // (2 V)) is LD / 2, LD / 4, ..., 1 (inline: names assigned in a static_range
+                # body stop being constexprs). a: v's top bit 0, b: top bit 1; lanes with the
+                # bit set keep b, so after RS_ROUNDS rounds v = (ld >> (LOG_LD - RS_ROUNDS)) * W + w
+                a, b = tl.split(tl.permute(tl.reshape(Q, (KN, LD, 2, Q.shape[2] // 2)), (0, 1, 3, 2)))
+                up = (ld_q & (Q.shape[2] * LD // (2 * V))) != 0
+                send = tl.where(up, a, b)
+                keep = tl.where(up, b, a)
+                Q = keep + tl.gather(send, (ld_q ^ (Q.shape[2] * LD // (2 * V)))
+                                     + tl.zeros((KN, LD, Q.shape[2] // 2), tl.int32), 1)
+            if kk == 0:
+                tl.atomic_add(dB_ptr + red_base + red_tile, Q, sem="relaxed")
+            else:
+                tl.atomic_add(dC_ptr + red_base + red_tile, Q, sem="relaxed")
+    else:
+        # dB, dC: reduce over this program's channels (lanes, then warps), then one atomic
+        # each into the packed (batch, chunk, state block, T) fp32 buffers
+        dB_c = tl.reduce(tl.reduce(DH * dtu, AX_LD, _add, keep_dims=True), AX_WD, _add,
+                         keep_dims=True)
+        dC_c = tl.reduce(tl.reduce(H * dy, AX_LD, _add, keep_dims=True), AX_WD, _add,
+                         keep_dims=True)
+        tl.atomic_add(dB_ptr + red_base + red_tile, dB_c, sem="relaxed")
+        tl.atomic_add(dC_ptr + red_base + red_tile, dC_c, sem="relaxed")
+    return g, dA_acc, dhB_p, qA_p, y_p
+
+
+@triton.jit
+def _bwd_store_dz(y, us, Dv, dout, zz, sig, m, ptr, HAS_D: tl.constexpr):
+    """dz = dout y' sigmoid(z) (1 + z (1 - sigmoid(z))) stored where m; y' = y + D u."""
+    if HAS_D:
+        y = y + Dv * us
+    dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
+    tl.store(ptr, dz.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_step_outputs(s_dhB, s_qA, dts, dys, dsp, us, Dv, m, off, du_ptr, ddelta_ptr, dD_acc,
+                      dbias_acc, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SOFTPLUS: tl.constexpr):
+    """The backward's per-(step, channel) outputs from the state sums s_dhB, s_qA: du, ddelta
+    stored at off where m; dD's and ddelta_bias's sums accumulated."""
+    if HAS_D:
+        dD_acc += dys * us
+    du = dts * s_dhB
+    if HAS_D:
+        du += Dv * dys
+    tl.store(du_ptr + off, du.to(du_ptr.dtype.element_ty), mask=m)
+    ddt = s_qA + us * s_dhB
+    if SOFTPLUS:
+        ddt = ddt * dsp
+    ddt = tl.where(m, ddt, 0.0)
+    tl.store(ddelta_ptr + off, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
+    if HAS_BIAS:
+        dbias_acc += ddt
+    return dD_acc, dbias_acc
+
+
+@triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dlast_ptr,
     gseg_ptr, lseg_ptr,
@@ -524,7 +720,7 @@ def _scan_bwd_kernel(
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
     AX_LD: tl.constexpr, RS: tl.constexpr, LOG_LD: tl.constexpr, RS_ROUNDS: tl.constexpr,
-    LANE: tl.constexpr, US_ROW: tl.constexpr,
+    LANE: tl.constexpr, US_ROW: tl.constexpr, PAIR: tl.constexpr,
 ):
     """Program (batch row, channel block, segment): the segment's chunks, last to first.
     RS (WD == 1 and 2 <= LD <= T * NPT only): dB, dC summed over channels by a lane reduce-scatter
@@ -549,8 +745,10 @@ def _scan_bwd_kernel(
 
     A = tl.load(A_ptr + d * NSTATE + n, mask=mask_dn, other=0.0)
     A2 = A * LOG2E
+    bias = 0.0          # (unused without delta_bias / D)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d + zero_kn, mask=mask_d, other=0.0)
+    Dv = 0.0
     if HAS_D:
         Dv = tl.load(D_ptr + d + zero_kn, mask=mask_d, other=0.0)
     state_off = (pid_b * DIM + d) * NSTATE + n
@@ -580,195 +778,194 @@ def _scan_bwd_kernel(
     # B, C packed (batch, chunk + 2, state block, T): a scalar pointer to the chunk's block
     # (moved back one chunk per iteration) plus the tile's int32 offsets within it
     bc_tile = n * T + t_ + (wd_ + ld_) * 0
-    B_chunk = B_ptr + (pid_b * (n_chunks + 2) + c_hi - 1) * BN * T   # last chunk
-    C_chunk = C_ptr + (pid_b * (n_chunks + 2) + c_hi - 1) * BN * T
-    # checkpoints (batch, chunk, dim, state): NPT adjacent states a thread, wide loads
-    ckpt_ptrs = ckpt_ptr + (pid_b * n_chunks + c_hi - 1) * DIM * NSTATE + d * NSTATE + n
-
-    if RS:  # index tiles of the reduce-scatter's (KN, LD, values) layout
+    if RS:  # dB, dC's offsets within a chunk's block: the reduce-scatter's (KN, LD, values) layout
         V: tl.constexpr = T * NPT
         ld_q = tl.arange(0, LD)[None, :, None]
         # the (state, step) values a lane holds at the end: v = (ld >> (LOG_LD - RS_ROUNDS)) * W
         # + w of its KN row, W = V >> RS_ROUNDS (the rounds split on ld's bits, highest first)
         W: tl.constexpr = V >> RS_ROUNDS
-        rs_tile = (tl.arange(0, KN)[:, None, None] * V + (ld_q >> (LOG_LD - RS_ROUNDS)) * W
-                   + tl.arange(0, W)[None, None, :])
+        red_tile = (tl.arange(0, KN)[:, None, None] * V + (ld_q >> (LOG_LD - RS_ROUNDS)) * W
+                    + tl.arange(0, W)[None, None, :])
+    else:
+        ld_q = ld_
+        red_tile = n * T + t_
     dA_acc = tl.zeros_like(A)
 
-    # per-(step, channel) values ("scalars": loads, softplus, gate, outputs) live either on the
-    # whole time axis of every lane (t_) or, LANE, one step a state lane (ts_ = kn % T; lanes
-    # kn >= T repeat lane kn - T and are masked off)
-    ts_, own = _lane_steps(t_, kn_, T, LANE)
-    tSs = ts_ * ST
-    tZs = ts_ * ZT
-    dD_acc = tl.zeros_like(ts_ + d + zero_kn).to(tl.float32)     # (step, channel) accumulators
-    dbias_acc = tl.zeros_like(dD_acc)
-
-    # the chunk processed next (one earlier in time) is loaded while this one computes
-    t = (c_hi - 1) * T + t_
-    m_nx = (t < L) & mask_row
-    ms_nx = ((c_hi - 1) * T + ts_ < L) & mask_row & own
-    o = row + (zero64 + c_hi - 1) * TST + tS
-    os_ = row + (zero64 + c_hi - 1) * TST + tSs
-    u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
-    if LANE:
-        if not US_ROW:
-            us_nx = tl.load(u_ptr + os_, mask=ms_nx, other=0.0)
-    dl_nx = tl.load(delta_ptr + os_, mask=ms_nx, other=0.0)
-    do_nx = tl.load(dout_ptr + os_, mask=ms_nx, other=0.0)
-    if HAS_Z:
-        z_nx = tl.load(z_ptr + zrow + (zero64 + c_hi - 1) * TZT + tZs, mask=ms_nx, other=0.0)
-    h_nx = tl.load(ckpt_ptrs, mask=mask_dn, other=0.0)
-    for cc in range(0, c_hi - c_lo):
-        c = c_hi - 1 - cc
-        t = c * T + t_
-        ts = c * T + ts_
-        m_s = (ts < L) & mask_row & own
-        u = u_nx.to(tl.float32)
-        if LANE:
-            if US_ROW:
-                us = _own_step(u, t_, ts_, T)
-            else:
-                us = us_nx.to(tl.float32)
-        else:
-            us = u
-        draw = dl_nx.to(tl.float32)
-        dout = do_nx.to(tl.float32)
+    if PAIR:
+        # Chunk pairs (KN = T or 2T; LANE): the per-(step, channel) rows of two chunks are
+        # loaded and stored together, state lane kn taking the S = 2T / KN adjacent steps kn * S
+        # .. kn * S + S - 1 of the pair: 4 bytes a lane in bf16 at S = 2, half the wavefronts of
+        # one step a lane a chunk (8 channels' rows a warp either way). The pair's step sizes
+        # and dy reach every lane chunk by chunk (`_from_lanes`); the state sums of both chunks
+        # are reduce-scattered together into the pair layout (`_pair_sum`). The pairs start at
+        # the segment's end; with an odd chunk count the first pair's later chunk is c_hi, a
+        # no-op (no steps: decay 1, no input, zero dB and dC added to the padding or to the
+        # next segment's chunk).
+        S: tl.constexpr = 2 * T // KN
+        # contiguity S (the pair's adjacent steps in-thread), not KN * S across the lanes
+        ps_ = tl.max_contiguous(kn_ * S + tl.arange(0, S)[:, None, None, None, None], [S, 1, 1, 1, 1])
+        tPs = ps_ * ST
+        tZp = ps_ * ZT
+        lim = tl.minimum(L, c_hi * T)
+        n_pairs = (c_hi - c_lo + 1) // 2
+        c_top = c_lo + 2 * n_pairs
+        dD_acc = tl.zeros_like(ps_ + d + zero_kn).to(tl.float32)   # (step, channel) accumulators
+        dbias_acc = tl.zeros_like(dD_acc)
+        # the pair's rows one pair ahead, the chunk's row, checkpoint one chunk ahead
+        op = row + (zero64 + c_top - 2) * TST + tPs
+        mp = ((c_top - 2) * T + ps_ < lim) & mask_row
+        dl_nx = tl.load(delta_ptr + op, mask=mp, other=0.0)
+        do_nx = tl.load(dout_ptr + op, mask=mp, other=0.0)
+        us_nx = tl.load(u_ptr + op, mask=mp, other=0.0)
         if HAS_Z:
-            zz = z_nx.to(tl.float32)
-        h = h_nx.to(tl.float32)          # the checkpoint may be bf16; the recurrence runs in fp32
-        m_nx = (t - T >= c_lo * T) & mask_row            # chunk c - 1 is in this segment
-        ms_nx = (ts - T >= c_lo * T) & mask_row & own
-        o = row + (zero64 + c) * TST + tS              # chunk c; c - 1 is prefetched
-        os_ = row + (zero64 + c) * TST + tSs
-        u_nx = tl.load(u_ptr + o - TST, mask=m_nx, other=0.0)
+            z_nx = tl.load(z_ptr + zrow + (zero64 + c_top - 2) * TZT + tZp, mask=mp, other=0.0)
+        u_nx = tl.load(u_ptr + row + (zero64 + c_top - 1) * TST + tS,
+                       mask=((c_top - 1) * T + t_ < lim) & mask_row, other=0.0)
+        ckpt_ptrs = ckpt_ptr + (pid_b * n_chunks + c_top - 1) * DIM * NSTATE + d * NSTATE + n
+        h_nx = tl.load(ckpt_ptrs, mask=mask_dn & (zero_kn + c_top - 1 < c_hi), other=0.0)
+        B_chunk = B_ptr + (pid_b * (n_chunks + 2) + c_top - 1) * BN * T
+        C_chunk = C_ptr + (pid_b * (n_chunks + 2) + c_top - 1) * BN * T
+        for pr in range(0, n_pairs):
+            c0 = c_top - 2 - 2 * pr                      # the pair: chunks c0, c0 + 1
+            m_p = (c0 * T + ps_ < lim) & mask_row
+            draw = dl_nx.to(tl.float32)
+            dout = do_nx.to(tl.float32)
+            us = us_nx.to(tl.float32)
+            if HAS_Z:
+                zz = z_nx.to(tl.float32)
+            else:
+                zz = dout
+            op = row + (zero64 + c0) * TST + tPs
+            mp = (c0 * T + ps_ - 2 * T >= c_lo * T) & mask_row   # the pair before is in the segment
+            dl_nx = tl.load(delta_ptr + op - 2 * TST, mask=mp, other=0.0)
+            do_nx = tl.load(dout_ptr + op - 2 * TST, mask=mp, other=0.0)
+            us_nx = tl.load(u_ptr + op - 2 * TST, mask=mp, other=0.0)
+            if HAS_Z:
+                z_nx = tl.load(z_ptr + zrow + (zero64 + c0 - 2) * TZT + tZp, mask=mp, other=0.0)
+            dts, dsp, sig, dys = _bwd_step_inputs(draw, dout, zz, bias, m_p, HAS_Z, HAS_BIAS,
+                                                  SOFTPLUS, FAST_LOG)
+            for half in tl.static_range(2):
+                cc = c0 + 1 - half                       # the later chunk first
+                u = u_nx.to(tl.float32)
+                h = h_nx.to(tl.float32)
+                # (with an odd count chunk c_top - 2 is the segment's last, maybe partial)
+                t_nx = (cc - 1) * T + t_
+                u_nx = tl.load(u_ptr + row + (zero64 + cc - 1) * TST + tS,
+                               mask=(t_nx >= c_lo * T) & (t_nx < lim) & mask_row, other=0.0)
+                ckpt_ptrs -= DIM * NSTATE
+                h_nx = tl.load(ckpt_ptrs, mask=mask_dn & (zero_kn + cc > c_lo), other=0.0)
+                Bt = tl.load(B_chunk + bc_tile).to(tl.float32)
+                Ct = tl.load(C_chunk + bc_tile).to(tl.float32)
+                B_chunk -= BN * T
+                C_chunk -= BN * T
+                dt = _from_lanes(dts, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, 1 - half)
+                dy = _from_lanes(dys, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, 1 - half)
+                H, dA, dBu, dtu = _bwd_states(u, h, Bt, dt, A2, t_, T)
+                # y_p: C h summed over the thread's states, for dz
+                g, dA_acc, dhB_p, qA_p, y_p = _bwd_walk(
+                    H, dA, dBu, dtu, Bt, Ct, dt, dy, g, A, dA_acc, dB_ptr, dC_ptr,
+                    (pid_b * (n_chunks + 2) + cc) * BN * T, red_tile, ld_q, t_, HAS_Z, RS,
+                    RS_ROUNDS, LOG_LD, T, NPT, WD, KN, LD, AX_NPT, AX_WD, AX_KN, AX_LD)
+                if half == 0:
+                    y_b, dhB_b, qA_b = y_p, dhB_p, qA_p
+            if HAS_Z:
+                y = _pair_sum(y_p, y_b, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+            s_dhB = _pair_sum(dhB_p, dhB_b, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+            s_qA = _pair_sum(qA_p, qA_b, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+            if HAS_Z:
+                _bwd_store_dz(y, us, Dv, dout, zz, sig, m_p, dz_ptr + op, HAS_D)
+            dD_acc, dbias_acc = _bwd_step_outputs(
+                s_dhB, s_qA, dts, dys, dsp, us, Dv, m_p, op, du_ptr, ddelta_ptr, dD_acc,
+                dbias_acc, HAS_D, HAS_BIAS, SOFTPLUS)
+    else:
+        B_chunk = B_ptr + (pid_b * (n_chunks + 2) + c_hi - 1) * BN * T   # last chunk
+        C_chunk = C_ptr + (pid_b * (n_chunks + 2) + c_hi - 1) * BN * T
+        # checkpoints (batch, chunk, dim, state): NPT adjacent states a thread, wide loads
+        ckpt_ptrs = ckpt_ptr + (pid_b * n_chunks + c_hi - 1) * DIM * NSTATE + d * NSTATE + n
+        # per-(step, channel) values ("scalars": loads, softplus, gate, outputs) live either on
+        # the whole time axis of every lane (t_) or, LANE, one step a state lane (ts_ = kn % T;
+        # lanes kn >= T repeat lane kn - T and are masked off)
+        ts_, own = _lane_steps(t_, kn_, T, LANE)
+        tSs = ts_ * ST
+        tZs = ts_ * ZT
+        dD_acc = tl.zeros_like(ts_ + d + zero_kn).to(tl.float32)     # (step, channel) accumulators
+        dbias_acc = tl.zeros_like(dD_acc)
+
+        # the chunk processed next (one earlier in time) is loaded while this one computes
+        t = (c_hi - 1) * T + t_
+        m_nx = (t < L) & mask_row
+        ms_nx = ((c_hi - 1) * T + ts_ < L) & mask_row & own
+        o = row + (zero64 + c_hi - 1) * TST + tS
+        os_ = row + (zero64 + c_hi - 1) * TST + tSs
+        u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
         if LANE:
             if not US_ROW:
-                us_nx = tl.load(u_ptr + os_ - TST, mask=ms_nx, other=0.0)
-        dl_nx = tl.load(delta_ptr + os_ - TST, mask=ms_nx, other=0.0)
-        do_nx = tl.load(dout_ptr + os_ - TST, mask=ms_nx, other=0.0)
+                us_nx = tl.load(u_ptr + os_, mask=ms_nx, other=0.0)
+        dl_nx = tl.load(delta_ptr + os_, mask=ms_nx, other=0.0)
+        do_nx = tl.load(dout_ptr + os_, mask=ms_nx, other=0.0)
         if HAS_Z:
-            z_nx = tl.load(z_ptr + zrow + (zero64 + c - 1) * TZT + tZs, mask=ms_nx, other=0.0)
-        ckpt_ptrs -= DIM * NSTATE
-        h_nx = tl.load(ckpt_ptrs, mask=mask_dn & (zero_kn + c > c_lo), other=0.0)
-
-        Bt = tl.load(B_chunk + bc_tile).to(tl.float32)
-        Ct = tl.load(C_chunk + bc_tile).to(tl.float32)
-        B_chunk -= BN * T
-        C_chunk -= BN * T
-        if HAS_BIAS:
-            draw += bias
-        dt = draw
-        if SOFTPLUS:
-            # softplus and its derivative sigmoid(draw) = e / (1 + e) from one e = exp(draw)
-            # (above 20 softplus is the identity, its derivative 1)
-            e_draw = tl.exp2(draw * LOG2E)
-            dt = tl.where(draw > 20.0, draw, _log2(1.0 + e_draw, FAST_LOG) * 0.6931471805599453)
-            dsp = tl.where(draw > 20.0, 1.0, e_draw * _rcp(1.0 + e_draw, FAST_LOG))
-        dts = tl.where(m_s, dt, 0.0)
-        if HAS_Z:
-            sig = _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
-            dys = dout * zz * sig
-        else:
-            dys = dout
-        if LANE:  # every lane gets the chunk's T step sizes and dy from the lanes that own them
-            dt = _from_lanes(dts, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
-            dy = _from_lanes(dys, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
-        else:
-            dt = dts
-            dy = dys
-        dtu = dt * u
-        dA = tl.exp2(dt * A2)
-        dBu = dtu * Bt
-
-        # recompute the chunk's states h_t from its checkpoint
-        H = tl.zeros_like(dBu)
-        for k in tl.static_range(T):
-            at_k = t_ == k
-            # NEG0 for the decays (exp2 results: with +0.0 each extraction costs an FADD); the
-            # products dBu and x take Triton's +0.0 for a literal -0.0, which ptxas folds into
-            # the FFMA that makes them, and which compiles to fewer registers under the cap
-            h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
-                 + tl.reduce(tl.where(at_k, dBu, -0.0), 0, _add, keep_dims=True))
-            H = tl.where(at_k, h, H)
-
-        if HAS_Z:
-            y = _state_sum(H * Ct, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
-            if HAS_D:
-                y = y + Dv * us
-            dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
-            tl.store(dz_ptr + os_, dz.to(dz_ptr.dtype.element_ty), mask=m_s)
-        if HAS_D:
-            dD_acc += dys * us
-
-        # walk the chunk backwards: dh_t = C_t dy_t + exp(dt_{t+1} A) dh_{t+1}; g carries the
-        # second term, and after step 0 it is the gradient of the chunk's starting state
-        x = Ct * dy
-        DH = tl.zeros_like(x)
-        for k in tl.static_range(T - 1, -1, -1):
-            at_k = t_ == k
-            dh = g + tl.reduce(tl.where(at_k, x, -0.0), 0, _add, keep_dims=True)
-            DH = tl.where(at_k, dh, DH)
-            g = tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * dh
-
-        # q = dh * exp(dt A) h_{t-1} = dh (h_t - dt u B): the gradient of the exponent dt * A
-        q = DH * (H - dBu)
-        s_dhB = _state_sum(DH * Bt, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
-        s_qA = _state_sum(q * A, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
-        dA_acc += tl.reduce(q * dt, 0, _add, keep_dims=True)
-        if RS:
-            # dB, dC summed over the LD channel lanes by a reduce-scatter: each round a lane
-            # keeps one half of its values, sends the other half to the partner lane (lane xor m)
-            # and adds what the partner sent; after log2(LD) rounds each lane holds the channel
-            # sums of T * NPT / LD (state, step) pairs (1 shuffle per pair and round instead of
-            # log2(LD) shuffles for every value), and the atomics are not replicated over lanes.
-            # Fewer rounds (RS_ROUNDS) trade shuffles for atomics: 2 ** (LOG_LD - RS_ROUNDS)
-            # lanes add partial sums of each value
-            bc_red = (pid_b * (n_chunks + 2) + c) * BN * T + rs_tile
-            for kk in tl.static_range(2):
-                if kk == 0:
-                    P = DH * dtu
+            z_nx = tl.load(z_ptr + zrow + (zero64 + c_hi - 1) * TZT + tZs, mask=ms_nx, other=0.0)
+        h_nx = tl.load(ckpt_ptrs, mask=mask_dn, other=0.0)
+        for cc in range(0, c_hi - c_lo):
+            c = c_hi - 1 - cc
+            t = c * T + t_
+            ts = c * T + ts_
+            m_s = (ts < L) & mask_row & own
+            u = u_nx.to(tl.float32)
+            if LANE:
+                if US_ROW:
+                    us = _own_step(u, t_, ts_, T)
                 else:
-                    P = H * dy
-                # (KN, LD, V): v = npt * T + t in-thread
-                Q = tl.reshape(tl.permute(P, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (KN, LD, V))
-                for lvl in tl.static_range(RS_ROUNDS):
-                    # Q.shape[2] values per lane before this round; its lane bit (Q.shape[2] * LD
-                    # // (2 V)) is LD / 2, LD / 4, ..., 1 (inline: names assigned in a static_range
-                    # body stop being constexprs). a: v's top bit 0, b: top bit 1; lanes with the
-                    # bit set keep b, so after RS_ROUNDS rounds v = (ld >> (LOG_LD - RS_ROUNDS)) * W + w
-                    a, b = tl.split(tl.permute(tl.reshape(Q, (KN, LD, 2, Q.shape[2] // 2)), (0, 1, 3, 2)))
-                    up = (ld_q & (Q.shape[2] * LD // (2 * V))) != 0
-                    send = tl.where(up, a, b)
-                    keep = tl.where(up, b, a)
-                    Q = keep + tl.gather(send, (ld_q ^ (Q.shape[2] * LD // (2 * V)))
-                                         + tl.zeros((KN, LD, Q.shape[2] // 2), tl.int32), 1)
-                if kk == 0:
-                    tl.atomic_add(dB_ptr + bc_red, Q, sem="relaxed")
-                else:
-                    tl.atomic_add(dC_ptr + bc_red, Q, sem="relaxed")
-        else:
-            # dB, dC: reduce over this program's channels (lanes, then warps), then one atomic
-            # each into the packed (batch, chunk, state block, T) fp32 buffers
-            dB_c = tl.reduce(tl.reduce(DH * dtu, AX_LD, _add, keep_dims=True), AX_WD, _add,
-                             keep_dims=True)
-            dC_c = tl.reduce(tl.reduce(H * dy, AX_LD, _add, keep_dims=True), AX_WD, _add,
-                             keep_dims=True)
-            bc_red = (pid_b * (n_chunks + 2) + c) * BN * T + n * T + t_
-            tl.atomic_add(dB_ptr + bc_red, dB_c, sem="relaxed")
-            tl.atomic_add(dC_ptr + bc_red, dC_c, sem="relaxed")
+                    us = us_nx.to(tl.float32)
+            else:
+                us = u
+            draw = dl_nx.to(tl.float32)
+            dout = do_nx.to(tl.float32)
+            if HAS_Z:
+                zz = z_nx.to(tl.float32)
+            else:
+                zz = dout
+            h = h_nx.to(tl.float32)          # the checkpoint may be bf16; the recurrence runs in fp32
+            m_nx = (t - T >= c_lo * T) & mask_row            # chunk c - 1 is in this segment
+            ms_nx = (ts - T >= c_lo * T) & mask_row & own
+            o = row + (zero64 + c) * TST + tS              # chunk c; c - 1 is prefetched
+            os_ = row + (zero64 + c) * TST + tSs
+            u_nx = tl.load(u_ptr + o - TST, mask=m_nx, other=0.0)
+            if LANE:
+                if not US_ROW:
+                    us_nx = tl.load(u_ptr + os_ - TST, mask=ms_nx, other=0.0)
+            dl_nx = tl.load(delta_ptr + os_ - TST, mask=ms_nx, other=0.0)
+            do_nx = tl.load(dout_ptr + os_ - TST, mask=ms_nx, other=0.0)
+            if HAS_Z:
+                z_nx = tl.load(z_ptr + zrow + (zero64 + c - 1) * TZT + tZs, mask=ms_nx, other=0.0)
+            ckpt_ptrs -= DIM * NSTATE
+            h_nx = tl.load(ckpt_ptrs, mask=mask_dn & (zero_kn + c > c_lo), other=0.0)
 
-        du = dts * s_dhB
-        if HAS_D:
-            du += Dv * dys
-        tl.store(du_ptr + os_, du.to(du_ptr.dtype.element_ty), mask=m_s)
-        ddt = s_qA + us * s_dhB
-        if SOFTPLUS:
-            ddt = ddt * dsp
-        ddt = tl.where(m_s, ddt, 0.0)
-        tl.store(ddelta_ptr + os_, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_s)
-        if HAS_BIAS:
-            dbias_acc += ddt
+            Bt = tl.load(B_chunk + bc_tile).to(tl.float32)
+            Ct = tl.load(C_chunk + bc_tile).to(tl.float32)
+            B_chunk -= BN * T
+            C_chunk -= BN * T
+            dts, dsp, sig, dys = _bwd_step_inputs(draw, dout, zz, bias, m_s, HAS_Z, HAS_BIAS,
+                                                  SOFTPLUS, FAST_LOG)
+            if LANE:  # every lane gets the chunk's T step sizes and dy from the lanes that own them
+                dt = _from_lanes(dts, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, 1, 0)
+                dy = _from_lanes(dys, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, 1, 0)
+            else:
+                dt = dts
+                dy = dys
+            H, dA, dBu, dtu = _bwd_states(u, h, Bt, dt, A2, t_, T)
+            if HAS_Z:
+                y = _state_sum(H * Ct, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+                _bwd_store_dz(y, us, Dv, dout, zz, sig, m_s, dz_ptr + os_, HAS_D)
+            g, dA_acc, dhB_p, qA_p, _ = _bwd_walk(
+                H, dA, dBu, dtu, Bt, Ct, dt, dy, g, A, dA_acc, dB_ptr, dC_ptr,
+                (pid_b * (n_chunks + 2) + c) * BN * T, red_tile, ld_q, t_, False, RS, RS_ROUNDS,
+                LOG_LD, T, NPT, WD, KN, LD, AX_NPT, AX_WD, AX_KN, AX_LD)
+            s_dhB = _lanes_sum(dhB_p, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+            s_qA = _lanes_sum(qA_p, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+            dD_acc, dbias_acc = _bwd_step_outputs(
+                s_dhB, s_qA, dts, dys, dsp, us, Dv, m_s, os_, du_ptr, ddelta_ptr, dD_acc,
+                dbias_acc, HAS_D, HAS_BIAS, SOFTPLUS)
 
     # per-channel parameters: summed over time here, over batch rows and segments by atomics
     tl.atomic_add(dA_ptr + d * NSTATE + n + (wd_ + ld_) * 0, dA_acc, mask=mask_dn, sem="relaxed")
@@ -844,8 +1041,8 @@ def _scan_bwd_segment_kernel(
         dt = tl.where(m_s, dt, 0.0)
         lam += dt
         if LANE:
-            dt = _from_lanes(dt, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
-            dy = _from_lanes(dy, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+            dt = _from_lanes(dt, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, 1, 0)
+            dy = _from_lanes(dy, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, 1, 0)
         dA = tl.exp2(dt * A2)
         x = Ct * dy
         for k in tl.static_range(T - 1, -1, -1):
