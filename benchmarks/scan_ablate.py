@@ -13,19 +13,19 @@ import shutil, sys
 from pathlib import Path
 
 KERNELS = "bytelm/ops/triton/selective_scan_kernels.py"
-ATOM_B = 'tl.atomic_add(dB_ptr + bc_red, Q, sem="relaxed")'
-ATOM_C = 'tl.atomic_add(dC_ptr + bc_red, Q, sem="relaxed")'
-NEVER = "(bc_red < 0)"   # never true; the compiler cannot know it
-NO_ATOMICS = [(ATOM_B, f"tl.store(dB_ptr + bc_red, Q, mask={NEVER})"),
-              (ATOM_C, f"tl.store(dC_ptr + bc_red, Q, mask={NEVER})")]
+ATOM_B = 'tl.atomic_add(dB_ptr + red_base + red_tile, Q, sem="relaxed")'
+ATOM_C = 'tl.atomic_add(dC_ptr + red_base + red_tile, Q, sem="relaxed")'
+NEVER = "(red_base + red_tile < 0)"   # never true; the compiler cannot know it
+NO_ATOMICS = [(ATOM_B, f"tl.store(dB_ptr + red_base + red_tile, Q, mask={NEVER})"),
+              (ATOM_C, f"tl.store(dC_ptr + red_base + red_tile, Q, mask={NEVER})")]
 VARIANTS = {
     "noatom": NO_ATOMICS,
     "nors": [("Q = tl.reshape(tl.permute(P, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (KN, LD, V))",
               "Q = tl.sum(tl.reshape(tl.reshape(tl.permute(P, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), "
               "(KN, LD, V)), (KN, LD, LD, V // LD)), 2)"),
              ("for lvl in tl.static_range(RS_ROUNDS):", "for lvl in tl.static_range(0):")] + NO_ATOMICS,
-    "nostore": [(f"tl.store({p}_ptr + os_, {v}.to({p}_ptr.dtype.element_ty), mask=m_s)",
-                 f"tl.store({p}_ptr + os_, {v}.to({p}_ptr.dtype.element_ty), mask=m_s & (L < 0))")
+    "nostore": [(f"tl.store({p}_ptr + off, {v}.to({p}_ptr.dtype.element_ty), mask=m)",
+                 f"tl.store({p}_ptr + off, {v}.to({p}_ptr.dtype.element_ty), mask=m & (off < 0))")
                 for p, v in (("dz", "dz"), ("du", "du"), ("ddelta", "ddt"))],
 }
 

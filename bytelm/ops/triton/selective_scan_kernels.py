@@ -679,12 +679,12 @@ def _bwd_walk(H, dA, dBu, dtu, Bt, Ct, dt, dy, g, A, dA_acc, dB_ptr, dC_ptr, red
 
 
 @triton.jit
-def _bwd_store_dz(y, us, Dv, dout, zz, sig, m, ptr, HAS_D: tl.constexpr):
-    """dz = dout y' sigmoid(z) (1 + z (1 - sigmoid(z))) stored where m; y' = y + D u."""
+def _bwd_store_dz(y, us, Dv, dout, zz, sig, m, off, dz_ptr, HAS_D: tl.constexpr):
+    """dz = dout y' sigmoid(z) (1 + z (1 - sigmoid(z))) stored at off where m; y' = y + D u."""
     if HAS_D:
         y = y + Dv * us
     dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
-    tl.store(ptr, dz.to(ptr.dtype.element_ty), mask=m)
+    tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -873,7 +873,7 @@ def _scan_bwd_kernel(
             s_dhB = _pair_sum(dhB_p, dhB_b, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
             s_qA = _pair_sum(qA_p, qA_b, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
             if HAS_Z:
-                _bwd_store_dz(y, us, Dv, dout, zz, sig, m_p, dz_ptr + op, HAS_D)
+                _bwd_store_dz(y, us, Dv, dout, zz, sig, m_p, op, dz_ptr, HAS_D)
             dD_acc, dbias_acc = _bwd_step_outputs(
                 s_dhB, s_qA, dts, dys, dsp, us, Dv, m_p, op, du_ptr, ddelta_ptr, dD_acc,
                 dbias_acc, HAS_D, HAS_BIAS, SOFTPLUS)
@@ -956,7 +956,7 @@ def _scan_bwd_kernel(
             H, dA, dBu, dtu = _bwd_states(u, h, Bt, dt, A2, t_, T)
             if HAS_Z:
                 y = _state_sum(H * Ct, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
-                _bwd_store_dz(y, us, Dv, dout, zz, sig, m_s, dz_ptr + os_, HAS_D)
+                _bwd_store_dz(y, us, Dv, dout, zz, sig, m_s, os_, dz_ptr, HAS_D)
             g, dA_acc, dhB_p, qA_p, _ = _bwd_walk(
                 H, dA, dBu, dtu, Bt, Ct, dt, dy, g, A, dA_acc, dB_ptr, dC_ptr,
                 (pid_b * (n_chunks + 2) + c) * BN * T, red_tile, ld_q, t_, False, RS, RS_ROUNDS,
