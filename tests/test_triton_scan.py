@@ -405,18 +405,25 @@ def test_generation_continues_the_scan():
 
 
 @pytest.mark.parametrize("pairs", [True, False], ids=["chunk_pairs", "one_chunk"])
-def test_scan_backward_chunk_pairs(pairs, monkeypatch):
-    """The backward in chunk pairs (pairs: the per-(step, channel) rows of two chunks loaded and
-    stored together, state lane kn taking 2T / KN adjacent steps of the pair; N=16 with 4
-    states a thread: 2 steps a lane, N=64: 1) or a chunk at a time: both must give the
-    reference's gradients, with odd and even chunk counts (the first pair's later chunk past the
-    segment: a no-op), whole and in pieces, with and without z, D, delta_bias, softplus."""
+def test_scan_chunk_pairs(pairs, monkeypatch):
+    """Chunk pairs (pairs: the per-(step, channel) rows of two chunks loaded and stored
+    together, state lane kn taking 2T / KN adjacent steps of the pair; the backward at N=16
+    with 4 states a thread: 2 steps a lane, N=64: 1; the pipelined forward with one step a lane,
+    bf16 at N=16 here (forward_config's 4 states a thread) and N=64 without gradients) or a chunk
+    at a time: both must give the reference's results, with odd and even chunk counts (the
+    first pair's later chunk past the segment, or the forward's warm-up chunk: no-ops), whole
+    and in pieces, with and without z, D, delta_bias, softplus, with and without gradients."""
     override_scan_config(monkeypatch, pairs=pairs)
     check_scan(*SMALL, 33, 16, torch.bfloat16, seed=31)                       # 9 chunks
     check_scan(*SMALL, 30, 64, torch.float32, seed=32)                        # 8 chunks
-    check_scan(*SMALL, 6, 16, torch.float32, seed=33, drop=("z", "D", "delta_bias"), softplus=False)
+    check_scan(*SMALL, 6, 16, torch.bfloat16, seed=33, drop=("z", "D", "delta_bias"), softplus=False)
     check_scan(*SMALL, 21, 16, torch.bfloat16, seed=34, drop=("initial_state",),
                layout=dict(u="cm1", delta="cm1", z="cm2"))
+    for length, nstate in ((29, 16), (26, 64)):                               # no gradients
+        x = make_inputs(*SMALL, length, nstate, torch.bfloat16, seed=37 + nstate)
+        out = tss.selective_scan_triton(**x, delta_softplus=True)
+        ref = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True)
+        assert rel_err(out, ref) < TOL[torch.bfloat16][0], (length, nstate)
     override_scan_config(monkeypatch, pairs=pairs, SEG=3)                     # 4 + 4 + 3, 3 + 3 + 2 chunks
     check_scan(*SMALL, 41, 16, torch.bfloat16, seed=35)
     check_scan(*SMALL, 30, 64, torch.bfloat16, seed=36, drop=("z",))

@@ -140,7 +140,7 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pipeline=True,
                 pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=True,
-                lane_steps_ckpt=kn <= 4, us_row=False, us_row_ckpt=True, bc_bf16=True)
+                lane_steps_ckpt=kn <= 4, us_row=False, us_row_ckpt=True, bc_bf16=True, pairs=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -324,14 +324,18 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
         _scan_fwd_segment_kernel[grid + (nseg - 1,)](
             u, delta, A, Bp, bias, hseg, lseg, length, dim, nstate, n_chunks, cps, nseg,
             *_strides(u, z), **consts)
+    # chunk pairs (the pipelined loop, one step a lane, KN = T or 2T): see the backward's
+    pipeline = cfg.get("pipeline_ckpt" if store_ckpt else "pipeline", True)
+    pair = (bool(cfg.get("pairs")) and pipeline and consts["LANE"]
+            and cfg["KN"] in (cfg["T"], 2 * cfg["T"]))
     _scan_fwd_kernel[grid + (nseg,)](
         u, delta, A, Bp, Cp, D if D is not None else A, z if z is not None else u, bias,
         initial_state if initial_state is not None else h_last, hseg, lseg,
         out, h_last, ckpt if ckpt is not None else h_last,
         length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None,
-        STORE_CKPT=store_ckpt, PIPELINE=cfg.get("pipeline_ckpt" if store_ckpt else "pipeline", True),
-        US_ROW=bool(cfg.get("us_row_ckpt" if store_ckpt else "us_row")),
+        STORE_CKPT=store_ckpt, PIPELINE=pipeline,
+        US_ROW=bool(cfg.get("us_row_ckpt" if store_ckpt else "us_row")), PAIR=pair,
         **_register_cap(cfg), **consts)
     return out, h_last, ckpt
 

@@ -216,6 +216,19 @@ def _tile_index(T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.con
     return t_, np_, wd_, kn_, ld_
 
 
+@triton.jit
+def _fwd_step_sizes(dl, bias, m, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                    FAST_LOG: tl.constexpr):
+    """Step sizes from raw delta: + delta_bias, softplus (torch's: x itself above 20), 0 where
+    not m (steps past the end or outside the segment: decay 1, no input)."""
+    dt = dl.to(tl.float32)
+    if HAS_BIAS:
+        dt += bias
+    if SOFTPLUS:
+        dt = tl.where(dt > 20.0, dt, _log2(1.0 + tl.exp2(dt * 1.4426950408889634), FAST_LOG) * 0.6931471805599453)
+    return tl.where(m, dt, 0.0)
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
@@ -226,7 +239,7 @@ def _scan_fwd_kernel(
     L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr, FAST_LOG: tl.constexpr,
-    PIPELINE: tl.constexpr, US_ROW: tl.constexpr,
+    PIPELINE: tl.constexpr, US_ROW: tl.constexpr, PAIR: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
     AX_LD: tl.constexpr, LANE: tl.constexpr,
@@ -252,6 +265,7 @@ def _scan_fwd_kernel(
 
     # per-(channel, state) constants; A pre-scaled so that exp2 gives exp
     A2 = tl.load(A_ptr + d * NSTATE + n, mask=mask_dn, other=0.0) * LOG2E
+    bias = 0.0          # (unused without delta_bias)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d + zero_kn, mask=mask_d, other=0.0)
     if HAS_D:
@@ -296,7 +310,90 @@ def _scan_fwd_kernel(
     # for the store (2 STS, LDS, BAR a chunk)
     ckpt_tile = d * NSTATE + n
 
-    if PIPELINE:
+    if PAIR:
+        # The pipelined loop below (see there) with each iteration's two chunks (c, c + 1) a
+        # pair whose per-(step, channel) rows -- delta, z, D u's u, the output -- are loaded
+        # and stored together, state lane kn taking the S = 2T / KN adjacent steps kn * S ..
+        # kn * S + S - 1 of the pair (the backward's chunk pairs): 4 bytes a lane in bf16 at
+        # S = 2, half the L1 wavefronts of those accesses. A pair's step sizes are computed in
+        # one go, an iteration ahead, and reach every lane chunk by chunk (`_from_lanes`); both
+        # chunks' C h are reduce-scattered together into the pair layout (`_pair_sum`).
+        S: tl.constexpr = 2 * T // KN
+        ps_ = tl.max_contiguous(kn_ * S + tl.arange(0, S)[:, None, None, None, None], [S, 1, 1, 1, 1])
+        tPs = ps_ * ST
+        tZp = ps_ * ZT
+        lo = c_lo * T
+        lim = tl.minimum(L, c_hi * T)
+        # the first pair: (c_lo - 1, c_lo), chunk c_lo - 1 the warm-up no-op
+        pc = row + (zero64 + c_lo - 1) * TST + tPs
+        st = (c_lo - 1) * T + ps_
+        m_p = (st >= lo) & (st < lim) & mask_row
+        dtp = _fwd_step_sizes(tl.load(delta_ptr + pc, mask=m_p, other=0.0), bias, m_p, HAS_BIAS,
+                              SOFTPLUS, FAST_LOG)
+        if HAS_Z:
+            z_cur = tl.load(z_ptr + zrow + (zero64 + c_lo - 1) * TZT + tZp, mask=m_p, other=0.0)
+        if HAS_D:
+            us_cur = tl.load(u_ptr + pc, mask=m_p, other=0.0)
+        dl_nx = tl.load(delta_ptr + pc + 2 * TST, mask=(st + 2 * T < lim) & mask_row, other=0.0)
+        u_cur = tl.zeros_like(row + tS).to(u_ptr.dtype.element_ty)
+        B_cur = tl.zeros_like(bc_tile).to(tl.float32)
+        C_cur = B_cur
+        dt_cur = tl.zeros_like(u_cur).to(tl.float32)
+        dA_cur = B_cur + 1.0
+        for c in range(c_lo - 1, c_hi, 2):
+            pc = row + (zero64 + c) * TST + tPs
+            st = c * T + ps_
+            m_nx = (st + 2 * T < lim) & mask_row          # the next pair's steps (c + 2 > c_lo)
+            if HAS_Z:
+                z_nx = tl.load(z_ptr + zrow + (zero64 + c + 2) * TZT + tZp, mask=m_nx, other=0.0)
+            if HAS_D:
+                us_nx = tl.load(u_ptr + pc + 2 * TST, mask=m_nx, other=0.0)
+            dl_nn = tl.load(delta_ptr + pc + 4 * TST, mask=(st + 4 * T < lim) & mask_row, other=0.0)
+            for half in tl.static_range(2):
+                cc = c + half
+                t = cc * T + t_
+                u_nx = tl.load(u_ptr + row + (zero64 + cc + 1) * TST + tS, mask=(t + T < L) & mask_row,
+                               other=0.0)
+                B_nx = tl.load(B_chunk + bc_tile).to(tl.float32)
+                C_nx = tl.load(C_chunk + bc_tile).to(tl.float32)
+                B_chunk += BN * T
+                C_chunk += BN * T
+                # chunk cc + 1's step sizes: the pair's second chunk, then the next pair's first
+                if half == 1:
+                    dtp = _fwd_step_sizes(dl_nx, bias, m_nx, HAS_BIAS, SOFTPLUS, FAST_LOG)
+                dt_nx = _from_lanes(dtp, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, 1 - half)
+                dA_nx = tl.exp2(dt_nx * A2)
+
+                # chunk cc's recurrence and checkpoint (as in the loop below)
+                in_seg = (zero_kn + cc >= c_lo) & (zero_kn + cc < c_hi)
+                if STORE_CKPT:
+                    tl.store(ckpt_ptr + (pid_b * n_chunks + cc) * DIM * NSTATE + ckpt_tile,
+                             h.to(ckpt_ptr.dtype.element_ty), mask=mask_dn & in_seg)
+                dBu = (dt_cur * u_cur.to(tl.float32)) * B_cur
+                H = tl.zeros_like(dBu)
+                for k in tl.static_range(T):
+                    at_k = t_ == k
+                    h = (tl.reduce(tl.where(at_k, dA_cur, NEG0), 0, _add, keep_dims=True) * h
+                         + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
+                    H = tl.where(at_k, h, H)
+                y_p = tl.reduce(H * C_cur, AX_NPT, _add, keep_dims=True)
+                if half == 0:
+                    y_a = y_p
+                u_cur, B_cur, C_cur, dt_cur, dA_cur = u_nx, B_nx, C_nx, dt_nx, dA_nx
+            # the pair's outputs
+            y = _pair_sum(y_a, y_p, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+            if HAS_D:
+                y = y + Dv * us_cur.to(tl.float32)
+            if HAS_Z:  # y z sigmoid(z); zz * -LOG2E: a negation would cost an FADD
+                zz = z_cur.to(tl.float32)
+                y = y * zz * _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
+            tl.store(out_ptr + pc, y.to(out_ptr.dtype.element_ty), mask=(st >= lo) & (st < lim) & mask_row)
+            dl_nx = dl_nn
+            if HAS_Z:
+                z_cur = z_nx
+            if HAS_D:
+                us_cur = us_nx
+    elif PIPELINE:
         # Software pipeline: while chunk cc's recurrence runs, chunk cc + 1's step sizes and
         # decays (softplus, exp2: independent of the state) are computed, chunk cc + 1's u, z,
         # B, C rows and chunk cc + 2's delta row are loaded. Two chunks per iteration
