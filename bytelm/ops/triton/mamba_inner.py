@@ -20,7 +20,6 @@ import torch
 from bytelm.ops.backend import needs_autograd
 from bytelm.ops.channel_major import _autocast
 from bytelm.ops.triton.causal_conv1d import conv_bwd, conv_fwd
-from bytelm.ops.triton.layout import like
 from bytelm.ops.triton.selective_scan import (forward_config, pack_bc, scan_bwd, scan_fwd,
                                                 unpack_bc)
 
@@ -70,7 +69,7 @@ class MambaInnerFn(torch.autograd.Function):
         dx_cm, dz_cm = dxz[:d_inner], dxz[d_inner:]
         du, ddelta, dA, dBp, dCp, dD, _, ddt_bias, _ = scan_bwd(
             x, delta, A, Bp, Cp, D, _per_row(xz[d_inner:], batch), dt_bias, True, ckpt,
-            ctx.t_chunk, like(dy, x), None, need_dh0=False, dz=_per_row(dz_cm, batch))
+            ctx.t_chunk, dy, None, need_dh0=False, dz=_per_row(dz_cm, batch))
         dx_dbl = torch.empty_like(x_dbl)
         ddt_low, dB, dC = dx_dbl.split([dt_rank, nstate, nstate])
         length = x.shape[2]

@@ -345,8 +345,11 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     """Launch the backward over checkpoints written with chunks of t_chunk steps, fp32 or bf16
     (the kernel reads ckpt's dtype). Returns du, ddelta, dz in the inputs' dtypes, dB and dC
     packed like Bp (fp32), dA, dD, ddelta_bias fp32 and the initial state's gradient (or None).
-    dz: where to write z's gradient (u's strides), e.g. a slice of a larger gradient buffer."""
+    dz: where to write z's gradient (u's strides), e.g. a slice of a larger gradient buffer.
+    dout: any layout with adjacent steps is read as it is (its own strides; else copied)."""
     batch, dim, length = u.shape
+    dout = length_major(dout)
+    o_like_u = dout.stride() == u.stride()
     nstate = A.shape[1]
     n_chunks = ckpt.shape[1]
     cfg = dict(cfg or backward_config(nstate, batch, dim, u.device), T=t_chunk)
@@ -372,7 +375,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     if nseg > 1:
         _scan_bwd_segment_kernel[grid + (nseg - 1,)](
             delta, A, Cp, zz, bias, dout, gseg, lseg, length, dim, nstate, n_chunks, cps, nseg,
-            *_strides(u, z), HAS_Z=z is not None, **consts)
+            *_strides(u, z), *dout.stride(), O_LIKE_U=o_like_u, HAS_Z=z is not None, **consts)
     # dB, dC summed over channel lanes by a reduce-scatter (one warp per program, and at least
     # one (state, step) value per lane at the end: T * NPT >= LD)
     rs = (cfg.get("reduce_scatter", True) and cfg["WD"] == 1 and 2 <= cfg["LD"] <= cfg["T"] * cfg["NPT"])
@@ -385,7 +388,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         dlast if dlast is not None else A, gseg, lseg,
         du, ddelta, dA, dBp, dCp, dD if dD is not None else dA, dz if dz is not None else du,
         dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
-        length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
+        length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z), *dout.stride(), O_LIKE_U=o_like_u,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
         STORE_DH0=need_dh0, RS=rs, LOG_LD=log_ld, RS_ROUNDS=min(cfg.get("rs_rounds", log_ld), log_ld),
         US_ROW=bool(cfg.get("us_row")) and not pair, PAIR=pair,
@@ -426,7 +429,7 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, Bp, Cp, D, z, delta_bias, ckpt = ctx.saved_tensors
         du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0 = scan_bwd(
             u, delta, A, Bp, Cp, D, z, delta_bias, ctx.delta_softplus, ckpt, ctx.t_chunk,
-            like(dout, u), dlast.contiguous() if dlast is not None else None,
+            dout, dlast.contiguous() if dlast is not None else None,
             need_dh0=ctx.has_h0)
         nstate, length = A.shape[1], u.shape[2]
         return (du, ddelta, dA, unpack_bc(dBp, nstate, length, ctx.bc_dtypes[0]),

@@ -811,7 +811,8 @@ def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dlast_ptr,
     gseg_ptr, lseg_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
-    L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT,
+    L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT, OB, OD, OT,
+    O_LIKE_U: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, STORE_DH0: tl.constexpr, FAST_LOG: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
@@ -825,9 +826,10 @@ def _scan_bwd_kernel(
     of the same (state, step) values add them by atomics.
     LANE (KN % T == 0 only): the per-(step, channel) work -- softplus, gate, the outputs -- done
     once, state lane kn taking step kn of the chunk, instead of by every state lane for every
-    step; the step sizes and dy reach the other lanes by one shuffle a value and step."""
+    step; the step sizes and dy reach the other lanes by one shuffle a value and step.
+    PAIR (LANE, KN = T or 2T): two chunks an iteration, their per-(step, channel) rows loaded and
+    stored together (see below). dout is read with its own strides (OB, OD, OT)."""
     LOG2E: tl.constexpr = 1.4426950408889634
-    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     seg = tl.program_id(2)
@@ -868,10 +870,12 @@ def _scan_bwd_kernel(
     # (ST = 1: contiguous or channel-major storage); z may have its own strides
     row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
     zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
+    orow = pid_b * OB + d.to(tl.int64) * OD + zero_kn   # dout's own strides (unless O_LIKE_U)
     tS = t_ * ST
     zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
+    TOT = T * OT
     # B, C packed (batch, chunk + 2, state block, T): a scalar pointer to the chunk's block
     # (moved back one chunk per iteration) plus the tile's int32 offsets within it
     bc_tile = n * T + t_ + (wd_ + ld_) * 0
@@ -903,6 +907,7 @@ def _scan_bwd_kernel(
         ps_ = tl.max_contiguous(kn_ * S + tl.arange(0, S)[:, None, None, None, None], [S, 1, 1, 1, 1])
         tPs = ps_ * ST
         tZp = ps_ * ZT
+        tOp = ps_ * OT
         lim = tl.minimum(L, c_hi * T)
         n_pairs = (c_hi - c_lo + 1) // 2
         c_top = c_lo + 2 * n_pairs
@@ -912,7 +917,10 @@ def _scan_bwd_kernel(
         op = row + (zero64 + c_top - 2) * TST + tPs
         mp = ((c_top - 2) * T + ps_ < lim) & mask_row
         dl_nx = tl.load(delta_ptr + op, mask=mp, other=0.0)
-        do_nx = tl.load(dout_ptr + op, mask=mp, other=0.0)
+        if O_LIKE_U:
+            do_nx = tl.load(dout_ptr + op, mask=mp, other=0.0)
+        else:
+            do_nx = tl.load(dout_ptr + orow + (zero64 + c_top - 2) * TOT + tOp, mask=mp, other=0.0)
         us_nx = tl.load(u_ptr + op, mask=mp, other=0.0)
         if HAS_Z:
             z_nx = tl.load(z_ptr + zrow + (zero64 + c_top - 2) * TZT + tZp, mask=mp, other=0.0)
@@ -935,7 +943,10 @@ def _scan_bwd_kernel(
             op = row + (zero64 + c0) * TST + tPs
             mp = (c0 * T + ps_ - 2 * T >= c_lo * T) & mask_row   # the pair before is in the segment
             dl_nx = tl.load(delta_ptr + op - 2 * TST, mask=mp, other=0.0)
-            do_nx = tl.load(dout_ptr + op - 2 * TST, mask=mp, other=0.0)
+            if O_LIKE_U:
+                do_nx = tl.load(dout_ptr + op - 2 * TST, mask=mp, other=0.0)
+            else:
+                do_nx = tl.load(dout_ptr + orow + (zero64 + c0 - 2) * TOT + tOp, mask=mp, other=0.0)
             us_nx = tl.load(u_ptr + op - 2 * TST, mask=mp, other=0.0)
             if HAS_Z:
                 z_nx = tl.load(z_ptr + zrow + (zero64 + c0 - 2) * TZT + tZp, mask=mp, other=0.0)
@@ -985,6 +996,7 @@ def _scan_bwd_kernel(
         ts_, own = _lane_steps(t_, kn_, T, LANE)
         tSs = ts_ * ST
         tZs = ts_ * ZT
+        tOs = ts_ * OT
         dD_acc = tl.zeros_like(ts_ + d + zero_kn).to(tl.float32)     # (step, channel) accumulators
         dbias_acc = tl.zeros_like(dD_acc)
 
@@ -999,7 +1011,10 @@ def _scan_bwd_kernel(
             if not US_ROW:
                 us_nx = tl.load(u_ptr + os_, mask=ms_nx, other=0.0)
         dl_nx = tl.load(delta_ptr + os_, mask=ms_nx, other=0.0)
-        do_nx = tl.load(dout_ptr + os_, mask=ms_nx, other=0.0)
+        if O_LIKE_U:
+            do_nx = tl.load(dout_ptr + os_, mask=ms_nx, other=0.0)
+        else:
+            do_nx = tl.load(dout_ptr + orow + (zero64 + c_hi - 1) * TOT + tOs, mask=ms_nx, other=0.0)
         if HAS_Z:
             z_nx = tl.load(z_ptr + zrow + (zero64 + c_hi - 1) * TZT + tZs, mask=ms_nx, other=0.0)
         h_nx = tl.load(ckpt_ptrs, mask=mask_dn, other=0.0)
@@ -1032,7 +1047,10 @@ def _scan_bwd_kernel(
                 if not US_ROW:
                     us_nx = tl.load(u_ptr + os_ - TST, mask=ms_nx, other=0.0)
             dl_nx = tl.load(delta_ptr + os_ - TST, mask=ms_nx, other=0.0)
-            do_nx = tl.load(dout_ptr + os_ - TST, mask=ms_nx, other=0.0)
+            if O_LIKE_U:  # the offsets the other rows use (own expressions cost registers)
+                do_nx = tl.load(dout_ptr + os_ - TST, mask=ms_nx, other=0.0)
+            else:
+                do_nx = tl.load(dout_ptr + orow + (zero64 + c - 1) * TOT + tOs, mask=ms_nx, other=0.0)
             if HAS_Z:
                 z_nx = tl.load(z_ptr + zrow + (zero64 + c - 1) * TZT + tZs, mask=ms_nx, other=0.0)
             ckpt_ptrs -= DIM * NSTATE
@@ -1080,7 +1098,8 @@ def _scan_bwd_kernel(
 @triton.jit
 def _scan_bwd_segment_kernel(
     delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, gseg_ptr, lseg_ptr,
-    L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT,
+    L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT, OB, OD, OT,
+    O_LIKE_U: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
@@ -1109,15 +1128,18 @@ def _scan_bwd_segment_kernel(
     # (ST = 1: contiguous or channel-major storage); z may have its own strides
     row = pid_b * SB + d.to(tl.int64) * SD + zero_kn
     zrow = pid_b * ZB + d.to(tl.int64) * ZD + zero_kn
+    orow = pid_b * OB + d.to(tl.int64) * OD + zero_kn   # dout's own strides (unless O_LIKE_U)
     zero64 = pid_b * 0                       # chunk offsets in int64 (c * T * ST)
     TST = T * ST
     TZT = T * ZT
+    TOT = T * OT
     c_lo = seg * CPS
     c_hi = tl.minimum(c_lo + CPS, n_chunks)
     bc_off = (pid_b * (n_chunks + 2) + c_hi - 1) * BN * T + n * T + t_ + (wd_ + ld_) * 0
     ts_, own = _lane_steps(t_, kn_, T, LANE)   # the per-(step, channel) work: see _scan_bwd_kernel
     tS = ts_ * ST
     tZ = ts_ * ZT
+    tO = ts_ * OT
     g = tl.zeros_like(A2)
     lam = tl.zeros_like(ts_ + d + zero_kn).to(tl.float32)
     for cc in range(0, c_hi - c_lo):
@@ -1125,7 +1147,10 @@ def _scan_bwd_segment_kernel(
         m_s = (c * T + ts_ < L) & mask_row & own
         o = row + (zero64 + c) * TST + tS
         dt = tl.load(delta_ptr + o, mask=m_s, other=0.0).to(tl.float32)
-        dy = tl.load(dout_ptr + o, mask=m_s, other=0.0).to(tl.float32)
+        if O_LIKE_U:
+            dy = tl.load(dout_ptr + o, mask=m_s, other=0.0).to(tl.float32)
+        else:
+            dy = tl.load(dout_ptr + orow + (zero64 + c) * TOT + tO, mask=m_s, other=0.0).to(tl.float32)
         if HAS_Z:
             zz = tl.load(z_ptr + zrow + (zero64 + c) * TZT + tZ, mask=m_s, other=0.0).to(tl.float32)
             dy = dy * zz * _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
