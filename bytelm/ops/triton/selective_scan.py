@@ -22,7 +22,11 @@ sequentially, so the decays exp2(dt * A * log2 e) are the only per-element trans
 the backward's reverse recurrence finds exp(dt_{t+1} A) in registers. The per-(step, channel)
 work (softplus, gate, D, the outputs and their gradients) would be repeated by each of a
 channel's KN state lanes; where KN % T == 0 (LANE) state lane kn does it for step kn of the chunk
-alone, and the step sizes (and, backward, dy) reach the other lanes by shuffles.
+alone, and the step sizes (and, backward, dy) reach the other lanes by shuffles. Where KN is T
+or 2T, the backward (but under the 128-register cap) and the pipelined forward go two chunks at a
+time (`pairs`): lane kn takes 2T / KN adjacent steps of the pair, so each per-step row is loaded
+or stored 4 bytes a lane (bf16, N=16) instead of 2, half the L1 wavefronts; both chunks' state
+sums are reduce-scattered together straight into that layout.
 
 B and C are small, so the wrapper packs them once as (batch, chunk + 2, state block, T), bf16 if
 they come in bf16 and fp32 otherwise (`pack_bc`): no masks per (channel, state, step), and the
@@ -137,6 +141,12 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     # 1.133 -> 1.046 -> 0.996, 1.331 -> 1.287 -> 1.242, 2 x 1536 x 32768 2.236 -> 2.019 ->
     # 2.020 (us_row_ckpt on); backward (us_row off, scan_config(backward=True)) 2.270 ->
     # 2.292, 2.842 -> 2.883, N=64 3.742 -> 3.630. Training step's scan -1.2% to -5.1%.
+    # pairs (the pipelined loop, LANE, KN = T or 2T): two chunks' delta, z, D u's u loaded and
+    # their output stored together (4 bytes a lane), as in the backward. H200, bf16 (NOTES.md,
+    # eleventh session, fourth call), off -> on, inference / training forward, ms: 8 x 2048 x
+    # 2048 0.378 -> 0.340 / 0.393 -> 0.373, 4 x 2048 x 8192 0.965 -> 0.870 / 1.011 -> 0.993,
+    # 8 x 1536 x 8192 1.181 -> 1.072 / 1.254 -> 1.209, N=64 inference 1.246 -> 1.140. (The
+    # training forward then loads u's steps for D u rather than taking them from the row.)
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pipeline=True,
                 pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=True,
