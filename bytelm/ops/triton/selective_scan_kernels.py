@@ -178,6 +178,33 @@ def _lane_steps(t_, kn_, T: tl.constexpr, LANE: tl.constexpr):
 
 
 @triton.jit
+def _pair_steps(kn_, T: tl.constexpr, KN: tl.constexpr):
+    """Chunk pairs (KN = T or 2T): the steps of its pair each state lane takes, kn * S .. kn * S
+    + S - 1 (S = 2T / KN) on the time axis of the tiles. Contiguity hint S (the lane's adjacent
+    steps in-thread, one wide access), not KN * S across the lanes: the tiles' lanes must stay
+    the load's (see `_lane_steps`)."""
+    S: tl.constexpr = 2 * T // KN
+    return tl.max_contiguous(kn_ * S + tl.arange(0, S)[:, None, None, None, None], [S, 1, 1, 1, 1])
+
+
+@triton.jit
+def _fwd_states(h, dA, dBu, t_, T: tl.constexpr):
+    """The forward's recurrence over a chunk from h: returns the state after it and the
+    chunk's states H (time axis). Step k of a tile: its time axis is in-thread, so each sum
+    folds to a register read (NEG0 = -0.0 because x + -0.0 == x exactly; a literal -0.0 would
+    not do: Triton makes a scalar equal to 0 its null value, +0.0, which costs an FADD per
+    element)."""
+    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
+    H = tl.zeros_like(dBu)
+    for k in tl.static_range(T):
+        at_k = t_ == k
+        h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
+             + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
+        H = tl.where(at_k, h, H)
+    return h, H
+
+
+@triton.jit
 def _own_step(x, t_, ts_, T: tl.constexpr):
     """x (a row tile: its T steps in-thread) at each lane's own step ts_ (`_lane_steps`, LANE):
     register reads and T - 1 selects. Replaces a second load of the row one step a lane, whose
@@ -250,7 +277,6 @@ def _scan_fwd_kernel(
     instead of by every state lane for every step; the step sizes reach the other lanes by
     shuffles (`_from_lanes`)."""
     LOG2E: tl.constexpr = 1.4426950408889634
-    NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     seg = tl.program_id(2)
@@ -319,7 +345,7 @@ def _scan_fwd_kernel(
         # one go, an iteration ahead, and reach every lane chunk by chunk (`_from_lanes`); both
         # chunks' C h are reduce-scattered together into the pair layout (`_pair_sum`).
         S: tl.constexpr = 2 * T // KN
-        ps_ = tl.max_contiguous(kn_ * S + tl.arange(0, S)[:, None, None, None, None], [S, 1, 1, 1, 1])
+        ps_ = _pair_steps(kn_, T, KN)
         tPs = ps_ * ST
         tZp = ps_ * ZT
         lo = c_lo * T
@@ -369,13 +395,7 @@ def _scan_fwd_kernel(
                 if STORE_CKPT:
                     tl.store(ckpt_ptr + (pid_b * n_chunks + cc) * DIM * NSTATE + ckpt_tile,
                              h.to(ckpt_ptr.dtype.element_ty), mask=mask_dn & in_seg)
-                dBu = (dt_cur * u_cur.to(tl.float32)) * B_cur
-                H = tl.zeros_like(dBu)
-                for k in tl.static_range(T):
-                    at_k = t_ == k
-                    h = (tl.reduce(tl.where(at_k, dA_cur, NEG0), 0, _add, keep_dims=True) * h
-                         + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
-                    H = tl.where(at_k, h, H)
+                h, H = _fwd_states(h, dA_cur, (dt_cur * u_cur.to(tl.float32)) * B_cur, t_, T)
                 y_p = tl.reduce(H * C_cur, AX_NPT, _add, keep_dims=True)
                 if half == 0:
                     y_a = y_p
@@ -457,13 +477,7 @@ def _scan_fwd_kernel(
                     tl.store(ckpt_ptr + (pid_b * n_chunks + cc) * DIM * NSTATE + ckpt_tile,
                              h.to(ckpt_ptr.dtype.element_ty), mask=mask_dn & in_seg)  # fp32 or bf16
                 u = u_cur.to(tl.float32)
-                dBu = (dt_cur * u) * B_cur
-                H = tl.zeros_like(dBu)
-                for k in tl.static_range(T):
-                    at_k = t_ == k  # step k: a register read (NEG0: see the other loop)
-                    h = (tl.reduce(tl.where(at_k, dA_cur, NEG0), 0, _add, keep_dims=True) * h
-                         + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
-                    H = tl.where(at_k, h, H)
+                h, H = _fwd_states(h, dA_cur, (dt_cur * u) * B_cur, t_, T)
                 y = _state_sum(H * C_cur, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
                 if HAS_D:
                     if LANE:
@@ -546,16 +560,7 @@ def _scan_fwd_kernel(
             if LANE:
                 dt = _from_lanes(dt, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, 1, 0)
             dA = tl.exp2(dt * A2)
-            dBu = (dt * u) * Bt
-            H = tl.zeros_like(dBu)
-            for k in tl.static_range(T):
-                # step k of a tile: its time axis is in-thread, so this sum folds to a register read
-                # (NEG0 = -0.0 because x + -0.0 == x exactly; a literal -0.0 would not do: Triton
-                # makes a scalar equal to 0 its null value, +0.0, which costs an FADD per element)
-                at_k = t_ == k
-                h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
-                     + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
-                H = tl.where(at_k, h, H)
+            h, H = _fwd_states(h, dA, (dt * u) * Bt, t_, T)
             # y_t = C_t . h_t: the NPT states in-thread, then over the KN lanes
             y = _state_sum(H * Ct, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
             if HAS_D:
@@ -903,8 +908,7 @@ def _scan_bwd_kernel(
         # no-op (no steps: decay 1, no input, zero dB and dC added to the padding or to the
         # next segment's chunk).
         S: tl.constexpr = 2 * T // KN
-        # contiguity S (the pair's adjacent steps in-thread), not KN * S across the lanes
-        ps_ = tl.max_contiguous(kn_ * S + tl.arange(0, S)[:, None, None, None, None], [S, 1, 1, 1, 1])
+        ps_ = _pair_steps(kn_, T, KN)
         tPs = ps_ * ST
         tZp = ps_ * ZT
         tOp = ps_ * OT
