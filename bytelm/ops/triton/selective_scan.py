@@ -45,6 +45,7 @@ from the combination of the pieces before (after) it.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 
@@ -114,6 +115,12 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
             # everywhere measured than uncapped: backward_config); no spills with triton 3.6
             # (the H200's) or 3.9 (offline sm_90 compiles, benchmarks/sass_bwd.py)
             cfg.update(maxnreg=168, warps_per_sm=12)
+            # B and C (loaded in the chunk that uses them) hinted into L1 a chunk (pair) ahead.
+            # H200, bf16, 0 -> 1 (NOTES.md, twelfth session): 8 x 2048 x 2048 (the 128 cap)
+            # 1.014 -> 0.976 ms, 4 x 2048 x 8192 2.312 -> 2.290, 8 x 1536 x 8192 2.877 ->
+            # 2.842, 2 x 1536 x 32768 3.809 -> 3.677; 2 and 4 no better; at N=64 (4 lines a
+            # chunk) 3.472 -> 3.515: off there
+            cfg.update(bc_prefetch=1)
         return cfg
     # pipeline: chunk c + 1's step sizes, decays and rows are computed / loaded while chunk c's
     # recurrence runs, two chunks an iteration; pipeline=False: the one-chunk loop, which loads
@@ -185,23 +192,38 @@ def _strides(u, z):
 def pack_bc(x, cfg):
     """(batch, state, length) -> (batch, n_chunks + 2, state block, T) fp32, zero padded: each
     thread's rows of a chunk sit together, and the kernels need no masks to read them.
-    cfg["bc_bf16"]: bf16 inputs stay bf16 (no rounding; half the bytes the kernels load)."""
+    cfg["bc_bf16"]: bf16 inputs stay bf16 (no rounding; half the bytes the kernels load).
+    One strided copy of the whole chunks (and one of a partial last chunk) plus the zero
+    padding: two small kernels where a padded copy and a transposing copy took three."""
     batch, nstate, length = x.shape
     T, block_n = cfg["T"], cfg["NPT"] * cfg["KN"]
     n_chunks = triton.cdiv(length, T)
+    full = length // T
     dtype = torch.bfloat16 if cfg.get("bc_bf16") and x.dtype == torch.bfloat16 else torch.float32
-    out = x.new_zeros(batch, block_n, (n_chunks + 2) * T, dtype=dtype)
-    out[:, :nstate, :length] = x
     # two chunks of padding beyond the last: the forward loads chunk c + 1 unmasked, and its
     # pipelined loop ends with a no-op chunk when it has an odd number of chunks
-    return out.view(batch, block_n, n_chunks + 2, T).transpose(1, 2).contiguous()
+    out = x.new_empty(batch, n_chunks + 2, block_n, T, dtype=dtype)
+    if full == n_chunks and block_n == nstate:
+        out[:, n_chunks:].zero_()
+    else:
+        out.zero_()
+    out[:, :full, :nstate].copy_(x[:, :, :full * T].unflatten(2, (full, T)).transpose(1, 2))
+    if full < n_chunks:
+        out[:, full, :nstate, :length - full * T].copy_(x[:, :, full * T:])
+    return out
 
 
 def unpack_bc(x, nstate, length, dtype=None, out=None):
-    """`pack_bc` undone: (batch, state, length) in dtype, or written (cast) into out."""
-    batch, n_chunks, block_n, T = x.shape
-    x = x.transpose(1, 2).reshape(batch, block_n, n_chunks * T)[:, :nstate, :length]
-    return x.to(dtype) if out is None else out.copy_(x)
+    """`pack_bc` undone: (batch, state, length) in dtype, or written (cast) into out (any
+    strides with adjacent steps); one strided copy (two with a partial last chunk)."""
+    batch, _, _, T = x.shape
+    if out is None:
+        out = x.new_empty(batch, nstate, length, dtype=dtype or x.dtype)
+    full = length // T
+    out[:, :, :full * T].unflatten(2, (full, T)).copy_(x[:, :full, :nstate].transpose(1, 2))
+    if full * T < length:
+        out[:, :, full * T:].copy_(x[:, full, :nstate, :length - full * T])
+    return out
 
 
 def segments(batch, dim, n_chunks, cfg, device) -> int:
@@ -218,9 +240,29 @@ def segments(batch, dim, n_chunks, cfg, device) -> int:
     return max(1, min(fit // _grid_warps(batch, dim, cfg), n_chunks // 16))
 
 
+def _zeros_f32(device, *shapes):
+    """Zeroed fp32 tensors of these shapes, views of one buffer zeroed by one kernel (each
+    starting at a multiple of 128 bytes)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + triton.cdiv(size, 32) * 32)
+    buf = torch.zeros(starts[-1], device=device, dtype=torch.float32)
+    return [buf[a:a + size].view(shape) for a, size, shape in zip(starts, sizes, shapes)]
+
+
 def _sm_count(device):
     """Streaming multiprocessors of a CUDA device; None elsewhere."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    # cached: every launch asks (get_device_properties costs ~5 us of CPU a call, and at small
+    # shapes the op's CPU time up to its kernel's launch shows in its time)
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _grid_warps(batch, dim, cfg) -> int:
@@ -371,14 +413,19 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     if z is not None and dz is None:
         dz = _empty(like=u, dtype=z.dtype)  # laid out like u (kernel strides)
     assert dz is None or dz.stride() == u.stride()
-    dA = torch.zeros(dim, nstate, **f32)
-    dBp, dCp = torch.zeros_like(Bp, dtype=torch.float32), torch.zeros_like(Cp, dtype=torch.float32)
-    dD = torch.zeros(dim, **f32) if D is not None else None
-    dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
+    # the kernels' atomic sums, zeroed two memsets (not five); the parameters' gradients
+    # apart, as autograd may keep them as .grad, and with them their buffer
+    dBp, dCp = _zeros_f32(u.device, Bp.shape, Cp.shape)
+    dA, dD, dbias = _zeros_f32(u.device, (dim, nstate), (dim,), (dim,))
+    dD = dD if D is not None else None
+    dbias = dbias if delta_bias is not None else None
     dh0 = _empty(batch, dim, nstate, **f32) if need_dh0 else None
     gseg = torch.empty(batch, nseg, nstate, dim, **f32)
     lseg = torch.empty(batch, nseg, dim, **f32)
     consts = _launch_consts(cfg, delta_softplus, delta_bias, "lane_steps")
+    # bc_prefetch: B and C hinted into L1 that many chunks (pairs) ahead (inline PTX, which the
+    # interpreter does not run)
+    consts["BC_PF"] = 0 if _INTERPRET else int(cfg.get("bc_prefetch", 0))
     grid = (batch, triton.cdiv(dim, cfg["WD"] * cfg["LD"]))
     bias = delta_bias if delta_bias is not None else A
     zz = z if z is not None else u

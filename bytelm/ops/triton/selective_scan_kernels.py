@@ -46,6 +46,19 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _prefetch_l1(p, NEL: tl.constexpr, ON: tl.constexpr):
+    """Hint the NEL elements at p (128-byte aligned: packed B or C chunks) into L1 ahead of
+    their load: prefetch.global.L1, one a line, nothing held in registers (a load a chunk ahead
+    holds NEL / 32 values a lane until used). ON false (the interpreter, which runs no inline
+    PTX, or a prefetch distance of 0): nothing."""
+    if ON:
+        EL: tl.constexpr = 1024 // p.dtype.element_ty.primitive_bitwidth   # elements a line
+        for i in tl.static_range((NEL + EL - 1) // EL):
+            tl.inline_asm_elementwise("prefetch.global.L1 [$1];\nmov.u32 $0, 0;", "=r,l",
+                                      [p + i * EL], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _step_sum(x, LANE: tl.constexpr, AX_KN: tl.constexpr):
     """A per-(step, channel) accumulator summed over steps: over the time axis, and with LANE
     (one step a state lane, the lanes kn >= T left at zero) over the state lanes too."""
@@ -344,6 +357,9 @@ def _scan_fwd_kernel(
         # S = 2, half the L1 wavefronts of those accesses. A pair's step sizes are computed in
         # one go, an iteration ahead, and reach every lane chunk by chunk (`_from_lanes`); both
         # chunks' C h are reduce-scattered together into the pair layout (`_pair_sum`).
+        # dt u reaches every lane the same way, from the pair's u loaded in the pair layout
+        # (also D u's): no u row a chunk, whose 8 channels' rows a warp cost 8 L1 wavefronts a
+        # chunk against 4 shuffles (the forward is bound by those wavefronts: NOTES.md).
         S: tl.constexpr = 2 * T // KN
         ps_ = _pair_steps(kn_, T, KN)
         tPs = ps_ * ST
@@ -358,13 +374,12 @@ def _scan_fwd_kernel(
                               SOFTPLUS, FAST_LOG)
         if HAS_Z:
             z_cur = tl.load(z_ptr + zrow + (zero64 + c_lo - 1) * TZT + tZp, mask=m_p, other=0.0)
-        if HAS_D:
-            us_cur = tl.load(u_ptr + pc, mask=m_p, other=0.0)
+        us_cur = tl.load(u_ptr + pc, mask=m_p, other=0.0)
+        dtup = dtp * us_cur.to(tl.float32)
         dl_nx = tl.load(delta_ptr + pc + 2 * TST, mask=(st + 2 * T < lim) & mask_row, other=0.0)
-        u_cur = tl.zeros_like(row + tS).to(u_ptr.dtype.element_ty)
         B_cur = tl.zeros_like(bc_tile).to(tl.float32)
         C_cur = B_cur
-        dt_cur = tl.zeros_like(u_cur).to(tl.float32)
+        dtu_cur = tl.zeros_like(row + tS).to(tl.float32)
         dA_cur = B_cur + 1.0
         for c in range(c_lo - 1, c_hi, 2):
             pc = row + (zero64 + c) * TST + tPs
@@ -372,14 +387,10 @@ def _scan_fwd_kernel(
             m_nx = (st + 2 * T < lim) & mask_row          # the next pair's steps (c + 2 > c_lo)
             if HAS_Z:
                 z_nx = tl.load(z_ptr + zrow + (zero64 + c + 2) * TZT + tZp, mask=m_nx, other=0.0)
-            if HAS_D:
-                us_nx = tl.load(u_ptr + pc + 2 * TST, mask=m_nx, other=0.0)
+            us_nx = tl.load(u_ptr + pc + 2 * TST, mask=m_nx, other=0.0)
             dl_nn = tl.load(delta_ptr + pc + 4 * TST, mask=(st + 4 * T < lim) & mask_row, other=0.0)
             for half in tl.static_range(2):
                 cc = c + half
-                t = cc * T + t_
-                u_nx = tl.load(u_ptr + row + (zero64 + cc + 1) * TST + tS, mask=(t + T < L) & mask_row,
-                               other=0.0)
                 B_nx = tl.load(B_chunk + bc_tile).to(tl.float32)
                 C_nx = tl.load(C_chunk + bc_tile).to(tl.float32)
                 B_chunk += BN * T
@@ -387,7 +398,9 @@ def _scan_fwd_kernel(
                 # chunk cc + 1's step sizes: the pair's second chunk, then the next pair's first
                 if half == 1:
                     dtp = _fwd_step_sizes(dl_nx, bias, m_nx, HAS_BIAS, SOFTPLUS, FAST_LOG)
+                    dtup = dtp * us_nx.to(tl.float32)
                 dt_nx = _from_lanes(dtp, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, 1 - half)
+                dtu_nx = _from_lanes(dtup, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, 1 - half)
                 dA_nx = tl.exp2(dt_nx * A2)
 
                 # chunk cc's recurrence and checkpoint (as in the loop below)
@@ -395,11 +408,11 @@ def _scan_fwd_kernel(
                 if STORE_CKPT:
                     tl.store(ckpt_ptr + (pid_b * n_chunks + cc) * DIM * NSTATE + ckpt_tile,
                              h.to(ckpt_ptr.dtype.element_ty), mask=mask_dn & in_seg)
-                h, H = _fwd_states(h, dA_cur, (dt_cur * u_cur.to(tl.float32)) * B_cur, t_, T)
+                h, H = _fwd_states(h, dA_cur, dtu_cur * B_cur, t_, T)
                 y_p = tl.reduce(H * C_cur, AX_NPT, _add, keep_dims=True)
                 if half == 0:
                     y_a = y_p
-                u_cur, B_cur, C_cur, dt_cur, dA_cur = u_nx, B_nx, C_nx, dt_nx, dA_nx
+                B_cur, C_cur, dtu_cur, dA_cur = B_nx, C_nx, dtu_nx, dA_nx
             # the pair's outputs
             y = _pair_sum(y_a, y_p, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
             if HAS_D:
@@ -411,8 +424,7 @@ def _scan_fwd_kernel(
             dl_nx = dl_nn
             if HAS_Z:
                 z_cur = z_nx
-            if HAS_D:
-                us_cur = us_nx
+            us_cur = us_nx
     elif PIPELINE:
         # Software pipeline: while chunk cc's recurrence runs, chunk cc + 1's step sizes and
         # decays (softplus, exp2: independent of the state) are computed, chunk cc + 1's u, z,
@@ -686,12 +698,11 @@ def _bwd_step_inputs(draw, dout, zz, bias, m, HAS_Z: tl.constexpr, HAS_BIAS: tl.
 
 
 @triton.jit
-def _bwd_states(u, h, Bt, dt, A2, t_, T: tl.constexpr):
+def _bwd_states(dtu, h, Bt, dt, A2, t_, T: tl.constexpr):
     """A chunk's states recomputed from its checkpoint h (on the time axis): returns them (H)
-    and the decays, dt B u and dt u they came from. u: the chunk's u row; dt (0 on steps past
-    the end): its step sizes, all T steps in every lane."""
+    and the decays and dt B u they came from. dt (0 on steps past the end): the chunk's step
+    sizes, dtu: dt u, all T steps in every lane."""
     NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
-    dtu = dt * u
     dA = tl.exp2(dt * A2)
     dBu = dtu * Bt
     H = tl.zeros_like(dBu)
@@ -703,7 +714,7 @@ def _bwd_states(u, h, Bt, dt, A2, t_, T: tl.constexpr):
         h = (tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * h
              + tl.reduce(tl.where(at_k, dBu, -0.0), 0, _add, keep_dims=True))
         H = tl.where(at_k, h, H)
-    return H, dA, dBu, dtu
+    return H, dA, dBu
 
 
 @triton.jit
@@ -823,7 +834,7 @@ def _scan_bwd_kernel(
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
     AX_LD: tl.constexpr, RS: tl.constexpr, LOG_LD: tl.constexpr, RS_ROUNDS: tl.constexpr,
-    LANE: tl.constexpr, US_ROW: tl.constexpr, PAIR: tl.constexpr,
+    LANE: tl.constexpr, US_ROW: tl.constexpr, PAIR: tl.constexpr, BC_PF: tl.constexpr,
 ):
     """Program (batch row, channel block, segment): the segment's chunks, last to first.
     RS (WD == 1 and 2 <= LD <= T * NPT only): dB, dC summed over channels by a lane reduce-scatter
@@ -833,7 +844,9 @@ def _scan_bwd_kernel(
     once, state lane kn taking step kn of the chunk, instead of by every state lane for every
     step; the step sizes and dy reach the other lanes by one shuffle a value and step.
     PAIR (LANE, KN = T or 2T): two chunks an iteration, their per-(step, channel) rows loaded and
-    stored together (see below). dout is read with its own strides (OB, OD, OT)."""
+    stored together (see below). dout is read with its own strides (OB, OD, OT).
+    BC_PF > 0: B and C of the chunk BC_PF chunks (pairs: pairs) ahead are prefetched into L1
+    each iteration (B, C are loaded in the chunk that uses them)."""
     LOG2E: tl.constexpr = 1.4426950408889634
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -917,7 +930,8 @@ def _scan_bwd_kernel(
         c_top = c_lo + 2 * n_pairs
         dD_acc = tl.zeros_like(ps_ + d + zero_kn).to(tl.float32)   # (step, channel) accumulators
         dbias_acc = tl.zeros_like(dD_acc)
-        # the pair's rows one pair ahead, the chunk's row, checkpoint one chunk ahead
+        # the pair's rows one pair ahead, the checkpoint one chunk ahead (no u row: dt u
+        # reaches every lane like dt and dy, from the pair's u)
         op = row + (zero64 + c_top - 2) * TST + tPs
         mp = ((c_top - 2) * T + ps_ < lim) & mask_row
         dl_nx = tl.load(delta_ptr + op, mask=mp, other=0.0)
@@ -928,14 +942,16 @@ def _scan_bwd_kernel(
         us_nx = tl.load(u_ptr + op, mask=mp, other=0.0)
         if HAS_Z:
             z_nx = tl.load(z_ptr + zrow + (zero64 + c_top - 2) * TZT + tZp, mask=mp, other=0.0)
-        u_nx = tl.load(u_ptr + row + (zero64 + c_top - 1) * TST + tS,
-                       mask=((c_top - 1) * T + t_ < lim) & mask_row, other=0.0)
         ckpt_ptrs = ckpt_ptr + (pid_b * n_chunks + c_top - 1) * DIM * NSTATE + d * NSTATE + n
         h_nx = tl.load(ckpt_ptrs, mask=mask_dn & (zero_kn + c_top - 1 < c_hi), other=0.0)
         B_chunk = B_ptr + (pid_b * (n_chunks + 2) + c_top - 1) * BN * T
         C_chunk = C_ptr + (pid_b * (n_chunks + 2) + c_top - 1) * BN * T
+        bc_row = (pid_b * (n_chunks + 2)) * BN * T
         for pr in range(0, n_pairs):
             c0 = c_top - 2 - 2 * pr                      # the pair: chunks c0, c0 + 1
+            c_pf = tl.maximum(c0 - 2 * BC_PF, 0)         # (B, C hold chunks 0 .. n_chunks + 1)
+            _prefetch_l1(B_ptr + bc_row + c_pf * BN * T, 2 * BN * T, BC_PF > 0)
+            _prefetch_l1(C_ptr + bc_row + c_pf * BN * T, 2 * BN * T, BC_PF > 0)
             m_p = (c0 * T + ps_ < lim) & mask_row
             draw = dl_nx.to(tl.float32)
             dout = do_nx.to(tl.float32)
@@ -956,14 +972,10 @@ def _scan_bwd_kernel(
                 z_nx = tl.load(z_ptr + zrow + (zero64 + c0 - 2) * TZT + tZp, mask=mp, other=0.0)
             dts, dsp, sig, dys = _bwd_step_inputs(draw, dout, zz, bias, m_p, HAS_Z, HAS_BIAS,
                                                   SOFTPLUS, FAST_LOG)
+            dtus = dts * us
             for half in tl.static_range(2):
                 cc = c0 + 1 - half                       # the later chunk first
-                u = u_nx.to(tl.float32)
                 h = h_nx.to(tl.float32)
-                # (with an odd count chunk c_top - 2 is the segment's last, maybe partial)
-                t_nx = (cc - 1) * T + t_
-                u_nx = tl.load(u_ptr + row + (zero64 + cc - 1) * TST + tS,
-                               mask=(t_nx >= c_lo * T) & (t_nx < lim) & mask_row, other=0.0)
                 ckpt_ptrs -= DIM * NSTATE
                 h_nx = tl.load(ckpt_ptrs, mask=mask_dn & (zero_kn + cc > c_lo), other=0.0)
                 Bt = tl.load(B_chunk + bc_tile).to(tl.float32)
@@ -972,7 +984,8 @@ def _scan_bwd_kernel(
                 C_chunk -= BN * T
                 dt = _from_lanes(dts, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, 1 - half)
                 dy = _from_lanes(dys, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, 1 - half)
-                H, dA, dBu, dtu = _bwd_states(u, h, Bt, dt, A2, t_, T)
+                dtu = _from_lanes(dtus, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, 1 - half)
+                H, dA, dBu = _bwd_states(dtu, h, Bt, dt, A2, t_, T)
                 # y_p: C h summed over the thread's states, for dz
                 g, dA_acc, dhB_p, qA_p, y_p = _bwd_walk(
                     H, dA, dBu, dtu, Bt, Ct, dt, dy, g, A, dA_acc, dB_ptr, dC_ptr,
@@ -1003,6 +1016,10 @@ def _scan_bwd_kernel(
         tOs = ts_ * OT
         dD_acc = tl.zeros_like(ts_ + d + zero_kn).to(tl.float32)     # (step, channel) accumulators
         dbias_acc = tl.zeros_like(dD_acc)
+        # the u row (all T steps in every lane) only where u is not loaded one step a lane:
+        # else dt u reaches every lane like dt (`_from_lanes`: 4 shuffles, not the row's 8 L1
+        # wavefronts, 8 channels' rows a warp)
+        U_ROW: tl.constexpr = (not LANE) or US_ROW
 
         # the chunk processed next (one earlier in time) is loaded while this one computes
         t = (c_hi - 1) * T + t_
@@ -1010,7 +1027,8 @@ def _scan_bwd_kernel(
         ms_nx = ((c_hi - 1) * T + ts_ < L) & mask_row & own
         o = row + (zero64 + c_hi - 1) * TST + tS
         os_ = row + (zero64 + c_hi - 1) * TST + tSs
-        u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
+        if U_ROW:
+            u_nx = tl.load(u_ptr + o, mask=m_nx, other=0.0)
         if LANE:
             if not US_ROW:
                 us_nx = tl.load(u_ptr + os_, mask=ms_nx, other=0.0)
@@ -1022,12 +1040,17 @@ def _scan_bwd_kernel(
         if HAS_Z:
             z_nx = tl.load(z_ptr + zrow + (zero64 + c_hi - 1) * TZT + tZs, mask=ms_nx, other=0.0)
         h_nx = tl.load(ckpt_ptrs, mask=mask_dn, other=0.0)
+        bc_row = (pid_b * (n_chunks + 2)) * BN * T
         for cc in range(0, c_hi - c_lo):
             c = c_hi - 1 - cc
             t = c * T + t_
             ts = c * T + ts_
             m_s = (ts < L) & mask_row & own
-            u = u_nx.to(tl.float32)
+            c_pf = tl.maximum(c - BC_PF, 0)
+            _prefetch_l1(B_ptr + bc_row + c_pf * BN * T, BN * T, BC_PF > 0)
+            _prefetch_l1(C_ptr + bc_row + c_pf * BN * T, BN * T, BC_PF > 0)
+            if U_ROW:
+                u = u_nx.to(tl.float32)
             if LANE:
                 if US_ROW:
                     us = _own_step(u, t_, ts_, T)
@@ -1046,7 +1069,8 @@ def _scan_bwd_kernel(
             ms_nx = (ts - T >= c_lo * T) & mask_row & own
             o = row + (zero64 + c) * TST + tS              # chunk c; c - 1 is prefetched
             os_ = row + (zero64 + c) * TST + tSs
-            u_nx = tl.load(u_ptr + o - TST, mask=m_nx, other=0.0)
+            if U_ROW:
+                u_nx = tl.load(u_ptr + o - TST, mask=m_nx, other=0.0)
             if LANE:
                 if not US_ROW:
                     us_nx = tl.load(u_ptr + os_ - TST, mask=ms_nx, other=0.0)
@@ -1072,7 +1096,11 @@ def _scan_bwd_kernel(
             else:
                 dt = dts
                 dy = dys
-            H, dA, dBu, dtu = _bwd_states(u, h, Bt, dt, A2, t_, T)
+            if U_ROW:
+                dtu = dt * u
+            else:
+                dtu = _from_lanes(dts * us, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, 1, 0)
+            H, dA, dBu = _bwd_states(dtu, h, Bt, dt, A2, t_, T)
             if HAS_Z:
                 y = _state_sum(H * Ct, t_, ts_, LANE, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
                 _bwd_store_dz(y, us, Dv, dout, zz, sig, m_s, os_, dz_ptr, HAS_D)
@@ -1107,10 +1135,10 @@ def _scan_bwd_segment_kernel(
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
-    AX_LD: tl.constexpr, LANE: tl.constexpr,
+    AX_LD: tl.constexpr, LANE: tl.constexpr, BC_PF: tl.constexpr,
 ):
     """Program (batch row, channel block, segment >= 1): the gradient its own outputs send to
-    the state entering it (zero from later steps) and its summed step sizes. LANE: as in
+    the state entering it (zero from later steps) and its summed step sizes. LANE, BC_PF: as in
     `_scan_bwd_kernel`."""
     LOG2E: tl.constexpr = 1.4426950408889634
     NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
@@ -1146,20 +1174,42 @@ def _scan_bwd_segment_kernel(
     tO = ts_ * OT
     g = tl.zeros_like(A2)
     lam = tl.zeros_like(ts_ + d + zero_kn).to(tl.float32)
+    # chunk c - 1's rows and C are loaded while chunk c runs (each iteration used what it had
+    # just loaded before: the loads' whole latency a chunk); segments >= 1 start at chunk >= 1,
+    # so chunk c_lo - 1's C (the last, unused prefetch) is inside the packed tensor
+    m_nx = ((c_hi - 1) * T + ts_ < L) & mask_row & own
+    o = row + (zero64 + c_hi - 1) * TST + tS
+    dl_nx = tl.load(delta_ptr + o, mask=m_nx, other=0.0)
+    if O_LIKE_U:
+        do_nx = tl.load(dout_ptr + o, mask=m_nx, other=0.0)
+    else:
+        do_nx = tl.load(dout_ptr + orow + (zero64 + c_hi - 1) * TOT + tO, mask=m_nx, other=0.0)
+    if HAS_Z:
+        z_nx = tl.load(z_ptr + zrow + (zero64 + c_hi - 1) * TZT + tZ, mask=m_nx, other=0.0)
+    C_nx = tl.load(C_ptr + bc_off)
+    bc_row = (pid_b * (n_chunks + 2)) * BN * T
     for cc in range(0, c_hi - c_lo):
         c = c_hi - 1 - cc
         m_s = (c * T + ts_ < L) & mask_row & own
-        o = row + (zero64 + c) * TST + tS
-        dt = tl.load(delta_ptr + o, mask=m_s, other=0.0).to(tl.float32)
-        if O_LIKE_U:
-            dy = tl.load(dout_ptr + o, mask=m_s, other=0.0).to(tl.float32)
-        else:
-            dy = tl.load(dout_ptr + orow + (zero64 + c) * TOT + tO, mask=m_s, other=0.0).to(tl.float32)
+        dt = dl_nx.to(tl.float32)
+        dy = do_nx.to(tl.float32)
+        Ct = C_nx.to(tl.float32)
         if HAS_Z:
-            zz = tl.load(z_ptr + zrow + (zero64 + c) * TZT + tZ, mask=m_s, other=0.0).to(tl.float32)
-            dy = dy * zz * _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
-        Ct = tl.load(C_ptr + bc_off).to(tl.float32)
+            zz = z_nx.to(tl.float32)
+        m_nx = ((c - 1) * T + ts_ >= c_lo * T) & mask_row & own     # chunk c - 1 is in the segment
+        o = row + (zero64 + c - 1) * TST + tS
+        dl_nx = tl.load(delta_ptr + o, mask=m_nx, other=0.0)
+        if O_LIKE_U:
+            do_nx = tl.load(dout_ptr + o, mask=m_nx, other=0.0)
+        else:
+            do_nx = tl.load(dout_ptr + orow + (zero64 + c - 1) * TOT + tO, mask=m_nx, other=0.0)
+        if HAS_Z:
+            z_nx = tl.load(z_ptr + zrow + (zero64 + c - 1) * TZT + tZ, mask=m_nx, other=0.0)
         bc_off -= BN * T
+        C_nx = tl.load(C_ptr + bc_off)
+        _prefetch_l1(C_ptr + bc_row + tl.maximum(c - 1 - BC_PF, 0) * BN * T, BN * T, BC_PF > 0)
+        if HAS_Z:
+            dy = dy * zz * _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
         if HAS_BIAS:
             dt += bias
         if SOFTPLUS:
