@@ -25,12 +25,18 @@ def main():
     ap.add_argument("--shapes", default="0,1,4,5,2", help="comma-separated indices into scan.py's SHAPES")
     ap.add_argument("--fwd", default="{}", help="JSON overrides of forward_config")
     ap.add_argument("--bwd", default="{}", help="JSON overrides of backward_config")
+    ap.add_argument("--dout", choices=["contiguous", "like-u"], default="contiguous",
+                    help="the upstream gradient's layout: contiguous (scan.py's) or channel-major "
+                         "like u (the mixer's: the backward's O_LIKE_U variant)")
     args = ap.parse_args()
     over_f, over_b = json.loads(args.fwd), json.loads(args.bwd)
     for i in (int(i) for i in args.shapes.split(",")):
         b, d, l, n = SHAPES[i]
         x = make_inputs(b, d, l, n, seed=i, layout="channel-major")
         dout = torch.randn(b, d, l, device="cuda", dtype=torch.bfloat16)
+        if args.dout == "like-u":
+            dout = torch.empty_like(x["u"]).copy_(dout)   # u's strides (channel-major)
+            assert dout.stride() == x["u"].stride()
         u, delta, A, D, z, bias = x["u"], x["delta"], x["A"], x["D"], x["z"], x["delta_bias"]
         f0 = tss.forward_config(n, b, d, l, u.device, input_dtype=u.dtype)
         cf, cb = dict(f0, **over_f), dict(tss.backward_config(n, b, d, u.device), **over_b)
@@ -43,7 +49,7 @@ def main():
         err = max(rel_err(a, r) for a, r in zip(bwd(cb)[:5], bwd(None, B0, C0)[:5]))
         fi, fc, bw = bench(lambda: fwd(False)), bench(lambda: fwd(True)), bench(lambda: bwd(cb))
         print(f"{args.label:8s} {b} x {d} x {l}, N={n}: fwd {fi:.3f}  fwd+ckpt {fc:.3f}  bwd {bw:.3f} ms "
-              f"(fwd overrides {over_f}, bwd {cb}; gradients vs the default config {err:.1e})", flush=True)
+              f"(dout {args.dout}; fwd overrides {over_f}, bwd {cb}; gradients vs the default config {err:.1e})", flush=True)
         del x, dout, ckpt
         torch.cuda.empty_cache()
 

@@ -153,7 +153,9 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     # eleventh session, fourth call), off -> on, inference / training forward, ms: 8 x 2048 x
     # 2048 0.378 -> 0.340 / 0.393 -> 0.373, 4 x 2048 x 8192 0.965 -> 0.870 / 1.011 -> 0.993,
     # 8 x 1536 x 8192 1.181 -> 1.072 / 1.254 -> 1.209, N=64 inference 1.246 -> 1.140. (The
-    # training forward then loads u's steps for D u rather than taking them from the row.)
+    # training forward then loads u's steps for D u rather than taking them from the row; and
+    # since the twelfth session dt u reaches every lane from those steps by shuffles, no u row
+    # a chunk: 8 x 1536 x 8192 1.073 -> 1.030 / 1.207 -> 1.149.)
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pipeline=True,
                 pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=True,
