@@ -151,16 +151,22 @@ def test_scan_in_segments(nseg, monkeypatch):
 
 @pytest.mark.parametrize("sms,batch,dim,cap", [
     (None, 8, 2048, 168), (132, 8, 1536, 168), (132, 8, 2048, 128), (132, 2, 1536, 168),
-    (132, 16, 2048, 128)])
+    (132, 16, 2048, 128), (132, 4, 2048, None), (132, 4, 1536, 168), (132, 8, 1056, None),
+    (132, 8, 1064, 168)])
 def test_backward_register_cap(sms, batch, dim, cap, monkeypatch):
     """N=16's backward runs capped at 168 registers (12 one-warp programs an SM), at 128 (16
     an SM) where its programs (8 channels each) do not all fit at 12 an SM: on 132 SMs, 1584;
-    8 x 2048 channels are 2048 programs, and one chunk at a time (chunk pairs spill there). No
-    SM count (not CUDA): 168. Other state sizes have no cap."""
+    8 x 2048 channels are 2048 programs, and one chunk at a time (chunk pairs spill there).
+    Uncapped (8 an SM) where the capped launch is one piece anyway (over 792 programs) and all
+    fit at 8 an SM (1056): 4 x 2048 channels, 1024 programs; not 4 x 1536 (768: 2 pieces
+    capped) nor 8 x 1064 (1064 programs). No SM count (not CUDA): 168. Other state sizes have
+    no cap."""
     monkeypatch.setattr(tss, "_sm_count", lambda device: sms)
     cfg = tss.backward_config(16, batch, dim, torch.device("cpu"))
-    assert (cfg["maxnreg"], cfg["warps_per_sm"]) == ((168, 12) if cap == 168 else (128, 16))
-    assert cfg["pairs"] == (cap == 168)   # chunk pairs spill under 128
+    expect = {168: (168, 12), 128: (128, 16), None: (None, 8)}[cap]
+    assert (cfg["maxnreg"], cfg["warps_per_sm"]) == expect
+    assert tss._register_cap(cfg) == ({"maxnreg": cap} if cap else {})
+    assert cfg["pairs"] == (cap != 128)   # chunk pairs spill under 128
     assert {k: v for k, v in cfg.items() if k not in ("maxnreg", "warps_per_sm", "pairs")} == \
         {k: v for k, v in tss.scan_config(16, backward=True).items() if k not in ("maxnreg", "warps_per_sm", "pairs")}
     assert not tss.backward_config(64, 16, 2048, torch.device("cpu")).get("maxnreg")

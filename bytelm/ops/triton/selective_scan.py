@@ -282,13 +282,25 @@ def backward_config(nstate, batch, dim, device) -> dict:
     1536 x 32768 (384, cut into pieces) 6.454 (2 pieces; 4.059 uncapped but cut as for 14 an SM)
     / 4.053 (4) / 4.141 (5). Beyond 16 an SM's worth of programs: 128 by the same reasoning,
     not measured. The 128 cap compiles without spills with triton 3.6; 3.9 spills 24 bytes a
-    thread (offline sm_90 compiles)."""
+    thread (offline sm_90 compiles).
+
+    Uncapped (255 registers, 8 warps an SM) where the capped launch would run in one piece anyway
+    (more than half of 12 an SM's programs) and its programs all fit at 8 an SM: the cap then
+    buys no occupancy, only instructions (chunk pairs at 168: 1122 a pair; uncapped 1085, sm_90,
+    triton 3.6). H200, bf16, twelfth session (chunk pairs, B/C prefetch): 4 x 2048 x 8192 (1024
+    programs on 132 SMs) 2.160 -> 1.931 ms (200: 2.058, 232: 2.084); 8 x 1536 x 8192 (1536,
+    more than 8 an SM) 2.678 capped, 3.714 uncapped."""
     cfg = scan_config(nstate, backward=True)
     sms = _sm_count(device)
-    if cfg.get("maxnreg") and sms and _grid_warps(batch, dim, cfg) > cfg["warps_per_sm"] * sms:
+    if not cfg.get("maxnreg") or not sms:
+        return cfg
+    warps = _grid_warps(batch, dim, cfg)
+    if warps > cfg["warps_per_sm"] * sms:
         # one chunk at a time: chunk pairs spill under 128 registers (184 bytes a thread,
         # triton 3.6) and measured 0.960 -> 1.160 ms at 8 x 2048 x 2048 (1.181 at 168)
         return dict(cfg, maxnreg=128, warps_per_sm=16, pairs=False)
+    if 2 * warps > cfg["warps_per_sm"] * sms and warps <= 8 * sms:
+        return dict(cfg, maxnreg=None, warps_per_sm=8)
     return cfg
 
 
