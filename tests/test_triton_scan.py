@@ -410,6 +410,31 @@ def test_generation_continues_the_scan():
     assert rel_err(torch.cat([out, torch.stack(steps, -1)], -1), whole) < 1e-5
 
 
+@pytest.mark.parametrize("quads", [True, False], ids=["chunk_quads", "chunk_pairs"])
+def test_scan_inference_chunk_quads(quads, monkeypatch):
+    """The inference forward in chunk quads (quads: four chunks an iteration, 4T / KN steps a
+    state lane: 4 at N=16 with 4 states a thread, 2 at N=64) or pairs: the reference's output
+    and final state at every chunk count mod 4 (the first quad's warm-up chunk and up to three
+    no-op chunks past the end, some of them past the packed B and C), whole and in pieces, with
+    and without z, D, delta_bias."""
+    override_scan_config(monkeypatch, quads=quads)
+    for length, nstate in ((1, 16), (5, 64), (9, 16), (13, 16), (16, 64), (30, 16), (33, 64)):
+        x = make_inputs(*SMALL, length, nstate, torch.bfloat16, seed=length + nstate)
+        out, last = tss.selective_scan_triton(**x, delta_softplus=True, return_final_state=True)
+        ref, ref_last = selective_scan_ref(**{k: v.double() for k, v in x.items()},
+                                           delta_softplus=True, return_final_state=True)
+        assert rel_err(out, ref) < TOL[torch.bfloat16][0], (length, nstate)
+        assert rel_err(last, ref_last) < TOL[torch.float32][0], (length, nstate)
+    x = make_inputs(*SMALL, 21, 16, torch.bfloat16, seed=5)
+    x.update(z=None, D=None, delta_bias=None)
+    ref = selective_scan_ref(**{k: v.double() if v is not None else None for k, v in x.items()})
+    assert rel_err(tss.selective_scan_triton(**x), ref) < TOL[torch.bfloat16][0]
+    override_scan_config(monkeypatch, quads=quads, SEG=3)                     # 5 + 5 + 4 chunks
+    x = make_inputs(*SMALL, 55, 16, torch.bfloat16, seed=6)
+    ref = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True)
+    assert rel_err(tss.selective_scan_triton(**x, delta_softplus=True), ref) < TOL[torch.bfloat16][0]
+
+
 @pytest.mark.parametrize("pairs", [True, False], ids=["chunk_pairs", "one_chunk"])
 def test_scan_chunk_pairs(pairs, monkeypatch):
     """Chunk pairs (pairs: the per-(step, channel) rows of two chunks loaded and stored

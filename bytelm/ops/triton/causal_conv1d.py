@@ -50,7 +50,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.standard import _sum_combine as _add  # tl.sum without its jit wrapper
 
-from bytelm.ops.triton.layout import empty_output as _empty, is_length_major
+from bytelm.ops.triton.layout import cdiv, empty_output as _empty, is_length_major, next_pow2
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_WIDTH = 8
@@ -238,13 +238,13 @@ def conv_config(x: torch.Tensor, width: int) -> dict:
     """
     dim, length = x.shape[1], x.shape[2]
     if x.stride(2) == 1 or length == 1:
-        v = max(16 // x.element_size(), triton.next_power_of_2(max(width - 1, 1)))
-        block_l = min(max(triton.next_power_of_2(length), v), 1024)
-        block_d = min(max(2048 // block_l, 1), triton.next_power_of_2(dim))
+        v = max(16 // x.element_size(), next_pow2(max(width - 1, 1)))
+        block_l = min(max(next_pow2(length), v), 1024)
+        block_d = min(max(2048 // block_l, 1), next_pow2(dim))
         cfg = dict(SHIFT_IN_REGS=True, V=v, NV=block_l // v, BLOCK_D=block_d)
     else:
-        cfg = dict(SHIFT_IN_REGS=False, V=1, NV=min(triton.next_power_of_2(length), 16),
-                   BLOCK_D=min(triton.next_power_of_2(dim), 128))
+        cfg = dict(SHIFT_IN_REGS=False, V=1, NV=min(next_pow2(length), 16),
+                   BLOCK_D=min(next_pow2(dim), 128))
     return dict(cfg, FAST=not _INTERPRET, num_warps=4)
 
 
@@ -280,7 +280,7 @@ def conv_fwd(x, weight, bias, silu, cfg=None):
     cfg = cfg or conv_config(x, width)
     cfg = {k: v for k, v in cfg.items() if k != "ITERS"}
     out = _out_like(x)
-    grid = (triton.cdiv(length, cfg["NV"] * cfg["V"]), triton.cdiv(dim, cfg["BLOCK_D"]), batch)
+    grid = (cdiv(length, cfg["NV"] * cfg["V"]), cdiv(dim, cfg["BLOCK_D"]), batch)
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, out,
         dim, length, *x.stride(), *out.stride(), *weight.stride(),
@@ -305,10 +305,10 @@ def conv_bwd(x, weight, bias, dout, silu, cfg=None, dx=None):
     if cfg is None or not cfg.get("SHIFT_IN_REGS", True):
         cfg = conv_config(x, width)
     cfg = {k: v for k, v in cfg.items() if k != "SHIFT_IN_REGS"}
-    n_tiles = triton.cdiv(length, cfg["NV"] * cfg["V"])
-    d_blocks = triton.cdiv(dim, cfg["BLOCK_D"])
+    n_tiles = cdiv(length, cfg["NV"] * cfg["V"])
+    d_blocks = cdiv(dim, cfg["BLOCK_D"])
     iters = cfg.pop("ITERS", None) or bwd_iters(n_tiles, d_blocks * batch, x.device)
-    grid = (triton.cdiv(n_tiles, iters), d_blocks, batch)
+    grid = (cdiv(n_tiles, iters), d_blocks, batch)
     parts = grid[0] * batch
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = _out_like(x) if dx is None else dx
@@ -318,7 +318,7 @@ def conv_bwd(x, weight, bias, dout, silu, cfg=None, dx=None):
     _conv_bwd_kernel[grid](
         x, weight, bias if bias is not None else weight, dout, dx, dw_part, db_part,
         dim, length, iters, *x.stride(), *dout.stride(), dx.stride(0), dx.stride(1), *weight.stride(),
-        W=width, HAS_BIAS=bias is not None, SILU=silu, KP=triton.next_power_of_2(width + 1), **cfg)
+        W=width, HAS_BIAS=bias is not None, SILU=silu, KP=next_pow2(width + 1), **cfg)
     return dx, dw_part.sum(0), db_part.sum(0) if bias is not None else None
 
 

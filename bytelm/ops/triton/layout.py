@@ -48,3 +48,16 @@ def empty_output(*shape, like=None, **kw):
     keeps a dense tensor's strides). The kernel modules import it as `_empty`, which the tests
     swap for a NaN-filled one so that an element a kernel forgot to write shows."""
     return torch.empty_like(like, **kw) if like is not None else torch.empty(*shape, **kw)
+
+
+# host-side launch arithmetic: triton.cdiv and triton.next_power_of_2 are ConstexprFunctions,
+# ~5-10 us a call from Python, and a scan forward + backward made ~18 such calls: at small
+# shapes the op's CPU time is its wall time (benchmarks/NOTES.md, twelfth session)
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

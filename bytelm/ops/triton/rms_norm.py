@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from bytelm.ops.backend import needs_autograd
-from bytelm.ops.triton.layout import empty_output as _empty
+from bytelm.ops.triton.layout import cdiv, empty_output as _empty, next_pow2
 
 MAX_FUSED_DIM = 16384  # widest row held in registers; wider rows take the reference
 
@@ -127,7 +127,7 @@ def rms_norm_config(dim: int, device: torch.device, backward: bool = False,
     SM (16 or 4 programs, 2-row tiles or 8 warps: 2-30% slower).
     Under the interpreter: big tiles (few programs; the cost there is per program) and 3
     backward programs, so that the persistent loop and uneven splits are exercised."""
-    block_n = triton.next_power_of_2(max(dim, 1))
+    block_n = next_pow2(max(dim, 1))
     if device.type != "cuda":
         return dict(BLOCK_N=block_n, BLOCK_M=max(1, min(64, 8192 // block_n)), num_warps=4,
                     programs=3)
@@ -160,7 +160,7 @@ def rms_norm_fwd(x, weight, eps, store_rstd=True, cfg=None):
     cfg = cfg or rms_norm_config(dim, x.device, element_size=x.element_size())
     y = _empty(n_rows, dim, device=x.device, dtype=x.dtype)
     rstd = _empty(n_rows, device=x.device, dtype=torch.float32) if store_rstd else None
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
+    grid = (cdiv(n_rows, cfg["BLOCK_M"]),)
     _rms_norm_fwd_kernel[grid](
         x, x, weight, y, y, rstd if store_rstd else y, n_rows, dim, x.stride(0), 0, y.stride(0), 0,
         eps, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_RESIDUAL=False,
@@ -174,7 +174,7 @@ def rms_norm_bwd(x, weight, rstd, dy, need_dw=True, cfg=None):
     unless need_dw)."""
     n_rows, dim = x.shape
     cfg = cfg or rms_norm_config(dim, x.device, backward=True, element_size=x.element_size())
-    n_tiles = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    n_tiles = cdiv(n_rows, cfg["BLOCK_M"])
     n_prog = _n_programs(cfg, n_tiles, x.device)
     dx = _empty(n_rows, dim, device=x.device, dtype=x.dtype)
     partial = _empty(n_prog, dim, device=x.device, dtype=torch.float32) if need_dw else None
@@ -231,7 +231,7 @@ def add_rms_norm_fwd(x, residual, weight, eps, out_dtype, store_rstd=True, cfg=N
     residual_out = _empty(n_rows, dim, device=x.device, dtype=torch.float32)
     rstd = _empty(n_rows, device=x.device, dtype=torch.float32) if store_rstd else None
     has_res = residual is not None
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
+    grid = (cdiv(n_rows, cfg["BLOCK_M"]),)
     _rms_norm_fwd_kernel[grid](
         x, residual if has_res else x, weight, y, residual_out, rstd if store_rstd else y,
         n_rows, dim, x.stride(0), residual.stride(0) if has_res else 0, y.stride(0),
@@ -251,7 +251,7 @@ def add_rms_norm_bwd(residual_out, weight, rstd, dy, dresidual_out=None, dx_dtyp
     n_rows, dim = residual_out.shape
     dev = residual_out.device
     cfg = cfg or rms_norm_config(dim, dev, backward=True, element_size=4)
-    n_tiles = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    n_tiles = cdiv(n_rows, cfg["BLOCK_M"])
     n_prog = _n_programs(cfg, n_tiles, dev)
     dx = _empty(n_rows, dim, device=dev, dtype=dx_dtype) if dx_dtype else None
     dres = _empty(n_rows, dim, device=dev, dtype=dresidual_dtype) if dresidual_dtype else None

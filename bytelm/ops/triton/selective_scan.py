@@ -53,7 +53,7 @@ import torch
 import triton
 
 from bytelm.ops.backend import needs_autograd
-from bytelm.ops.triton.layout import empty_output as _empty, length_major, like
+from bytelm.ops.triton.layout import cdiv, empty_output as _empty, length_major, like, next_pow2
 from bytelm.ops.triton.selective_scan_kernels import (
     _scan_bwd_kernel,
     _scan_bwd_segment_kernel,
@@ -93,7 +93,7 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     error they already carry (bf16 outputs, upstream gradient and results: largest error
     4.1e-3 -> 4.8e-3); with fp32 inputs it would be ~10^3-10^4 x their error: fp32 stays.
     """
-    block_n = triton.next_power_of_2(max(nstate, 1))
+    block_n = next_pow2(max(nstate, 1))
     npt = min(block_n, 8)
     kn = block_n // npt
     if kn > 32:
@@ -156,10 +156,16 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     # training forward then loads u's steps for D u rather than taking them from the row; and
     # since the twelfth session dt u reaches every lane from those steps by shuffles, no u row
     # a chunk: 8 x 1536 x 8192 1.073 -> 1.030 / 1.207 -> 1.149.)
+    # quads (inference) / quads_ckpt (training): four chunks an iteration instead of two, 4T / KN
+    # steps a lane (8-byte accesses at N=16 with 4 states a thread): half the wavefronts of the
+    # per-(step, channel) rows again, the same instructions a chunk and, inference, the same
+    # registers (96, sm_90, triton 3.6); the training forward (127 registers, 16 warps an SM)
+    # keeps pairs. Measured: NOTES.md, twelfth session.
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pipeline=True,
                 pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=True,
-                lane_steps_ckpt=kn <= 4, us_row=False, us_row_ckpt=True, bc_bf16=True, pairs=True)
+                lane_steps_ckpt=kn <= 4, us_row=False, us_row_ckpt=True, bc_bf16=True, pairs=True,
+                quads=True, quads_ckpt=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,7 +205,7 @@ def pack_bc(x, cfg):
     padding: two small kernels where a padded copy and a transposing copy took three."""
     batch, nstate, length = x.shape
     T, block_n = cfg["T"], cfg["NPT"] * cfg["KN"]
-    n_chunks = triton.cdiv(length, T)
+    n_chunks = cdiv(length, T)
     full = length // T
     dtype = torch.bfloat16 if cfg.get("bc_bf16") and x.dtype == torch.bfloat16 else torch.float32
     # two chunks of padding beyond the last: the forward loads chunk c + 1 unmasked, and its
@@ -248,7 +254,7 @@ def _zeros_f32(device, *shapes):
     sizes = [math.prod(shape) for shape in shapes]
     starts = [0]
     for size in sizes:
-        starts.append(starts[-1] + triton.cdiv(size, 32) * 32)
+        starts.append(starts[-1] + cdiv(size, 32) * 32)
     buf = torch.zeros(starts[-1], device=device, dtype=torch.float32)
     return [buf[a:a + size].view(shape) for a, size, shape in zip(starts, sizes, shapes)]
 
@@ -269,7 +275,7 @@ def _cuda_sm_count(index: int) -> int:
 
 def _grid_warps(batch, dim, cfg) -> int:
     """Warps of a launch over the whole sequence: (batch, channel block) programs of WD warps."""
-    return batch * triton.cdiv(dim, cfg["WD"] * cfg["LD"]) * cfg["WD"]
+    return batch * cdiv(dim, cfg["WD"] * cfg["LD"]) * cfg["WD"]
 
 
 def backward_config(nstate, batch, dim, device) -> dict:
@@ -330,7 +336,7 @@ def forward_config(nstate, batch, dim, length, device, input_dtype=torch.float32
     if not cap.get("maxnreg") or cfg["ckpt_dtype"] != torch.bfloat16:
         return cfg
     capped = dict(cfg, maxnreg=cap["maxnreg"], warps_per_sm=cap["warps_per_sm"])
-    n_chunks = triton.cdiv(length, cfg["T"])
+    n_chunks = cdiv(length, cfg["T"])
     if (cfg["NPT"], cfg["KN"]) == (8, 2):
         half = dict(cfg, NPT=4, KN=4, LD=8)
         if segments(batch, dim, n_chunks, half, device) == 1:
@@ -359,7 +365,7 @@ def _launch_consts(cfg, delta_softplus, delta_bias, lane_key):
 def checkpoint_nbytes(batch, dim, length, nstate, cfg) -> int:
     """Bytes of the chunk checkpoints `scan_fwd` stores for the backward with this cfg."""
     itemsize = cfg.get("ckpt_dtype", torch.float32).itemsize
-    return batch * triton.cdiv(length, cfg["T"]) * nstate * dim * itemsize
+    return batch * cdiv(length, cfg["T"]) * nstate * dim * itemsize
 
 
 def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -371,10 +377,10 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
     batch, dim, length = u.shape
     nstate = A.shape[1]
     cfg = cfg or forward_config(nstate, batch, dim, length, u.device, input_dtype=u.dtype)
-    n_chunks = triton.cdiv(length, cfg["T"])
+    n_chunks = cdiv(length, cfg["T"])
     nseg = segments(batch, dim, n_chunks, cfg, u.device)
-    cps = triton.cdiv(n_chunks, nseg)
-    nseg = triton.cdiv(n_chunks, cps)
+    cps = cdiv(n_chunks, nseg)
+    nseg = cdiv(n_chunks, cps)
     f32 = dict(device=u.device, dtype=torch.float32)
     out = _empty(like=u)
     h_last = _empty(batch, dim, nstate, **f32)
@@ -384,7 +390,7 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
     lseg = torch.empty(batch, nseg, dim, **f32)
     consts = _launch_consts(cfg, delta_softplus, delta_bias,
                             "lane_steps_ckpt" if store_ckpt else "lane_steps")
-    grid = (batch, triton.cdiv(dim, cfg["WD"] * cfg["LD"]))
+    grid = (batch, cdiv(dim, cfg["WD"] * cfg["LD"]))
     bias = delta_bias if delta_bias is not None else A
     if nseg > 1:
         _scan_fwd_segment_kernel[grid + (nseg - 1,)](
@@ -402,6 +408,7 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None,
         STORE_CKPT=store_ckpt, PIPELINE=pipeline,
         US_ROW=bool(cfg.get("us_row_ckpt" if store_ckpt else "us_row")), PAIR=pair,
+        QUADS=pair and bool(cfg.get("quads_ckpt" if store_ckpt else "quads")),
         **_register_cap(cfg), **consts)
     return out, h_last, ckpt
 
@@ -420,8 +427,8 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     n_chunks = ckpt.shape[1]
     cfg = dict(cfg or backward_config(nstate, batch, dim, u.device), T=t_chunk)
     nseg = segments(batch, dim, n_chunks, cfg, u.device)
-    cps = triton.cdiv(n_chunks, nseg)
-    nseg = triton.cdiv(n_chunks, cps)
+    cps = cdiv(n_chunks, nseg)
+    nseg = cdiv(n_chunks, cps)
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = _empty(like=u), _empty(like=delta)
     if z is not None and dz is None:
@@ -440,7 +447,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     # bc_prefetch: B and C hinted into L1 that many chunks (pairs) ahead (inline PTX, which the
     # interpreter does not run)
     consts["BC_PF"] = 0 if _INTERPRET else int(cfg.get("bc_prefetch", 0))
-    grid = (batch, triton.cdiv(dim, cfg["WD"] * cfg["LD"]))
+    grid = (batch, cdiv(dim, cfg["WD"] * cfg["LD"]))
     bias = delta_bias if delta_bias is not None else A
     zz = z if z is not None else u
     if nseg > 1:
@@ -532,10 +539,10 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     nstate = A.shape[1]
     A = A.contiguous().float()
     out = _empty(like=x)
-    block_n = triton.next_power_of_2(nstate)
-    block_d = max(1, min(triton.next_power_of_2(dim), 4096 // block_n, 64))
+    block_n = next_pow2(nstate)
+    block_d = max(1, min(next_pow2(dim), 4096 // block_n, 64))
     zz = z if z is not None else x
-    _state_update_kernel[(batch, triton.cdiv(dim, block_d))](
+    _state_update_kernel[(batch, cdiv(dim, block_d))](
         state, x, dt, A, B, C, D if D is not None else A, zz,
         dt_bias if dt_bias is not None else A, out, dim, nstate,
         *state.stride(), *x.stride(), *dt.stride(), *zz.stride(), *B.stride(), *C.stride(),

@@ -73,9 +73,9 @@ def _from_lanes(x, T: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.c
                 ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
                 AX_LD: tl.constexpr, S: tl.constexpr, HALF: tl.constexpr):
     """LANE layout -> time axis: x holds S steps a state lane on its time axis, steps kn * S ..
-    kn * S + S - 1 on lane kn (S = 1: step kn of the chunk, kn < T; S = 2T / KN, the backward's
-    chunk pairs: step kn * S + s of the pair); returns chunk HALF's T steps (HALF = 0 without
-    pairs) in every lane. An all-gather over a (WD, lane, T) reshape, lane = kn * LD + ld: pair
+    kn * S + S - 1 on lane kn (S = 1: step kn of the chunk, kn < T; S = G T / KN, chunk pairs
+    (G = 2) or quads (G = 4): step kn * S + s of the group); returns the group's chunk HALF's T
+    steps (HALF = 0 without groups) in every lane. An all-gather over a (WD, lane, T) reshape, lane = kn * LD + ld: pair
     step p = HALF * T + t read from lane (p // S) * LD + ld, its value p % S: one shuffle a value
     and step (with S = 2 each value's gather is written for every step and the select on t % 2,
     a constant a register, leaves one; a masked sum over the state lanes per step took log2(KN)
@@ -87,11 +87,21 @@ def _from_lanes(x, T: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.c
     src = lane % LD + (HALF * T + step) // S * LD + tl.zeros((WD, KN * LD, T), tl.int32)
     if S == 1:
         G = tl.gather(tl.broadcast_to(Q, (WD, KN * LD, T)), src, 1)
-    else:
+    elif S == 2:
         Q0, Q1 = tl.split(Q)
         G = tl.where(step % 2 == 0,
                      tl.gather(tl.broadcast_to(Q0[:, :, None], (WD, KN * LD, T)), src, 1),
                      tl.gather(tl.broadcast_to(Q1[:, :, None], (WD, KN * LD, T)), src, 1))
+    else:  # S == 4 (chunk quads): value v = 2 i + j split on j, then on i
+        Qe, Qo = tl.split(tl.reshape(Q, (WD, KN * LD, 2, 2)))
+        Q0, Q2 = tl.split(Qe)
+        Q1, Q3 = tl.split(Qo)
+        v = (HALF * T + step) % 4
+        G = tl.where(v == 0, tl.gather(tl.broadcast_to(Q0[:, :, None], (WD, KN * LD, T)), src, 1),
+                     tl.where(v == 1, tl.gather(tl.broadcast_to(Q1[:, :, None], (WD, KN * LD, T)), src, 1),
+                              tl.where(v == 2,
+                                       tl.gather(tl.broadcast_to(Q2[:, :, None], (WD, KN * LD, T)), src, 1),
+                                       tl.gather(tl.broadcast_to(Q3[:, :, None], (WD, KN * LD, T)), src, 1))))
     G = tl.reshape(G, (WD, KN, LD, 1, T))
     if ASC:  # back to the tiles' dims
         return tl.permute(G, (4, 2, 1, 0, 3))
@@ -178,6 +188,22 @@ def _pair_sum(xa, xb, T: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: t
 
 
 @triton.jit
+def _quad_sum(xa, xb, xc, xd, T: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr,
+              LD: tl.constexpr, ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr,
+              AX_KN: tl.constexpr, AX_LD: tl.constexpr):
+    """`_pair_sum` for four chunks in time order (xa the earliest): steps kn * S .. kn * S + S - 1
+    of the quad (S = 4T / KN) on state lane kn."""
+    Qa = tl.reshape(tl.permute(xa, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (WD, KN * LD, T))
+    Qb = tl.reshape(tl.permute(xb, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (WD, KN * LD, T))
+    Qc = tl.reshape(tl.permute(xc, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (WD, KN * LD, T))
+    Qd = tl.reshape(tl.permute(xd, (AX_WD, AX_KN, AX_LD, AX_NPT, 0)), (WD, KN * LD, T))
+    # (WD, lanes, T, chunk in pair, pair) -> value (2 pair + chunk in pair) T + t
+    Q = tl.join(tl.join(Qa, Qb), tl.join(Qc, Qd))
+    Q = tl.reshape(tl.permute(Q, (0, 1, 4, 3, 2)), (WD, KN * LD, 4 * T))
+    return _scatter_rounds(Q, WD, KN, LD, ASC)
+
+
+@triton.jit
 def _lane_steps(t_, kn_, T: tl.constexpr, LANE: tl.constexpr):
     """The step of its chunk each lane does the per-(step, channel) work for, and which lanes
     do it: with LANE, state lane kn takes step kn (lanes kn >= T repeat and are masked off);
@@ -191,12 +217,12 @@ def _lane_steps(t_, kn_, T: tl.constexpr, LANE: tl.constexpr):
 
 
 @triton.jit
-def _pair_steps(kn_, T: tl.constexpr, KN: tl.constexpr):
-    """Chunk pairs (KN = T or 2T): the steps of its pair each state lane takes, kn * S .. kn * S
-    + S - 1 (S = 2T / KN) on the time axis of the tiles. Contiguity hint S (the lane's adjacent
+def _pair_steps(kn_, T: tl.constexpr, KN: tl.constexpr, G: tl.constexpr):
+    """Chunk pairs (G = 2; KN = T or 2T) or quads (G = 4): the steps of its group each state
+    lane takes, kn * S .. kn * S + S - 1 (S = G T / KN) on the time axis of the tiles. Contiguity hint S (the lane's adjacent
     steps in-thread, one wide access), not KN * S across the lanes: the tiles' lanes must stay
     the load's (see `_lane_steps`)."""
-    S: tl.constexpr = 2 * T // KN
+    S: tl.constexpr = G * T // KN
     return tl.max_contiguous(kn_ * S + tl.arange(0, S)[:, None, None, None, None], [S, 1, 1, 1, 1])
 
 
@@ -279,7 +305,7 @@ def _scan_fwd_kernel(
     L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr, FAST_LOG: tl.constexpr,
-    PIPELINE: tl.constexpr, US_ROW: tl.constexpr, PAIR: tl.constexpr,
+    PIPELINE: tl.constexpr, US_ROW: tl.constexpr, PAIR: tl.constexpr, QUADS: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
     AX_LD: tl.constexpr, LANE: tl.constexpr,
@@ -360,13 +386,17 @@ def _scan_fwd_kernel(
         # dt u reaches every lane the same way, from the pair's u loaded in the pair layout
         # (also D u's): no u row a chunk, whose 8 channels' rows a warp cost 8 L1 wavefronts a
         # chunk against 4 shuffles (the forward is bound by those wavefronts: NOTES.md).
-        S: tl.constexpr = 2 * T // KN
-        ps_ = _pair_steps(kn_, T, KN)
+        # G = 4 (QUADS): four chunks an iteration, S = 4T / KN steps a lane (8-byte accesses at
+        # S = 4: half the wavefronts of the pairs' again), more registers held (the inference
+        # forward has them).
+        G: tl.constexpr = 4 if QUADS else 2
+        S: tl.constexpr = G * T // KN
+        ps_ = _pair_steps(kn_, T, KN, G)
         tPs = ps_ * ST
         tZp = ps_ * ZT
         lo = c_lo * T
         lim = tl.minimum(L, c_hi * T)
-        # the first pair: (c_lo - 1, c_lo), chunk c_lo - 1 the warm-up no-op
+        # the first group: c_lo - 1 .. c_lo + G - 2, chunk c_lo - 1 the warm-up no-op
         pc = row + (zero64 + c_lo - 1) * TST + tPs
         st = (c_lo - 1) * T + ps_
         m_p = (st >= lo) & (st < lim) & mask_row
@@ -376,31 +406,38 @@ def _scan_fwd_kernel(
             z_cur = tl.load(z_ptr + zrow + (zero64 + c_lo - 1) * TZT + tZp, mask=m_p, other=0.0)
         us_cur = tl.load(u_ptr + pc, mask=m_p, other=0.0)
         dtup = dtp * us_cur.to(tl.float32)
-        dl_nx = tl.load(delta_ptr + pc + 2 * TST, mask=(st + 2 * T < lim) & mask_row, other=0.0)
+        dl_nx = tl.load(delta_ptr + pc + G * TST, mask=(st + G * T < lim) & mask_row, other=0.0)
         B_cur = tl.zeros_like(bc_tile).to(tl.float32)
         C_cur = B_cur
         dtu_cur = tl.zeros_like(row + tS).to(tl.float32)
         dA_cur = B_cur + 1.0
-        for c in range(c_lo - 1, c_hi, 2):
+        for c in range(c_lo - 1, c_hi, G):
             pc = row + (zero64 + c) * TST + tPs
             st = c * T + ps_
-            m_nx = (st + 2 * T < lim) & mask_row          # the next pair's steps (c + 2 > c_lo)
+            m_nx = (st + G * T < lim) & mask_row          # the next group's steps (c + G > c_lo)
             if HAS_Z:
-                z_nx = tl.load(z_ptr + zrow + (zero64 + c + 2) * TZT + tZp, mask=m_nx, other=0.0)
-            us_nx = tl.load(u_ptr + pc + 2 * TST, mask=m_nx, other=0.0)
-            dl_nn = tl.load(delta_ptr + pc + 4 * TST, mask=(st + 4 * T < lim) & mask_row, other=0.0)
-            for half in tl.static_range(2):
+                z_nx = tl.load(z_ptr + zrow + (zero64 + c + G) * TZT + tZp, mask=m_nx, other=0.0)
+            us_nx = tl.load(u_ptr + pc + G * TST, mask=m_nx, other=0.0)
+            dl_nn = tl.load(delta_ptr + pc + 2 * G * TST, mask=(st + 2 * G * T < lim) & mask_row,
+                            other=0.0)
+            for half in tl.static_range(G):
                 cc = c + half
-                B_nx = tl.load(B_chunk + bc_tile).to(tl.float32)
-                C_nx = tl.load(C_chunk + bc_tile).to(tl.float32)
+                if G == 2:  # (the packed B, C have two chunks of padding)
+                    B_nx = tl.load(B_chunk + bc_tile).to(tl.float32)
+                    C_nx = tl.load(C_chunk + bc_tile).to(tl.float32)
+                else:  # chunks past those: no-ops, any finite B, C
+                    B_nx = tl.load(B_chunk + bc_tile, mask=zero_kn + cc + 1 < n_chunks + 2,
+                                   other=0.0).to(tl.float32)
+                    C_nx = tl.load(C_chunk + bc_tile, mask=zero_kn + cc + 1 < n_chunks + 2,
+                                   other=0.0).to(tl.float32)
                 B_chunk += BN * T
                 C_chunk += BN * T
-                # chunk cc + 1's step sizes: the pair's second chunk, then the next pair's first
-                if half == 1:
+                # chunk cc + 1's step sizes: the group's next chunk, then the next group's first
+                if half == G - 1:
                     dtp = _fwd_step_sizes(dl_nx, bias, m_nx, HAS_BIAS, SOFTPLUS, FAST_LOG)
                     dtup = dtp * us_nx.to(tl.float32)
-                dt_nx = _from_lanes(dtp, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, 1 - half)
-                dtu_nx = _from_lanes(dtup, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, 1 - half)
+                dt_nx = _from_lanes(dtp, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, (half + 1) % G)
+                dtu_nx = _from_lanes(dtup, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, (half + 1) % G)
                 dA_nx = tl.exp2(dt_nx * A2)
 
                 # chunk cc's recurrence and checkpoint (as in the loop below)
@@ -412,9 +449,16 @@ def _scan_fwd_kernel(
                 y_p = tl.reduce(H * C_cur, AX_NPT, _add, keep_dims=True)
                 if half == 0:
                     y_a = y_p
+                if half == 1:
+                    y_b = y_p
+                if half == 2:
+                    y_c = y_p
                 B_cur, C_cur, dtu_cur, dA_cur = B_nx, C_nx, dtu_nx, dA_nx
-            # the pair's outputs
-            y = _pair_sum(y_a, y_p, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+            # the group's outputs
+            if G == 2:
+                y = _pair_sum(y_a, y_p, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+            else:
+                y = _quad_sum(y_a, y_b, y_c, y_p, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
             if HAS_D:
                 y = y + Dv * us_cur.to(tl.float32)
             if HAS_Z:  # y z sigmoid(z); zz * -LOG2E: a negation would cost an FADD
@@ -921,7 +965,7 @@ def _scan_bwd_kernel(
         # no-op (no steps: decay 1, no input, zero dB and dC added to the padding or to the
         # next segment's chunk).
         S: tl.constexpr = 2 * T // KN
-        ps_ = _pair_steps(kn_, T, KN)
+        ps_ = _pair_steps(kn_, T, KN, 2)
         tPs = ps_ * ST
         tZp = ps_ * ZT
         tOp = ps_ * OT
