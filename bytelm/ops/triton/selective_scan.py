@@ -201,8 +201,9 @@ def pack_bc(x, cfg):
     """(batch, state, length) -> (batch, n_chunks + 2, state block, T) fp32, zero padded: each
     thread's rows of a chunk sit together, and the kernels need no masks to read them.
     cfg["bc_bf16"]: bf16 inputs stay bf16 (no rounding; half the bytes the kernels load).
-    One strided copy of the whole chunks (and one of a partial last chunk) plus the zero
-    padding: two small kernels where a padded copy and a transposing copy took three."""
+    One strided copy of the whole chunks (and one of a partial last chunk) into a zeroed tensor,
+    through as_strided views: at small shapes the op's host time shows in its time, and slicing
+    and unflattening cost ~4x the Python calls."""
     batch, nstate, length = x.shape
     T, block_n = cfg["T"], cfg["NPT"] * cfg["KN"]
     n_chunks = cdiv(length, T)
@@ -210,12 +211,11 @@ def pack_bc(x, cfg):
     dtype = torch.bfloat16 if cfg.get("bc_bf16") and x.dtype == torch.bfloat16 else torch.float32
     # two chunks of padding beyond the last: the forward loads chunk c + 1 unmasked, and its
     # pipelined loop ends with a no-op chunk when it has an odd number of chunks
-    out = x.new_empty(batch, n_chunks + 2, block_n, T, dtype=dtype)
-    if full == n_chunks and block_n == nstate:
-        out[:, n_chunks:].zero_()
-    else:
-        out.zero_()
-    out[:, :full, :nstate].copy_(x[:, :, :full * T].unflatten(2, (full, T)).transpose(1, 2))
+    out = x.new_zeros(batch, n_chunks + 2, block_n, T, dtype=dtype)
+    sb, sn, sl = x.stride()
+    # (batch, chunk, state, step) views: out's first full chunks and states, x's whole chunks
+    out.as_strided((batch, full, nstate, T), out.stride()).copy_(
+        x.as_strided((batch, full, nstate, T), (sb, T * sl, sn, sl)))
     if full < n_chunks:
         out[:, full, :nstate, :length - full * T].copy_(x[:, :, full * T:])
     return out
@@ -223,12 +223,14 @@ def pack_bc(x, cfg):
 
 def unpack_bc(x, nstate, length, dtype=None, out=None):
     """`pack_bc` undone: (batch, state, length) in dtype, or written (cast) into out (any
-    strides with adjacent steps); one strided copy (two with a partial last chunk)."""
+    strides); one strided copy (two with a partial last chunk)."""
     batch, _, _, T = x.shape
     if out is None:
         out = x.new_empty(batch, nstate, length, dtype=dtype or x.dtype)
     full = length // T
-    out[:, :, :full * T].unflatten(2, (full, T)).copy_(x[:, :full, :nstate].transpose(1, 2))
+    ob, on, ol = out.stride()
+    out.as_strided((batch, full, nstate, T), (ob, T * ol, on, ol)).copy_(
+        x.as_strided((batch, full, nstate, T), x.stride()))
     if full * T < length:
         out[:, :, full * T:].copy_(x[:, full, :nstate, :length - full * T])
     return out
