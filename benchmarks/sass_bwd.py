@@ -128,7 +128,7 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
     # cfg None: scan_bwd picks backward_config (on CPU tensors, scan_config's cap)
     bwd_cfgs = [cfg_bwd if cfg_bwd is not None else (dict(capped, **bwd_over) if bwd_over else None)]
     if cfg_bwd is None and capped.get("maxnreg"):
-        bwd_cfgs.append(dict(dict(capped, maxnreg=128, warps_per_sm=16, pairs=False), **bwd_over))  # as backward_config
+        bwd_cfgs.append(dict(dict(capped, maxnreg=128, warps_per_sm=16, pairs=False), **bwd_over))  # as backward_config (its uncapped case: --bwd maxnreg=0)
     for c in bwd_cfgs:
         S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False, cfg=c)
     S._scan_fwd_kernel, S._scan_bwd_kernel = K._scan_fwd_kernel, K._scan_bwd_kernel

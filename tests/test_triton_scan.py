@@ -429,10 +429,17 @@ def test_scan_inference_chunk_quads(quads, monkeypatch):
     x.update(z=None, D=None, delta_bias=None)
     ref = selective_scan_ref(**{k: v.double() if v is not None else None for k, v in x.items()})
     assert rel_err(tss.selective_scan_triton(**x), ref) < TOL[torch.bfloat16][0]
-    override_scan_config(monkeypatch, quads=quads, SEG=3)                     # 5 + 5 + 4 chunks
-    x = make_inputs(*SMALL, 55, 16, torch.bfloat16, seed=6)
-    ref = selective_scan_ref(**{k: v.double() for k, v in x.items()}, delta_softplus=True)
-    assert rel_err(tss.selective_scan_triton(**x, delta_softplus=True), ref) < TOL[torch.bfloat16][0]
+    # in pieces (5 + 5 + 4 chunks): a group runs on past its piece's end into the next one's
+    # chunks (masked); the N=16 tile pinned to 4 states a thread (with pieces forward_config
+    # would take 8, which has no groups), last: the overrides pile up
+    for nstate, tile in ((64, {}), (16, dict(NPT=4, KN=4, LD=8))):
+        override_scan_config(monkeypatch, quads=quads, SEG=3, **tile)
+        x = make_inputs(*SMALL, 55, nstate, torch.bfloat16, seed=6 + nstate)
+        out, last = tss.selective_scan_triton(**x, delta_softplus=True, return_final_state=True)
+        ref, ref_last = selective_scan_ref(**{k: v.double() for k, v in x.items()},
+                                           delta_softplus=True, return_final_state=True)
+        assert rel_err(out, ref) < TOL[torch.bfloat16][0], nstate
+        assert rel_err(last, ref_last) < TOL[torch.float32][0], nstate
 
 
 @pytest.mark.parametrize("pairs", [True, False], ids=["chunk_pairs", "one_chunk"])

@@ -23,10 +23,11 @@ the backward's reverse recurrence finds exp(dt_{t+1} A) in registers. The per-(s
 work (softplus, gate, D, the outputs and their gradients) would be repeated by each of a
 channel's KN state lanes; where KN % T == 0 (LANE) state lane kn does it for step kn of the chunk
 alone, and the step sizes (and, backward, dy) reach the other lanes by shuffles. Where KN is T
-or 2T, the backward (but under the 128-register cap) and the pipelined forward go two chunks at a
-time (`pairs`): lane kn takes 2T / KN adjacent steps of the pair, so each per-step row is loaded
-or stored 4 bytes a lane (bf16, N=16) instead of 2, half the L1 wavefronts; both chunks' state
-sums are reduce-scattered together straight into that layout.
+or 2T, the backward (but under the 128-register cap) and the pipelined training forward go two
+chunks at a time (`pairs`), the inference forward four (`quads`): lane kn takes 2T / KN (4T / KN)
+adjacent steps of the group, so each per-step row is loaded or stored 4 (8) bytes a lane (bf16,
+N=16) instead of 2; the chunks' state sums are reduce-scattered together straight into that
+layout, and dt u reaches every lane from the lanes' own steps by shuffles (no u row a chunk).
 
 B and C are small, so the wrapper packs them once as (batch, chunk + 2, state block, T), bf16 if
 they come in bf16 and fp32 otherwise (`pack_bc`): no masks per (channel, state, step), and the
@@ -111,8 +112,9 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
                    pairs=True)
         if block_n == 16:
             # capped at 168 registers (ptxas .maxnreg): 12 one-warp programs an SM, so a
-            # short batch cuts its sequence into more pieces (and, with lane_steps, faster
-            # everywhere measured than uncapped: backward_config); no spills with triton 3.6
+            # short batch cuts its sequence into more pieces (and, with lane_steps, faster than
+            # uncapped except where backward_config uncaps: one piece that fits at 8 warps an
+            # SM); no spills with triton 3.6
             # (the H200's) or 3.9 (offline sm_90 compiles, benchmarks/sass_bwd.py)
             cfg.update(maxnreg=168, warps_per_sm=12)
             # B and C (loaded in the chunk that uses them) hinted into L1 a chunk (pair) ahead.
@@ -199,7 +201,9 @@ def _strides(u, z):
 
 def pack_bc(x, cfg):
     """(batch, state, length) -> (batch, n_chunks + 2, state block, T) fp32, zero padded: each
-    thread's rows of a chunk sit together, and the kernels need no masks to read them.
+    thread's rows of a chunk sit together, and the kernels need no masks to read them (but the
+    inference forward's quads, which run up to three chunks past the end: past the padding
+    they mask).
     cfg["bc_bf16"]: bf16 inputs stay bf16 (no rounding; half the bytes the kernels load).
     One strided copy of the whole chunks (and one of a partial last chunk) into a zeroed tensor,
     through as_strided views: at small shapes the op's host time shows in its time, and slicing
@@ -210,7 +214,7 @@ def pack_bc(x, cfg):
     full = length // T
     dtype = torch.bfloat16 if cfg.get("bc_bf16") and x.dtype == torch.bfloat16 else torch.float32
     # two chunks of padding beyond the last: the forward loads chunk c + 1 unmasked, and its
-    # pipelined loop ends with a no-op chunk when it has an odd number of chunks
+    # pipelined loop (in pairs) ends with a no-op chunk when it has an odd number of chunks
     out = x.new_zeros(batch, n_chunks + 2, block_n, T, dtype=dtype)
     sb, sn, sl = x.stride()
     # (batch, chunk, state, step) views: out's first full chunks and states, x's whole chunks
@@ -436,12 +440,12 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     if z is not None and dz is None:
         dz = _empty(like=u, dtype=z.dtype)  # laid out like u (kernel strides)
     assert dz is None or dz.stride() == u.stride()
-    # the kernels' atomic sums, zeroed two memsets (not five); the parameters' gradients
-    # apart, as autograd may keep them as .grad, and with them their buffer
+    # the kernels' atomic sums: dB, dC (unpacked after) zeroed by one memset; the parameters'
+    # gradients each its own tensor (autograd may keep them as .grad)
     dBp, dCp = _zeros_f32(u.device, Bp.shape, Cp.shape)
-    dA, dD, dbias = _zeros_f32(u.device, (dim, nstate), (dim,), (dim,))
-    dD = dD if D is not None else None
-    dbias = dbias if delta_bias is not None else None
+    dA = torch.zeros(dim, nstate, **f32)
+    dD = torch.zeros(dim, **f32) if D is not None else None
+    dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
     dh0 = _empty(batch, dim, nstate, **f32) if need_dh0 else None
     gseg = torch.empty(batch, nseg, nstate, dim, **f32)
     lseg = torch.empty(batch, nseg, dim, **f32)

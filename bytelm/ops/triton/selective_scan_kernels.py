@@ -93,6 +93,7 @@ def _from_lanes(x, T: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.c
                      tl.gather(tl.broadcast_to(Q0[:, :, None], (WD, KN * LD, T)), src, 1),
                      tl.gather(tl.broadcast_to(Q1[:, :, None], (WD, KN * LD, T)), src, 1))
     else:  # S == 4 (chunk quads): value v = 2 i + j split on j, then on i
+        tl.static_assert(S == 4)
         Qe, Qo = tl.split(tl.reshape(Q, (WD, KN * LD, 2, 2)))
         Q0, Q2 = tl.split(Qe)
         Q1, Q3 = tl.split(Qo)
