@@ -46,7 +46,6 @@ from the combination of the pieces before (after) it.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 
@@ -254,17 +253,6 @@ def segments(batch, dim, n_chunks, cfg, device) -> int:
     return max(1, min(fit // _grid_warps(batch, dim, cfg), n_chunks // 16))
 
 
-def _zeros_f32(device, *shapes):
-    """Zeroed fp32 tensors of these shapes, views of one buffer zeroed by one kernel (each
-    starting at a multiple of 128 bytes)."""
-    sizes = [math.prod(shape) for shape in shapes]
-    starts = [0]
-    for size in sizes:
-        starts.append(starts[-1] + cdiv(size, 32) * 32)
-    buf = torch.zeros(starts[-1], device=device, dtype=torch.float32)
-    return [buf[a:a + size].view(shape) for a, size, shape in zip(starts, sizes, shapes)]
-
-
 def _sm_count(device):
     """Streaming multiprocessors of a CUDA device; None elsewhere."""
     if device.type != "cuda":
@@ -440,9 +428,9 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     if z is not None and dz is None:
         dz = _empty(like=u, dtype=z.dtype)  # laid out like u (kernel strides)
     assert dz is None or dz.stride() == u.stride()
-    # the kernels' atomic sums: dB, dC (unpacked after) zeroed by one memset; the parameters'
-    # gradients each its own tensor (autograd may keep them as .grad)
-    dBp, dCp = _zeros_f32(u.device, Bp.shape, Cp.shape)
+    # the kernels' atomic sums: dB, dC (packed alike, unpacked after) zeroed by one memset; the
+    # parameters' gradients each its own tensor (autograd may keep them as .grad)
+    dBp, dCp = torch.zeros(2, *Bp.shape, **f32).unbind(0)
     dA = torch.zeros(dim, nstate, **f32)
     dD = torch.zeros(dim, **f32) if D is not None else None
     dbias = torch.zeros(dim, **f32) if delta_bias is not None else None

@@ -1173,6 +1173,23 @@ def _scan_bwd_kernel(
 
 
 @triton.jit
+def _bwd_segment_rows(delta_ptr, dout_ptr, z_ptr, row, orow, zrow, c, tS, tO, tZ, TST, TOT, TZT, m,
+                      O_LIKE_U: tl.constexpr, HAS_Z: tl.constexpr):
+    """The backward pre-pass's rows of chunk c (an int64) where m: delta, dout (at u's offsets
+    when O_LIKE_U, else its own strides' row orow) and z (a dummy without z)."""
+    o = row + c * TST + tS
+    dl = tl.load(delta_ptr + o, mask=m, other=0.0)
+    if O_LIKE_U:
+        do = tl.load(dout_ptr + o, mask=m, other=0.0)
+    else:
+        do = tl.load(dout_ptr + orow + c * TOT + tO, mask=m, other=0.0)
+    zz = dl
+    if HAS_Z:
+        zz = tl.load(z_ptr + zrow + c * TZT + tZ, mask=m, other=0.0)
+    return dl, do, zz
+
+
+@triton.jit
 def _scan_bwd_segment_kernel(
     delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, gseg_ptr, lseg_ptr,
     L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT, OB, OD, OT,
@@ -1222,15 +1239,9 @@ def _scan_bwd_segment_kernel(
     # chunk c - 1's rows and C are loaded while chunk c runs (each iteration used what it had
     # just loaded before: the loads' whole latency a chunk); segments >= 1 start at chunk >= 1,
     # so chunk c_lo - 1's C (the last, unused prefetch) is inside the packed tensor
-    m_nx = ((c_hi - 1) * T + ts_ < L) & mask_row & own
-    o = row + (zero64 + c_hi - 1) * TST + tS
-    dl_nx = tl.load(delta_ptr + o, mask=m_nx, other=0.0)
-    if O_LIKE_U:
-        do_nx = tl.load(dout_ptr + o, mask=m_nx, other=0.0)
-    else:
-        do_nx = tl.load(dout_ptr + orow + (zero64 + c_hi - 1) * TOT + tO, mask=m_nx, other=0.0)
-    if HAS_Z:
-        z_nx = tl.load(z_ptr + zrow + (zero64 + c_hi - 1) * TZT + tZ, mask=m_nx, other=0.0)
+    dl_nx, do_nx, z_nx = _bwd_segment_rows(
+        delta_ptr, dout_ptr, z_ptr, row, orow, zrow, zero64 + c_hi - 1, tS, tO, tZ, TST, TOT, TZT,
+        ((c_hi - 1) * T + ts_ < L) & mask_row & own, O_LIKE_U, HAS_Z)
     C_nx = tl.load(C_ptr + bc_off)
     bc_row = (pid_b * (n_chunks + 2)) * BN * T
     for cc in range(0, c_hi - c_lo):
@@ -1241,15 +1252,9 @@ def _scan_bwd_segment_kernel(
         Ct = C_nx.to(tl.float32)
         if HAS_Z:
             zz = z_nx.to(tl.float32)
-        m_nx = ((c - 1) * T + ts_ >= c_lo * T) & mask_row & own     # chunk c - 1 is in the segment
-        o = row + (zero64 + c - 1) * TST + tS
-        dl_nx = tl.load(delta_ptr + o, mask=m_nx, other=0.0)
-        if O_LIKE_U:
-            do_nx = tl.load(dout_ptr + o, mask=m_nx, other=0.0)
-        else:
-            do_nx = tl.load(dout_ptr + orow + (zero64 + c - 1) * TOT + tO, mask=m_nx, other=0.0)
-        if HAS_Z:
-            z_nx = tl.load(z_ptr + zrow + (zero64 + c - 1) * TZT + tZ, mask=m_nx, other=0.0)
+        dl_nx, do_nx, z_nx = _bwd_segment_rows(               # chunk c - 1 is in the segment
+            delta_ptr, dout_ptr, z_ptr, row, orow, zrow, zero64 + c - 1, tS, tO, tZ, TST, TOT, TZT,
+            ((c - 1) * T + ts_ >= c_lo * T) & mask_row & own, O_LIKE_U, HAS_Z)
         bc_off -= BN * T
         C_nx = tl.load(C_ptr + bc_off)
         _prefetch_l1(C_ptr + bc_row + tl.maximum(c - 1 - BC_PF, 0) * BN * T, BN * T, BC_PF > 0)
