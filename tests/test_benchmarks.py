@@ -1,5 +1,6 @@
 """The benchmark scripts still run (tiny sizes on the CPU); their numbers are not checked here."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -218,3 +219,17 @@ def test_scan_ablate_makes_its_variants(tmp_path, monkeypatch):
         text = (tmp_path / name / scan_ablate.KERNELS).read_text()
         assert text != ours and (tmp_path / name / "benchmarks" / "scan_configs.py").exists()
     assert scan_ablate.ATOM_B not in (tmp_path / "nors" / scan_ablate.KERNELS).read_text()
+
+
+def test_scan_host_runs_stubbed():
+    """scan_host.py --stub (no kernel launches, CPU tensors) times and counts the op's host
+    side for the inference forward and forward + backward (in a subprocess: it swaps the
+    module's kernels)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "scan_host.py"
+    result = subprocess.run([sys.executable, str(script), "--stub", "--calls", "3"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["fwd", "fwd+bwd"]
+    fwd_ops, fb_ops = (int(r[r.index("aten") - 1]) for r in rows)
+    assert 0 < fwd_ops < fb_ops
