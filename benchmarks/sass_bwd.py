@@ -9,8 +9,9 @@ is read with the wheel's cuobjdump.
 --fwd adds the forward with checkpoints (the training forward) in both its loops (fwd-pipelined,
 fwd-one-chunk; scan_config's pipeline_ckpt picks one per N), without them (fwd-infer) and the
 forward's segment pre-pass (fwd-seg, launched when the sequence is cut into pieces) and, at
-N=16, the training forward capped at 168 registers (fwd-capped: forward_config's short batches)
-and with 4 states a thread (fwd-npt4: its one-piece launches). stg_kinds /
+N=16, the training forward capped at 168 registers (fwd-capped: forward_config's short batches
+until the thirteenth session) and with 4 states a thread in chunk pairs (fwd-npt4) and quads
+(fwd-npt4-quads: forward_config's launches that fit at 12 warps an SM, and short batches). stg_kinds /
 ldg_kinds: the main loop's global stores / loads by width (U16: 2 bytes, 32: 4, 64, 128 bits).
 """
 import argparse, os, re, subprocess, tempfile
@@ -115,7 +116,7 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
                    cfg=dict(cfg, pipeline_ckpt=pipe))
     capped = S.scan_config(nstate, backward=True)
     if capped.get("maxnreg"):  # the training forward with the backward's register cap, as
-        # forward_config runs it for short batches whose sequence is cut into pieces
+        # forward_config ran it for short batches until the thirteenth session
         S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
                    cfg=dict(cfg, maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"]))
     if (cfg["NPT"], cfg["KN"]) == (8, 2):  # forward_config's NPT 4 tile (one-piece launches),
@@ -124,6 +125,8 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
                    cfg=dict(cfg, NPT=4, KN=4, LD=8))
         S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=False,  # and inference
                    cfg=dict(cfg, NPT=4, KN=4, LD=8))
+        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,  # training, quads
+                   cfg=dict(cfg, NPT=4, KN=4, LD=8, quads_ckpt=True))
     bwd_over = bwd_over or {}
     # cfg None: scan_bwd picks backward_config (on CPU tensors, scan_config's cap)
     bwd_cfgs = [cfg_bwd if cfg_bwd is not None else (dict(capped, **bwd_over) if bwd_over else None)]
@@ -164,8 +167,9 @@ def main():
             if len(fcalls) > 3 and fcalls[3][2].get("maxnreg"):
                 todo.append(("fwd-capped", K._scan_fwd_kernel, fcalls[3]))
             if fcalls[-1][2]["NPT"] == 4 and fcalls[-1][2]["KN"] == 4:
-                todo.append(("fwd-npt4", K._scan_fwd_kernel, fcalls[-2]))
-                todo.append(("fwd-npt4-infer", K._scan_fwd_kernel, fcalls[-1]))
+                todo.append(("fwd-npt4", K._scan_fwd_kernel, fcalls[-3]))
+                todo.append(("fwd-npt4-infer", K._scan_fwd_kernel, fcalls[-2]))
+                todo.append(("fwd-npt4-quads", K._scan_fwd_kernel, fcalls[-1]))
         for name, fn, (grid, a, kw) in todo:
             kw = dict(kw); kw["FAST_LOG"] = True
             k = compile_captured(fn, a, kw)

@@ -119,8 +119,9 @@ def peer_fwd_bwd(mod, u, delta, A, B, C, D, z, bias, dout):
 # ------------------------------------------------------------------------------------------
 def make_inputs(b, d, l, n, seed=0, layout="contiguous"):
     """bf16 inputs, (batch, dim, length) contiguous, or with layout="channel-major" views of
-    (dim, batch, length) storage with z half of a (2 dim, batch, length) tensor: the layout the
-    mixer hands the scan (the peer gets contiguous copies: its kernel wants them)."""
+    (dim, batch, length) storage with z half of a (2 dim, batch, length) tensor and B, C the
+    rows of one (2 state, batch, length) tensor (x_proj's output): the layout the mixer hands the
+    scan (the peer gets contiguous copies: its kernel wants them)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     bf = dict(device="cuda", dtype=torch.bfloat16)
     rnd = lambda *s, **kw: torch.randn(*s, generator=g, device="cuda", **kw)  # noqa: E731
@@ -129,10 +130,12 @@ def make_inputs(b, d, l, n, seed=0, layout="contiguous"):
              B=rnd(b, n, l).to(**bf), C=rnd(b, n, l).to(**bf), D=rnd(d),
              z=rnd(b, d, l).to(**bf), delta_bias=0.5 * rnd(d))
     if layout == "channel-major":
-        for k in ("u", "delta", "B", "C"):
+        for k in ("u", "delta"):
             x[k] = x[k].transpose(0, 1).contiguous().transpose(0, 1)
         xz = torch.cat([x["u"].transpose(0, 1), x["z"].transpose(0, 1)])
         x["z"] = xz[d:].transpose(0, 1)
+        bc = torch.cat([x["B"].transpose(0, 1), x["C"].transpose(0, 1)])
+        x["B"], x["C"] = bc[:n].transpose(0, 1), bc[n:].transpose(0, 1)
     return x
 
 

@@ -69,13 +69,26 @@ def arrange(t, kind):
     return wide[(width - 1) * dim:].transpose(0, 1)
 
 
-def scan_vs_reference(batch, dim, length, nstate, dtype, seed, drop=(), softplus=True, layout=None):
+def stack_rows(B, C):
+    """B and C (batch, state, length) as the rows of one channel-major (2 state, batch, length)
+    tensor, C after B: x_proj's output in the mixer (packed and unpacked by one copy)."""
+    wide = torch.cat([B.transpose(0, 1), C.transpose(0, 1)]).contiguous()
+    n = B.shape[1]
+    return wide[:n].transpose(0, 1), wide[n:].transpose(0, 1)
+
+
+def scan_vs_reference(batch, dim, length, nstate, dtype, seed, drop=(), softplus=True, layout=None,
+                      use=("out", "last")):
     """The kernels' and the float64 reference's results on the same inputs: three dicts
     (inputs, kernels, reference) keyed out, last and "d" + the name of each input with a
-    gradient (the gradients of a random weighting of out and last)."""
+    gradient (the gradients of a random weighting of the results named in `use`: out, last).
+    layout: input name -> `arrange` kind, and "BC": "stacked" for `stack_rows`."""
     x = make_inputs(batch, dim, length, nstate, dtype, seed)
     for name, kind in (layout or {}).items():
-        x[name] = arrange(x[name], kind)
+        if name == "BC":
+            x["B"], x["C"] = stack_rows(x["B"], x["C"])
+        else:
+            x[name] = arrange(x[name], kind)
     if not softplus:  # then delta is a step size already: keep it positive, as callers do
         x["delta"], x["delta_bias"] = x["delta"].abs(), x["delta_bias"].abs()
     for name in drop:
@@ -89,17 +102,21 @@ def scan_vs_reference(batch, dim, length, nstate, dtype, seed, drop=(), softplus
     g = torch.Generator().manual_seed(seed + 1)
     w_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEVICE)
     w_last = torch.randn(last.shape, generator=g, dtype=torch.float64).to(DEVICE)
-    grads = torch.autograd.grad((out.double() * w_out).sum() + (last.double() * w_last).sum(),
-                                list(leaves.values()))
-    grads_ref = torch.autograd.grad((out_ref * w_out).sum() + (last_ref * w_last).sum(),
-                                    [x64[k] for k in leaves])
+    loss = lambda o, h: sum((r.double() * w).sum() for r, w, name in  # noqa: E731
+                            ((o, w_out, "out"), (h, w_last, "last")) if name in use)
+    # (with the final state alone, z and D do not reach the loss: their gradients are zeros)
+    unused = dict(allow_unused=True, materialize_grads=True)
+    grads = torch.autograd.grad(loss(out, last), list(leaves.values()), **unused)
+    grads_ref = torch.autograd.grad(loss(out_ref, last_ref), [x64[k] for k in leaves], **unused)
     ours = dict(out=out, last=last, **{"d" + k: v for k, v in zip(leaves, grads)})
     ref = dict(out=out_ref, last=last_ref, **{"d" + k: v for k, v in zip(leaves, grads_ref)})
     return x, ours, ref
 
 
-def check_scan(batch, dim, length, nstate, dtype, seed, drop=(), softplus=True, layout=None):
-    x, ours, ref = scan_vs_reference(batch, dim, length, nstate, dtype, seed, drop, softplus, layout)
+def check_scan(batch, dim, length, nstate, dtype, seed, drop=(), softplus=True, layout=None,
+               use=("out", "last")):
+    x, ours, ref = scan_vs_reference(batch, dim, length, nstate, dtype, seed, drop, softplus, layout,
+                                     use)
     tol_out, tol_grad = TOL[dtype]
     assert ours["out"].dtype == dtype and ours["last"].dtype == torch.float32
     assert rel_err(ours["out"], ref["out"]) < tol_out
@@ -172,43 +189,34 @@ def test_backward_register_cap(sms, batch, dim, cap, monkeypatch):
     assert not tss.backward_config(64, 16, 2048, torch.device("cpu")).get("maxnreg")
 
 
-@pytest.mark.parametrize("capped,uncapped,expect_cap", [
-    (8, 5, True), (16, 11, True), (2, 1, False), (3, 2, False), (4, 2, False), (5, 5, False),
-    (1, 1, False)])
-def test_forward_register_cap_only_where_the_extra_pre_pass_is_small(capped, uncapped, expect_cap,
-                                                                    monkeypatch):
-    """N=16's forward with bf16 inputs takes the register cap when it cuts the sequence into
-    more pieces and the pre-pass grows by at most a tenth of the sequence (1/P - 1/P'); never
-    at other state sizes or with fp32 checkpoints (4 states a thread, below, aside). The tile
-    is scan_config's either way."""
-    def pieces(b, d, n, cfg, dev):
-        return capped if cfg.get("maxnreg") else uncapped if cfg["NPT"] == 8 else 2
-    monkeypatch.setattr(tss, "segments", pieces)
-    cfg = tss.forward_config(16, 2, 1536, 8192, torch.device("cpu"), input_dtype=torch.bfloat16)
-    assert (cfg.get("maxnreg"), cfg["warps_per_sm"]) == ((168, 12) if expect_cap else (None, 8))
+@pytest.mark.parametrize("sms,batch,dim,length,quads,warps_per_sm", [
+    (132, 8, 1536, 8192, True, 8), (132, 4, 2048, 8192, True, 8), (132, 8, 2048, 2048, False, 8),
+    (127, 8, 1536, 8192, False, 8), (132, 2, 1536, 32768, True, 12), (132, 2, 1536, 8192, True, 12)])
+def test_forward_config_n16_bf16(sms, batch, dim, length, quads, warps_per_sm, monkeypatch):
+    """N=16, bf16, on a GPU: 4 states a thread. The training forward in chunk quads where its
+    warps (two a program of 8 channels) fit at 12 an SM in one piece: 8 x 1536 channels are
+    1536 warps, 1584 fit on 132 SMs, 1524 on 127; 8 x 2048 are 2048 (pairs). Short batches,
+    whose sequence is cut into pieces (2 x 1536: 384 warps, 2 pieces at 8 an SM), in quads too,
+    their pieces counted at 12 warps an SM. B and C pack as for scan_config's tile."""
+    monkeypatch.setattr(tss, "_sm_count", lambda device: sms)
+    cfg = tss.forward_config(16, batch, dim, length, torch.device("cuda"), torch.bfloat16)
+    assert tss.segments(batch, dim, length // 4, cfg, torch.device("cuda")) == (1 if warps_per_sm == 8 else 4)
     tile = tss.scan_config(16, input_dtype=torch.bfloat16)
-    assert {k: v for k, v in cfg.items() if k not in ("maxnreg", "warps_per_sm")} == \
-        {k: v for k, v in tile.items() if k != "warps_per_sm"}
-    for nstate, dtype in ((64, torch.bfloat16), (16, torch.float32), (16, torch.float16)):
-        assert tss.forward_config(nstate, 2, 1536, 8192, torch.device("cpu"), dtype) == \
-            tss.scan_config(nstate, input_dtype=dtype)
-
-
-@pytest.mark.parametrize("half_pieces,expect_half", [(1, True), (2, False)])
-def test_forward_takes_four_states_a_thread_where_that_is_one_piece(half_pieces, expect_half,
-                                                                   monkeypatch):
-    """N=16, bf16: NPT 4 (twice the warps) when that launch keeps the sequence in one piece,
-    else scan_config's NPT 8 (with the cap rule above); B and C pack the same either way."""
-    monkeypatch.setattr(tss, "segments", lambda b, d, n, cfg, dev: half_pieces if cfg["NPT"] == 4 else 2)
-    cfg = tss.forward_config(16, 4, 2048, 8192, torch.device("cpu"), input_dtype=torch.bfloat16)
-    tile = tss.scan_config(16, input_dtype=torch.bfloat16)
-    assert (cfg["NPT"], cfg["KN"], cfg["LD"]) == ((4, 4, 8) if expect_half else (8, 2, 16))
-    other = lambda c: {k: v for k, v in c.items() if k not in ("NPT", "KN", "LD")}  # noqa: E731
-    assert other(cfg) == other(tile)
+    assert (cfg["NPT"], cfg["KN"], cfg["LD"], cfg["quads_ckpt"], cfg["warps_per_sm"]) == \
+        (4, 4, 8, quads, warps_per_sm)
+    other = ("NPT", "KN", "LD", "quads_ckpt", "warps_per_sm")
+    assert {k: v for k, v in cfg.items() if k not in other} == {k: v for k, v in tile.items() if k not in other}
     x = torch.randn(2, 16, 21)
     assert torch.equal(tss.pack_bc(x, cfg), tss.pack_bc(x, tile))
-    for nstate, dtype in ((64, torch.bfloat16), (16, torch.float32)):
-        assert tss.forward_config(nstate, 4, 2048, 8192, torch.device("cpu"), dtype)["NPT"] == 8
+
+
+def test_forward_config_elsewhere_is_scan_config(monkeypatch):
+    """Other state sizes, fp32 / fp16 inputs, and no SM count (not CUDA): scan_config's tile."""
+    for nstate, dtype, device in ((64, torch.bfloat16, "cuda"), (16, torch.float32, "cuda"),
+                                  (16, torch.float16, "cuda"), (16, torch.bfloat16, "cpu")):
+        monkeypatch.setattr(tss, "_sm_count", lambda d: 132 if d.type == "cuda" else None)
+        cfg = tss.forward_config(nstate, 8, 1536, 8192, torch.device(device), dtype)
+        assert cfg == tss.scan_config(nstate, input_dtype=dtype), (nstate, dtype, device)
 
 
 @pytest.mark.parametrize("reduce_scatter,rs_rounds", [(True, None), (True, 1), (True, 0), (False, None)],
@@ -359,6 +367,30 @@ def test_scan_layouts(layout, dtype):
     check_scan(*SMALL, 37, 16, dtype, seed=11, layout=layout)
 
 
+@pytest.mark.parametrize("use", [("out",), ("last",)], ids=["out_only", "last_only"])
+def test_scan_gradient_of_one_result(use):
+    """Only the output (the usual case) or only the final state feeds the loss: the other's
+    gradient reaches the backward as None (no zero tensor is made for it)."""
+    check_scan(*SMALL, 37, 16, torch.float32, seed=21, use=use)
+    check_scan(*SMALL, 18, 16, torch.bfloat16, seed=22, use=use, drop=("initial_state",))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scan_b_and_c_rows_of_one_tensor(dtype):
+    """B and C as rows of one tensor (the mixer's x_proj output) are packed and their gradients
+    unpacked by one copy each way (`stack_bc`): same results and gradients."""
+    x = make_inputs(2, 3, 9, 16, dtype, seed=0)
+    B, C = stack_rows(x["B"], x["C"])
+    BC = tss.stack_bc(B, C)
+    assert BC is not None and torch.equal(BC[0], B) and torch.equal(BC[1], C)
+    assert tss.stack_bc(C, B) is None and tss.stack_bc(x["B"], x["C"]) is None
+    cfg = tss.scan_config(16)
+    for P, Q in zip(tss.pack_bc_pair(B, C, cfg), (tss.pack_bc(B, cfg), tss.pack_bc(C, cfg))):
+        assert torch.equal(P, Q)
+    check_scan(*SMALL, 37, 16, dtype, seed=23, layout=dict(u="cm1", delta="cm1", z="cm2", BC="stacked"))
+    check_scan(*SMALL, 18, 8, dtype, seed=24, layout=dict(BC="stacked"), use=("out",))
+
+
 def test_scan_channel_major_in_segments(monkeypatch):
     override_scan_config(monkeypatch, SEG=3)
     check_scan(*SMALL, 90, 8, torch.float32, seed=12, layout=dict(u="cm1", delta="cm1", z="cm2"))
@@ -440,6 +472,19 @@ def test_scan_inference_chunk_quads(quads, monkeypatch):
                                            delta_softplus=True, return_final_state=True)
         assert rel_err(out, ref) < TOL[torch.bfloat16][0], nstate
         assert rel_err(last, ref_last) < TOL[torch.float32][0], nstate
+
+
+@pytest.mark.parametrize("seg", [None, 3], ids=["whole", "in_pieces"])
+def test_scan_training_forward_in_chunk_quads(seg, monkeypatch):
+    """The training forward in chunk quads (quads_ckpt; N=16 with 4 states a thread): its
+    checkpoints, read by the backward, give the reference's gradients at every chunk count
+    mod 4 (a quad's chunks past the end store none), whole and in pieces."""
+    tile = dict(NPT=4, KN=4, LD=8, quads_ckpt=True, **({} if seg is None else dict(SEG=seg)))
+    override_scan_config(monkeypatch, **tile)
+    for length in (5, 9, 13, 30) if seg is None else (55,):
+        check_scan(*SMALL, length, 16, torch.bfloat16, seed=40 + length, use=("out",),
+                   drop=("initial_state",))
+    check_scan(*SMALL, 14, 16, torch.float32, seed=41)
 
 
 @pytest.mark.parametrize("pairs", [True, False], ids=["chunk_pairs", "one_chunk"])

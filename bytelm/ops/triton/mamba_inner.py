@@ -20,8 +20,8 @@ import torch
 from bytelm.ops.backend import needs_autograd
 from bytelm.ops.channel_major import _autocast
 from bytelm.ops.triton.causal_conv1d import conv_bwd, conv_fwd
-from bytelm.ops.triton.selective_scan import (forward_config, pack_bc, scan_bwd, scan_fwd,
-                                                unpack_bc)
+from bytelm.ops.triton.selective_scan import (forward_config, pack_bc_pair, scan_bwd,
+                                                scan_fwd, stack_bc, unpack_bc)
 
 
 def _per_row(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ class MambaInnerFn(torch.autograd.Function):
         dt_low, B, C = x_dbl.split([dt_rank, nstate, nstate])
         delta = _per_row(dt_proj_weight @ dt_low, batch)
         cfg = forward_config(nstate, *x.shape, x.device, input_dtype=x.dtype)
-        Bp, Cp = pack_bc(_per_row(B, batch), cfg), pack_bc(_per_row(C, batch), cfg)
+        Bp, Cp = pack_bc_pair(_per_row(B, batch), _per_row(C, batch), cfg)  # one copy
         y, _, ckpt = scan_fwd(x, delta, A, Bp, Cp, D, _per_row(z_cm, batch), dt_bias,
                               delta_softplus=True, store_ckpt=need_grad, cfg=cfg)
         if need_grad:
@@ -67,14 +67,13 @@ class MambaInnerFn(torch.autograd.Function):
         d_inner, nstate = A.shape
         dxz = torch.empty_like(xz)
         dx_cm, dz_cm = dxz[:d_inner], dxz[d_inner:]
-        du, ddelta, dA, dBp, dCp, dD, _, ddt_bias, _ = scan_bwd(
+        du, ddelta, dA, dBCp, dD, _, ddt_bias, _ = scan_bwd(
             x, delta, A, Bp, Cp, D, _per_row(xz[d_inner:], batch), dt_bias, True, ckpt,
             ctx.t_chunk, dy, None, need_dh0=False, dz=_per_row(dz_cm, batch))
         dx_dbl = torch.empty_like(x_dbl)
         ddt_low, dB, dC = dx_dbl.split([dt_rank, nstate, nstate])
         length = x.shape[2]
-        unpack_bc(dBp, nstate, length, out=_per_row(dB, batch))
-        unpack_bc(dCp, nstate, length, out=_per_row(dC, batch))
+        unpack_bc(dBCp, nstate, length, out=stack_bc(_per_row(dB, batch), _per_row(dC, batch)))
         ddelta_cm = _cm(ddelta)
         torch.matmul(dt_proj_weight.t(), ddelta_cm, out=ddt_low)
         ddt_proj_weight = ddelta_cm @ x_dbl[:dt_rank].t()

@@ -160,8 +160,9 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     # quads (inference) / quads_ckpt (training): four chunks an iteration instead of two, 4T / KN
     # steps a lane (8-byte accesses at N=16 with 4 states a thread): half the wavefronts of the
     # per-(step, channel) rows again, the same instructions a chunk and, inference, the same
-    # registers (96, sm_90, triton 3.6); the training forward (127 registers, 16 warps an SM)
-    # keeps pairs. Measured: NOTES.md, twelfth session.
+    # registers (96, sm_90, triton 3.6); the training forward in quads takes 158 (12 warps an
+    # SM against the pairs' 16): forward_config sets quads_ckpt where its grid fits at 12.
+    # Measured: NOTES.md, twelfth and thirteenth sessions.
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pipeline=True,
                 pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=True,
@@ -199,44 +200,63 @@ def _strides(u, z):
 
 
 def pack_bc(x, cfg):
-    """(batch, state, length) -> (batch, n_chunks + 2, state block, T) fp32, zero padded: each
-    thread's rows of a chunk sit together, and the kernels need no masks to read them (but the
-    inference forward's quads, which run up to three chunks past the end: past the padding
-    they mask).
-    cfg["bc_bf16"]: bf16 inputs stay bf16 (no rounding; half the bytes the kernels load).
+    """(*lead, batch, state, length) -> (*lead, batch, n_chunks + 2, state block, T), zero padded:
+    each thread's rows of a chunk sit together, and the kernels need no masks to read them (but
+    the inference forward's quads, which run up to three chunks past the end: past the padding
+    they mask). lead: () for one tensor, (2,) for B and C stacked by `stack_bc`.
+    cfg["bc_bf16"]: bf16 inputs stay bf16 (no rounding; half the bytes the kernels load), else fp32.
     One strided copy of the whole chunks (and one of a partial last chunk) into a zeroed tensor,
     through as_strided views: at small shapes the op's host time shows in its time, and slicing
     and unflattening cost ~4x the Python calls."""
-    batch, nstate, length = x.shape
+    *lead, batch, nstate, length = x.shape
     T, block_n = cfg["T"], cfg["NPT"] * cfg["KN"]
     n_chunks = cdiv(length, T)
     full = length // T
     dtype = torch.bfloat16 if cfg.get("bc_bf16") and x.dtype == torch.bfloat16 else torch.float32
     # two chunks of padding beyond the last: the forward loads chunk c + 1 unmasked, and its
     # pipelined loop (in pairs) ends with a no-op chunk when it has an odd number of chunks
-    out = x.new_zeros(batch, n_chunks + 2, block_n, T, dtype=dtype)
-    sb, sn, sl = x.stride()
-    # (batch, chunk, state, step) views: out's first full chunks and states, x's whole chunks
-    out.as_strided((batch, full, nstate, T), out.stride()).copy_(
-        x.as_strided((batch, full, nstate, T), (sb, T * sl, sn, sl)))
+    out = x.new_zeros(*lead, batch, n_chunks + 2, block_n, T, dtype=dtype)
+    *sx, sb, sn, sl = x.stride()
+    # (*lead, batch, chunk, state, step) views: out's first full chunks and states, x's whole chunks
+    shape = (*lead, batch, full, nstate, T)
+    out.as_strided(shape, out.stride()).copy_(x.as_strided(shape, (*sx, sb, T * sl, sn, sl)))
     if full < n_chunks:
-        out[:, full, :nstate, :length - full * T].copy_(x[:, :, full * T:])
+        out[..., full, :nstate, :length - full * T].copy_(x[..., full * T:])
     return out
 
 
 def unpack_bc(x, nstate, length, dtype=None, out=None):
-    """`pack_bc` undone: (batch, state, length) in dtype, or written (cast) into out (any
+    """`pack_bc` undone: (*lead, batch, state, length) in dtype, or written (cast) into out (any
     strides); one strided copy (two with a partial last chunk)."""
-    batch, _, _, T = x.shape
+    *lead, batch, _, _, T = x.shape
     if out is None:
-        out = x.new_empty(batch, nstate, length, dtype=dtype or x.dtype)
+        out = x.new_empty(*lead, batch, nstate, length, dtype=dtype or x.dtype)
     full = length // T
-    ob, on, ol = out.stride()
-    out.as_strided((batch, full, nstate, T), (ob, T * ol, on, ol)).copy_(
-        x.as_strided((batch, full, nstate, T), x.stride()))
+    *so, ob, on, ol = out.stride()
+    shape = (*lead, batch, full, nstate, T)
+    out.as_strided(shape, (*so, ob, T * ol, on, ol)).copy_(x.as_strided(shape, x.stride()))
     if full * T < length:
-        out[:, :, full * T:].copy_(x[:, full, :nstate, :length - full * T])
+        out[..., full * T:].copy_(x[..., full, :nstate, :length - full * T])
     return out
+
+
+def stack_bc(B, C):
+    """B and C (batch, state, length) as one (2, batch, state, length) view when they lie in one
+    storage with the same strides, C after B (the mixer's B and C: rows of x_proj's output), so
+    that `pack_bc` / `unpack_bc` move both in one copy; else None."""
+    if (B.stride() != C.stride() or B.shape != C.shape or B.dtype != C.dtype
+            or B.untyped_storage().data_ptr() != C.untyped_storage().data_ptr()):
+        return None
+    offset = C.storage_offset() - B.storage_offset()
+    return B.as_strided((2, *B.shape), (offset, *B.stride())) if offset > 0 else None
+
+
+def pack_bc_pair(B, C, cfg):
+    """(Bp, Cp): `pack_bc` of each, by one copy where `stack_bc` can view them together."""
+    BC = stack_bc(B, C)
+    if BC is None:
+        return pack_bc(B, cfg), pack_bc(C, cfg)
+    return pack_bc(BC, cfg).unbind(0)
 
 
 def segments(batch, dim, n_chunks, cfg, device) -> int:
@@ -305,41 +325,38 @@ def backward_config(nstate, batch, dim, device) -> dict:
 
 
 def forward_config(nstate, batch, dim, length, device, input_dtype=torch.float32) -> dict:
-    """scan_config for this forward launch, with the register cap of N=16's backward (168 a
-    thread: 12 warps an SM instead of 8, so more sequence pieces) where the pieces' extra
-    pre-pass is small: P -> P' pieces adds 1/P - 1/P' of the sequence to the pre-pass (which
-    costs ~half the main kernel a step), so cap where that is <= 0.1. Measured (H200, bf16,
-    N=16, 5 -> 8 pieces: +0.075): 2 x 1536 x 8192 0.589 -> 0.568 ms with checkpoints (0.574 ->
-    0.510 without), 2 x 1536 x 32768 2.374 -> 2.229 (2.277 -> 1.987): benchmarks/NOTES.md,
-    seventh session. Uncapped by this rule, and measured slower capped (eighth session):
-    2 -> 3 pieces (4 x 2048 x 8192, 1.383 -> 1.398 ms) and 1 -> 2 (8 x 1536 x 8192, 1.623 ->
-    2.072). Not measured: 2 -> 4 (4 x 1536 x 8192), uncapped; 11 -> 16 (batch 1), capped.
-    bf16 inputs only: with fp32 checkpoints the forward needs ~232 registers, and the cap
-    spills (offline sm_90 compile, triton 3.9).
+    """scan_config for this forward launch. N=16 with bf16 inputs on a GPU takes 4 states a
+    thread instead of 8 (NPT 4, KN 4: twice the warps for this latency-bound loop, the
+    per-(step, channel) work one step a lane, chunk pairs or quads):
 
-    Where twice the warps fill the GPU with the sequence in one piece, N=16 with bf16 inputs
-    takes 4 states a thread instead of 8 (NPT 4, KN 4: more warps for this latency-bound loop,
-    and no pre-pass). Measured (H200, eighth session), with checkpoints: 8 x 1536 x 8192 (one
-    piece either way) 1.623 -> 1.591 ms (1.530 -> 1.441 without), 4 x 2048 x 8192 (2 pieces
-    -> 1) 1.383 -> 1.313 (1.345 -> 1.181). Where NPT 4 still needs pieces it has fewer than
-    NPT 8 and loses: 2 x 1536 x 32768, 5 -> 2 pieces, 2.399 -> 3.634 (2 x 1536 x 8192, sixth
-    session: 0.589 -> 0.914). pack_bc's layout depends only on T and NPT x KN, so B and C pack
-    the same either way."""
+    - where its grid fits on the GPU at 12 warps an SM, in one piece, its training forward runs
+      in chunk quads (quads_ckpt: 158 registers, sm_90, triton 3.6; 164 with 3.9; 12 warps an
+      SM against the pairs' 127 and 16);
+    - where it fits in one piece only at more warps an SM (8 x 2048 x 2048: 2048 warps), in
+      pairs;
+    - where the sequence must be cut into pieces (short batches), in quads too, its pieces
+      counted at 12 warps an SM.
+
+    H200, bf16, training forward (NOTES.md, thirteenth session), pairs -> quads: 4 x 2048 x 8192
+    (768 warps, one piece) 0.953 -> 0.835 ms, 8 x 1536 x 8192 (1536 warps on 132 SMs) 1.150 ->
+    1.032, 8 x 2048 x 2048 (two waves) 0.355 -> 0.443 (hence pairs there); 2 x 1536 x 32768,
+    NPT 8 capped at 168 registers in 8 pieces (the rule before) -> NPT 4 in quads in 4 pieces,
+    2.029 -> 1.849 (inference forward 1.925 -> 1.822). Earlier: NPT 4 in one piece against NPT
+    8 (eighth session, pairs): 8 x 1536 x 8192 1.623 -> 1.591, 4 x 2048 x 8192 (2 pieces -> 1)
+    1.383 -> 1.313; NPT 4 in pieces lost before chunk pairs and quads (2 x 1536 x 32768, 5 -> 2
+    pieces at 8 warps an SM, 2.399 -> 3.634). pack_bc's layout depends only on T and NPT x KN,
+    so B and C pack the same either way. Other state sizes, fp32 inputs (fp32 checkpoints:
+    ~232 registers) and no SM count: scan_config's tile."""
     cfg = scan_config(nstate, input_dtype=input_dtype)
-    cap = scan_config(nstate, backward=True)
-    if not cap.get("maxnreg") or cfg["ckpt_dtype"] != torch.bfloat16:
+    sms = _sm_count(device)
+    if (cfg["NPT"], cfg["KN"]) != (8, 2) or cfg["ckpt_dtype"] != torch.bfloat16 or not sms:
         return cfg
-    capped = dict(cfg, maxnreg=cap["maxnreg"], warps_per_sm=cap["warps_per_sm"])
-    n_chunks = cdiv(length, cfg["T"])
-    if (cfg["NPT"], cfg["KN"]) == (8, 2):
-        half = dict(cfg, NPT=4, KN=4, LD=8)
-        if segments(batch, dim, n_chunks, half, device) == 1:
-            return half
-    pieces = segments(batch, dim, n_chunks, cfg, device)
-    pieces_capped = segments(batch, dim, n_chunks, capped, device)
-    if pieces_capped > pieces and 1 / pieces - 1 / pieces_capped <= 0.1:
-        return capped
-    return cfg
+    half = dict(cfg, NPT=4, KN=4, LD=8)
+    if segments(batch, dim, cdiv(length, cfg["T"]), half, device) > 1:
+        return dict(half, quads_ckpt=True, warps_per_sm=12)
+    if _grid_warps(batch, dim, half) <= 12 * sms:
+        return dict(half, quads_ckpt=True)
+    return half
 
 
 def _register_cap(cfg) -> dict:
@@ -411,7 +428,8 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
              need_dh0, cfg=None, dz=None):
     """Launch the backward over checkpoints written with chunks of t_chunk steps, fp32 or bf16
     (the kernel reads ckpt's dtype). Returns du, ddelta, dz in the inputs' dtypes, dB and dC
-    packed like Bp (fp32), dA, dD, ddelta_bias fp32 and the initial state's gradient (or None).
+    packed like Bp (fp32) and stacked (2, ...) (unpacked by one `unpack_bc`), dA, dD, ddelta_bias
+    fp32 and the initial state's gradient (or None).
     dz: where to write z's gradient (u's strides), e.g. a slice of a larger gradient buffer.
     dout: any layout with adjacent steps is read as it is (its own strides; else copied)."""
     batch, dim, length = u.shape
@@ -430,7 +448,8 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     assert dz is None or dz.stride() == u.stride()
     # the kernels' atomic sums: dB, dC (packed alike, unpacked after) zeroed by one memset; the
     # parameters' gradients each its own tensor (autograd may keep them as .grad)
-    dBp, dCp = torch.zeros(2, *Bp.shape, **f32).unbind(0)
+    dBCp = torch.zeros(2, *Bp.shape, **f32)
+    dBp, dCp = dBCp.unbind(0)
     dA = torch.zeros(dim, nstate, **f32)
     dD = torch.zeros(dim, **f32) if D is not None else None
     dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
@@ -465,7 +484,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         STORE_DH0=need_dh0, RS=rs, LOG_LD=log_ld, RS_ROUNDS=min(cfg.get("rs_rounds", log_ld), log_ld),
         US_ROW=bool(cfg.get("us_row")) and not pair, PAIR=pair,
         **_register_cap(cfg), **consts)
-    return du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0
+    return du, ddelta, dA, dBCp, dD, dz, dbias, dh0
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -485,7 +504,7 @@ class SelectiveScanFn(torch.autograd.Function):
         cfg = forward_config(A.shape[1], *u.shape, u.device, input_dtype=u.dtype)
         # B and C are small (batch, state, length): one packed copy (pack_bc) saves the
         # kernels computing masks for every (channel, state, step)
-        Bp, Cp = pack_bc(B, cfg), pack_bc(C, cfg)
+        Bp, Cp = pack_bc_pair(B, C, cfg)
         out, h_last, ckpt = scan_fwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, h0,
                                      store_ckpt=need_grad, cfg=cfg)
         if need_grad:
@@ -494,18 +513,26 @@ class SelectiveScanFn(torch.autograd.Function):
             ctx.t_chunk = cfg["T"]
             ctx.has_h0 = initial_state is not None
             ctx.bc_dtypes = (B.dtype, C.dtype)
+            # an unused final state's (or output's) gradient stays None: no zero tensor made and
+            # read for it
+            ctx.set_materialize_grads(False)
         return out, h_last
 
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, Bp, Cp, D, z, delta_bias, ckpt = ctx.saved_tensors
-        du, ddelta, dA, dBp, dCp, dD, dz, dbias, dh0 = scan_bwd(
+        if dout is None:  # only the final state is used
+            dout = torch.zeros_like(u)
+        du, ddelta, dA, dBCp, dD, dz, dbias, dh0 = scan_bwd(
             u, delta, A, Bp, Cp, D, z, delta_bias, ctx.delta_softplus, ckpt, ctx.t_chunk,
             dout, dlast.contiguous() if dlast is not None else None,
             need_dh0=ctx.has_h0)
         nstate, length = A.shape[1], u.shape[2]
-        return (du, ddelta, dA, unpack_bc(dBp, nstate, length, ctx.bc_dtypes[0]),
-                unpack_bc(dCp, nstate, length, ctx.bc_dtypes[1]), dD, dz, dbias, None, dh0, None)
+        if ctx.bc_dtypes[0] == ctx.bc_dtypes[1]:
+            dB, dC = unpack_bc(dBCp, nstate, length, ctx.bc_dtypes[0]).unbind(0)
+        else:
+            dB, dC = (unpack_bc(g, nstate, length, t) for g, t in zip(dBCp, ctx.bc_dtypes))
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, dh0, None
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
