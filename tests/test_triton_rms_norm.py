@@ -131,6 +131,17 @@ def test_rms_norm_tiles(block_m, programs, monkeypatch):
     assert torch.equal(dws[0], dws[1])
 
 
+@pytest.mark.parametrize("dim,fwd_warps,bwd_warps,programs", [
+    (768, 4, 2, 8), (1024, 4, 2, 8), (2048, 8, 4, 8), (4096, 16, 8, 4), (16384, 16, 16, 2), (64, 4, 2, 8)])
+def test_rms_norm_gpu_config(dim, fwd_warps, bwd_warps, programs):
+    """The GPU tiles: forward BLOCK_N / 256 warps in [4, 16]; backward BLOCK_N / 512 in [2, 16]
+    (16 elements of a row a thread), at most 8 persistent programs and 32 warps an SM."""
+    cuda = torch.device("cuda")
+    assert trn.rms_norm_config(dim, cuda)["num_warps"] == fwd_warps
+    bwd = trn.rms_norm_config(dim, cuda, backward=True)
+    assert (bwd["BLOCK_M"], bwd["num_warps"], bwd["PROGRAMS_PER_SM"]) == (1, bwd_warps, programs)
+
+
 def test_rms_norm_wide_rows_and_empty_take_the_reference(monkeypatch):
     monkeypatch.setattr(trn, "MAX_FUSED_DIM", 64)
     x, w, dy = make_inputs((3, 100), torch.float32, seed=9)

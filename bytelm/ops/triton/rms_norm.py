@@ -118,25 +118,28 @@ def _rms_norm_bwd_kernel(X, W, DY, DRES_OUT, RSTD, DX, DRES, DW, n_rows, dim, n_
 # --------------------------------------------------------------------------------------------
 def rms_norm_config(dim: int, device: torch.device, backward: bool = False,
                     element_size: int = 4) -> dict:
-    """Tile for a launch. BLOCK_N = next power of two >= dim; num_warps = BLOCK_N / 256 within
-    [4, 16] (8-16 elements of a row per thread). Forward: BLOCK_M rows per program so that a
-    tile holds ~8 KB of x. Backward: one row per tile and PROGRAMS_PER_SM persistent programs
-    per SM, 32 warps an SM (never more programs than tiles). Measured on the H200 at dim 768
-    and 1024, fp32 and bf16 (benchmarks/rms_norm.py --tune): forward tiles of 1-8 rows are
-    within 3% of each other; the backward is best with one-row tiles, 4 warps and 8 programs an
-    SM (16 or 4 programs, 2-row tiles or 8 warps: 2-30% slower).
+    """Tile for a launch. BLOCK_N = next power of two >= dim. Forward: num_warps = BLOCK_N / 256
+    within [4, 16] (8-16 elements of a row per thread), BLOCK_M rows per program so that a tile
+    holds ~8 KB of x. Backward: one row per tile, num_warps = BLOCK_N / 512 within [2, 16] (16
+    elements of a row per thread: more loads in flight a thread, a cheaper cross-warp row sum),
+    PROGRAMS_PER_SM persistent programs per SM, at most 8 and 32 warps an SM (never more
+    programs than tiles). Measured on the H200 at dim 768 and 1024, fp32 and bf16
+    (benchmarks/rms_norm.py --tune): forward tiles of 1-8 rows are within 3% of each other.
+    The fused add + norm backward at the 90M step's 65536 x 768 (fp32 stream, bf16 dy and dx;
+    NOTES.md, thirteenth session): 4 warps, 8 programs an SM (the rule before) 0.303 ms, 2
+    warps 0.218 (16 programs 0.222, 32 0.228; 2-row tiles 0.230-0.236; 8 warps 0.272).
     Under the interpreter: big tiles (few programs; the cost there is per program) and 3
     backward programs, so that the persistent loop and uneven splits are exercised."""
     block_n = next_pow2(max(dim, 1))
     if device.type != "cuda":
         return dict(BLOCK_N=block_n, BLOCK_M=max(1, min(64, 8192 // block_n)), num_warps=4,
                     programs=3)
-    num_warps = min(16, max(4, block_n // 256))
     if backward:
+        num_warps = min(16, max(2, block_n // 512))
         return dict(BLOCK_N=block_n, BLOCK_M=1, num_warps=num_warps,
-                    PROGRAMS_PER_SM=max(1, 32 // num_warps))
+                    PROGRAMS_PER_SM=max(1, min(8, 32 // num_warps)))
     return dict(BLOCK_N=block_n, BLOCK_M=max(1, 8192 // (block_n * element_size)),
-                num_warps=num_warps)
+                num_warps=min(16, max(4, block_n // 256)))
 
 
 def _n_programs(cfg, n_tiles, device) -> int:
