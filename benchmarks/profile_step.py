@@ -7,6 +7,12 @@ same time grouped into coarse families (GEMM, scan, conv, elementwise/copy, norm
     python benchmarks/profile_step.py                                 # 90M Mamba, 8 x 8192
     python benchmarks/profile_step.py --model Transformer --context 2048 --top 30
     python benchmarks/profile_step.py --trace /tmp/step.json          # chrome://tracing file
+    python benchmarks/profile_step.py --gaps 15                       # + where the GPU idles
+
+--gaps N: the GPU's idle time between kernels over the profiled steps (their span less the
+kernels' busy time; the CUDA activity alone is profiled then, so that the profiler's CPU-side
+bookkeeping does not slow the host into the gaps), a histogram of the gaps and the N longest
+with the kernels either side.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ def main(argv=None):
     p.add_argument("--backend", default="triton", help="Mamba scan backend")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--trace", help="also export a chrome trace here")
+    p.add_argument("--gaps", type=int, default=0, metavar="N",
+                   help="also the GPU's idle time between kernels, and the N longest gaps")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: benchmarks/profile_step.py needs a CUDA GPU")
@@ -80,7 +88,9 @@ def main(argv=None):
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    if not args.gaps:
+        acts.insert(0, torch.profiler.ProfilerActivity.CPU)
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(args.steps):
             step()
@@ -111,6 +121,27 @@ def main(argv=None):
     print("\n| family | ms/step | share |\n| --- | --- | --- |")
     for fam, t in sorted(fams.items(), key=lambda kv: -kv[1]):
         print(f"| {fam} | {t / 1e3 / args.steps:.2f} | {100 * t / total:.1f}% |")
+    if args.gaps:
+        print_gaps(prof, args.steps, args.gaps)
+
+
+def print_gaps(prof, steps: int, top: int):
+    """Idle GPU time between consecutive kernels (one stream: the eager step's)."""
+    kernels = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+                     if ev.device_type == torch.autograd.DeviceType.CUDA)
+    gaps = [(b[0] - a[1], a[2], b[2]) for a, b in zip(kernels, kernels[1:]) if b[0] > a[1]]
+    span = kernels[-1][1] - kernels[0][0]
+    idle = sum(g for g, _, _ in gaps)
+    print(f"\n{len(kernels) / steps:.0f} kernels a step; span {span / 1e3 / steps:.1f} ms a step, "
+          f"idle between kernels {idle / 1e3 / steps:.2f} ms a step")
+    edges = [0, 2, 5, 10, 50, 200, 1000, float("inf")]
+    print("\n| gap (us) | gaps a step | idle ms a step |\n| --- | --- | --- |")
+    for lo, hi in zip(edges, edges[1:]):
+        sel = [g for g, _, _ in gaps if lo <= g < hi]
+        print(f"| {lo}-{hi} | {len(sel) / steps:.0f} | {sum(sel) / 1e3 / steps:.2f} |")
+    print("\n| longest gaps (us) | kernel before | kernel after |\n| --- | --- | --- |")
+    for g, a, b in sorted(gaps, reverse=True)[:top]:
+        print(f"| {g:.1f} | `{a[:60]}` | `{b[:60]}` |")
 
 
 if __name__ == "__main__":
