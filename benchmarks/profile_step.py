@@ -9,10 +9,10 @@ same time grouped into coarse families (GEMM, scan, conv, elementwise/copy, norm
     python benchmarks/profile_step.py --trace /tmp/step.json          # chrome://tracing file
     python benchmarks/profile_step.py --gaps 15                       # + where the GPU idles
 
---gaps N: the GPU's idle time between kernels over the profiled steps (their span less the
-kernels' busy time; the CUDA activity alone is profiled then, so that the profiler's CPU-side
-bookkeeping does not slow the host into the gaps), a histogram of the gaps and the N longest
-with the kernels either side.
+--gaps N: the GPU's idle time between its activities (kernels, memsets, copies) over the
+profiled steps, a histogram of the gaps and the N longest with the activities either side.
+The CUDA activity alone is profiled then, so that the profiler's CPU-side bookkeeping does not
+slow the host into the gaps (and a --trace then holds no CPU events).
 """
 
 from __future__ import annotations
@@ -126,20 +126,26 @@ def main(argv=None):
 
 
 def print_gaps(prof, steps: int, top: int):
-    """Idle GPU time between consecutive kernels (one stream: the eager step's)."""
-    kernels = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
-                     if ev.device_type == torch.autograd.DeviceType.CUDA)
-    gaps = [(b[0] - a[1], a[2], b[2]) for a, b in zip(kernels, kernels[1:]) if b[0] > a[1]]
-    span = kernels[-1][1] - kernels[0][0]
+    """Idle GPU time: the stretches with no activity running (overlapping activities, e.g. on a
+    second stream, count as busy until the last of them ends)."""
+    acts = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+                  if ev.device_type == torch.autograd.DeviceType.CUDA)
+    gaps, busy_until, last = [], acts[0][1], acts[0][2]
+    for start, end, name in acts[1:]:
+        if start > busy_until:
+            gaps.append((start - busy_until, last, name))
+        if end >= busy_until:
+            busy_until, last = end, name
+    span = busy_until - acts[0][0]
     idle = sum(g for g, _, _ in gaps)
-    print(f"\n{len(kernels) / steps:.0f} kernels a step; span {span / 1e3 / steps:.1f} ms a step, "
-          f"idle between kernels {idle / 1e3 / steps:.2f} ms a step")
+    print(f"\n{len(acts) / steps:.0f} GPU activities a step; span {span / 1e3 / steps:.1f} ms a "
+          f"step, idle between them {idle / 1e3 / steps:.2f} ms a step")
     edges = [0, 2, 5, 10, 50, 200, 1000, float("inf")]
     print("\n| gap (us) | gaps a step | idle ms a step |\n| --- | --- | --- |")
     for lo, hi in zip(edges, edges[1:]):
         sel = [g for g, _, _ in gaps if lo <= g < hi]
         print(f"| {lo}-{hi} | {len(sel) / steps:.0f} | {sum(sel) / 1e3 / steps:.2f} |")
-    print("\n| longest gaps (us) | kernel before | kernel after |\n| --- | --- | --- |")
+    print("\n| longest gaps (us) | activity before | activity after |\n| --- | --- | --- |")
     for g, a, b in sorted(gaps, reverse=True)[:top]:
         print(f"| {g:.1f} | `{a[:60]}` | `{b[:60]}` |")
 

@@ -207,8 +207,11 @@ def tune(x, dout, n):
                     dict(piped, ckpt_dtype=torch.float32),  # the checkpoints bf16 inputs had before
                     dict(one_chunk, ckpt_dtype=torch.float32)]
     half = dict(NPT=4, KN=4, LD=8) if base_f["NPT"] == 8 and base_f["KN"] == 2 else {}
-    if half:  # half the states a thread: twice the programs
-        fwd_variants += [dict(base_f, **half), dict(one_chunk, **half)]
+    if half:  # half the states a thread: twice the programs; forward_config's pick, and the
+        # training forward in pairs and in quads (four chunks an iteration)
+        fwd_variants += [dict(base_f, **half), dict(one_chunk, **half),
+                         tss.forward_config(n, *u.shape, u.device, input_dtype=u.dtype),
+                         dict(base_f, **half, quads_ckpt=True), dict(base_f, **half, quads_ckpt=False)]
     if base_f["KN"] % base_f["T"] == 0 or half:  # the per-(step, channel) work one step a lane or not
         flip = dict(lane_steps=not base_f["lane_steps"], lane_steps_ckpt=not base_f["lane_steps_ckpt"])
         fwd_variants += [dict(base_f, **half, **flip), dict(one_chunk, **half, **flip)]

@@ -191,13 +191,15 @@ def test_backward_register_cap(sms, batch, dim, cap, monkeypatch):
 
 @pytest.mark.parametrize("sms,batch,dim,length,quads,warps_per_sm", [
     (132, 8, 1536, 8192, True, 8), (132, 4, 2048, 8192, True, 8), (132, 8, 2048, 2048, False, 8),
-    (127, 8, 1536, 8192, False, 8), (132, 2, 1536, 32768, True, 12), (132, 2, 1536, 8192, True, 12)])
+    (127, 8, 1536, 8192, False, 8), (132, 2, 1536, 32768, True, 12), (132, 2, 1536, 8192, True, 12),
+    (132, 4, 1536, 8192, True, 8)])
 def test_forward_config_n16_bf16(sms, batch, dim, length, quads, warps_per_sm, monkeypatch):
     """N=16, bf16, on a GPU: 4 states a thread. The training forward in chunk quads where its
     warps (two a program of 8 channels) fit at 12 an SM in one piece: 8 x 1536 channels are
     1536 warps, 1584 fit on 132 SMs, 1524 on 127; 8 x 2048 are 2048 (pairs). Short batches,
     whose sequence is cut into pieces (2 x 1536: 384 warps, 2 pieces at 8 an SM), in quads too,
-    their pieces counted at 12 warps an SM. B and C pack as for scan_config's tile."""
+    their pieces counted at 12 warps an SM; 4 x 1536 (768 warps) is one piece at 8 an SM and
+    stays one. B and C pack as for scan_config's tile."""
     monkeypatch.setattr(tss, "_sm_count", lambda device: sms)
     cfg = tss.forward_config(16, batch, dim, length, torch.device("cuda"), torch.bfloat16)
     assert tss.segments(batch, dim, length // 4, cfg, torch.device("cuda")) == (1 if warps_per_sm == 8 else 4)
@@ -210,13 +212,20 @@ def test_forward_config_n16_bf16(sms, batch, dim, length, quads, warps_per_sm, m
     assert torch.equal(tss.pack_bc(x, cfg), tss.pack_bc(x, tile))
 
 
-def test_forward_config_elsewhere_is_scan_config(monkeypatch):
-    """Other state sizes, fp32 / fp16 inputs, and no SM count (not CUDA): scan_config's tile."""
-    for nstate, dtype, device in ((64, torch.bfloat16, "cuda"), (16, torch.float32, "cuda"),
-                                  (16, torch.float16, "cuda"), (16, torch.bfloat16, "cpu")):
-        monkeypatch.setattr(tss, "_sm_count", lambda d: 132 if d.type == "cuda" else None)
-        cfg = tss.forward_config(nstate, 8, 1536, 8192, torch.device(device), dtype)
-        assert cfg == tss.scan_config(nstate, input_dtype=dtype), (nstate, dtype, device)
+def test_forward_config_elsewhere(monkeypatch):
+    """Other state sizes and fp32 / fp16 inputs: scan_config's tile. N=16 bf16 off the GPU (no
+    SM count: the interpreter's tests): the GPU's one-piece choice, NPT 4 in quads; without
+    scan_config's quads, in pairs."""
+    monkeypatch.setattr(tss, "_sm_count", lambda d: 132 if d.type == "cuda" else None)
+    for nstate, dtype in ((64, torch.bfloat16), (16, torch.float32), (16, torch.float16)):
+        cfg = tss.forward_config(nstate, 8, 1536, 8192, torch.device("cuda"), dtype)
+        assert cfg == tss.scan_config(nstate, input_dtype=dtype), (nstate, dtype)
+    cpu = tss.forward_config(16, 8, 1536, 8192, torch.device("cpu"), torch.bfloat16)
+    assert (cpu["NPT"], cpu["KN"], cpu["quads_ckpt"], cpu["warps_per_sm"]) == (4, 4, True, 8)
+    override_scan_config(monkeypatch, quads=False)
+    for dev in ("cpu", "cuda"):
+        assert not tss.forward_config(16, 8, 1536, 8192, torch.device(dev), torch.bfloat16)["quads_ckpt"]
+        assert tss.forward_config(16, 2, 1536, 32768, torch.device(dev), torch.bfloat16)["warps_per_sm"] == 8
 
 
 @pytest.mark.parametrize("reduce_scatter,rs_rounds", [(True, None), (True, 1), (True, 0), (False, None)],
@@ -368,11 +377,20 @@ def test_scan_layouts(layout, dtype):
 
 
 @pytest.mark.parametrize("use", [("out",), ("last",)], ids=["out_only", "last_only"])
-def test_scan_gradient_of_one_result(use):
+def test_scan_gradient_of_one_result(use, monkeypatch):
     """Only the output (the usual case) or only the final state feeds the loss: the other's
-    gradient reaches the backward as None (no zero tensor is made for it)."""
+    gradient reaches the backward as None (no zero tensor is made for it; an unused output's
+    is zeros there), and the gradients are the reference's."""
+    seen = []
+    scan_bwd = tss.scan_bwd
+
+    def recording(*args, **kw):
+        seen.append((args[11] is None or not args[11].any(), args[12] is None))  # dout, dlast
+        return scan_bwd(*args, **kw)
+    monkeypatch.setattr(tss, "scan_bwd", recording)
     check_scan(*SMALL, 37, 16, torch.float32, seed=21, use=use)
     check_scan(*SMALL, 18, 16, torch.bfloat16, seed=22, use=use, drop=("initial_state",))
+    assert seen == [(use == ("last",), use == ("out",))] * 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -462,8 +480,8 @@ def test_scan_inference_chunk_quads(quads, monkeypatch):
     ref = selective_scan_ref(**{k: v.double() if v is not None else None for k, v in x.items()})
     assert rel_err(tss.selective_scan_triton(**x), ref) < TOL[torch.bfloat16][0]
     # in pieces (5 + 5 + 4 chunks): a group runs on past its piece's end into the next one's
-    # chunks (masked); the N=16 tile pinned to 4 states a thread (with pieces forward_config
-    # would take 8, which has no groups), last: the overrides pile up
+    # chunks (masked); the N=16 tile pinned to 4 states a thread (forward_config's choice too,
+    # pinned so that this test does not hang on that rule), last: the overrides pile up
     for nstate, tile in ((64, {}), (16, dict(NPT=4, KN=4, LD=8))):
         override_scan_config(monkeypatch, quads=quads, SEG=3, **tile)
         x = make_inputs(*SMALL, 55, nstate, torch.bfloat16, seed=6 + nstate)
@@ -481,7 +499,7 @@ def test_scan_training_forward_in_chunk_quads(seg, monkeypatch):
     mod 4 (a quad's chunks past the end store none), whole and in pieces."""
     tile = dict(NPT=4, KN=4, LD=8, quads_ckpt=True, **({} if seg is None else dict(SEG=seg)))
     override_scan_config(monkeypatch, **tile)
-    for length in (5, 9, 13, 30) if seg is None else (55,):
+    for length in (5, 9, 13, 17, 30) if seg is None else (55,):  # 2, 3, 4, 5, 8 chunks
         check_scan(*SMALL, length, 16, torch.bfloat16, seed=40 + length, use=("out",),
                    drop=("initial_state",))
     check_scan(*SMALL, 14, 16, torch.float32, seed=41)
@@ -492,11 +510,12 @@ def test_scan_chunk_pairs(pairs, monkeypatch):
     """Chunk pairs (pairs: the per-(step, channel) rows of two chunks loaded and stored
     together, state lane kn taking 2T / KN adjacent steps of the pair; the backward at N=16
     with 4 states a thread: 2 steps a lane, N=64: 1; the pipelined forward with one step a lane,
-    bf16 at N=16 here (forward_config's 4 states a thread) and N=64 without gradients) or a chunk
+    bf16 at N=16 here (forward_config's 4 states a thread; quads off, else the forward groups
+    four chunks) and N=64 without gradients) or a chunk
     at a time: both must give the reference's results, with odd and even chunk counts (the
     first pair's later chunk past the segment, or the forward's warm-up chunk: no-ops), whole
     and in pieces, with and without z, D, delta_bias, softplus, with and without gradients."""
-    override_scan_config(monkeypatch, pairs=pairs)
+    override_scan_config(monkeypatch, pairs=pairs, quads=False)
     check_scan(*SMALL, 33, 16, torch.bfloat16, seed=31)                       # 9 chunks
     check_scan(*SMALL, 30, 64, torch.float32, seed=32)                        # 8 chunks
     check_scan(*SMALL, 6, 16, torch.bfloat16, seed=33, drop=("z", "D", "delta_bias"), softplus=False)

@@ -73,7 +73,12 @@ class MambaInnerFn(torch.autograd.Function):
         dx_dbl = torch.empty_like(x_dbl)
         ddt_low, dB, dC = dx_dbl.split([dt_rank, nstate, nstate])
         length = x.shape[2]
-        unpack_bc(dBCp, nstate, length, out=stack_bc(_per_row(dB, batch), _per_row(dC, batch)))
+        dBC = stack_bc(_per_row(dB, batch), _per_row(dC, batch))  # rows of one buffer: one copy
+        if dBC is not None:
+            unpack_bc(dBCp, nstate, length, out=dBC)
+        else:
+            for g, out in zip(dBCp, (dB, dC)):
+                unpack_bc(g, nstate, length, out=_per_row(out, batch))
         ddelta_cm = _cm(ddelta)
         torch.matmul(dt_proj_weight.t(), ddelta_cm, out=ddt_low)
         ddt_proj_weight = ddelta_cm @ x_dbl[:dt_rank].t()

@@ -23,8 +23,9 @@ the backward's reverse recurrence finds exp(dt_{t+1} A) in registers. The per-(s
 work (softplus, gate, D, the outputs and their gradients) would be repeated by each of a
 channel's KN state lanes; where KN % T == 0 (LANE) state lane kn does it for step kn of the chunk
 alone, and the step sizes (and, backward, dy) reach the other lanes by shuffles. Where KN is T
-or 2T, the backward (but under the 128-register cap) and the pipelined training forward go two
-chunks at a time (`pairs`), the inference forward four (`quads`): lane kn takes 2T / KN (4T / KN)
+or 2T, the backward (but under the 128-register cap) goes two chunks at a time (`pairs`), the
+pipelined forward four (`quads`; the training forward where its registers leave the grid room,
+else two): lane kn takes 2T / KN (4T / KN)
 adjacent steps of the group, so each per-step row is loaded or stored 4 (8) bytes a lane (bf16,
 N=16) instead of 2; the chunks' state sums are reduce-scattered together straight into that
 layout, and dt u reaches every lane from the lanes' own steps by shuffles (no u row a chunk).
@@ -337,25 +338,32 @@ def forward_config(nstate, batch, dim, length, device, input_dtype=torch.float32
     - where the sequence must be cut into pieces (short batches), in quads too, its pieces
       counted at 12 warps an SM.
 
+    A grid of 4-6 warps an SM at 8 (529-792 warps on 132 SMs: 4 x 1536, 3 x 2048 channels) is
+    one piece here but would be two at 12: it runs in one piece, at low occupancy (not
+    measured against two pieces).
+
     H200, bf16, training forward (NOTES.md, thirteenth session), pairs -> quads: 4 x 2048 x 8192
-    (768 warps, one piece) 0.953 -> 0.835 ms, 8 x 1536 x 8192 (1536 warps on 132 SMs) 1.150 ->
+    (1024 warps, one piece) 0.953 -> 0.835 ms, 8 x 1536 x 8192 (1536 warps on 132 SMs) 1.150 ->
     1.032, 8 x 2048 x 2048 (two waves) 0.355 -> 0.443 (hence pairs there); 2 x 1536 x 32768,
     NPT 8 capped at 168 registers in 8 pieces (the rule before) -> NPT 4 in quads in 4 pieces,
     2.029 -> 1.849 (inference forward 1.925 -> 1.822). Earlier: NPT 4 in one piece against NPT
     8 (eighth session, pairs): 8 x 1536 x 8192 1.623 -> 1.591, 4 x 2048 x 8192 (2 pieces -> 1)
     1.383 -> 1.313; NPT 4 in pieces lost before chunk pairs and quads (2 x 1536 x 32768, 5 -> 2
     pieces at 8 warps an SM, 2.399 -> 3.634). pack_bc's layout depends only on T and NPT x KN,
-    so B and C pack the same either way. Other state sizes, fp32 inputs (fp32 checkpoints:
-    ~232 registers) and no SM count: scan_config's tile."""
+    so B and C pack the same either way. Off the GPU (no SM count: the interpreter) the
+    one-piece choice, NPT 4 in quads, so that the tests run the tile the GPU launches. Without
+    scan_config's `quads` the training forward stays in pairs everywhere. Other
+    state sizes and fp32 inputs (fp32 checkpoints: ~232 registers): scan_config's tile."""
     cfg = scan_config(nstate, input_dtype=input_dtype)
-    sms = _sm_count(device)
-    if (cfg["NPT"], cfg["KN"]) != (8, 2) or cfg["ckpt_dtype"] != torch.bfloat16 or not sms:
+    if (cfg["NPT"], cfg["KN"]) != (8, 2) or cfg["ckpt_dtype"] != torch.bfloat16:
         return cfg
     half = dict(cfg, NPT=4, KN=4, LD=8)
+    quads = bool(cfg["quads"])  # scan_config's switch for groups of four chunks
     if segments(batch, dim, cdiv(length, cfg["T"]), half, device) > 1:
-        return dict(half, quads_ckpt=True, warps_per_sm=12)
-    if _grid_warps(batch, dim, half) <= 12 * sms:
-        return dict(half, quads_ckpt=True)
+        return dict(half, quads_ckpt=quads, warps_per_sm=12 if quads else half["warps_per_sm"])
+    sms = _sm_count(device)
+    if sms is None or _grid_warps(batch, dim, half) <= 12 * sms:
+        return dict(half, quads_ckpt=quads)
     return half
 
 
