@@ -142,6 +142,21 @@ def test_rms_norm_gpu_config(dim, fwd_warps, bwd_warps, programs):
     assert (bwd["BLOCK_M"], bwd["num_warps"], bwd["PROGRAMS_PER_SM"]) == (1, bwd_warps, programs)
 
 
+def test_launch_configs_read_the_cached_sm_count(monkeypatch):
+    """The persistent norm backward and the conv backward size their grids from layout.sm_count
+    (cached per device index: get_device_properties costs ~5 us a call); None off CUDA."""
+    from bytelm.ops.triton import causal_conv1d as tcc, layout
+
+    assert layout.sm_count(torch.device("cpu")) is None
+    asked = []
+    monkeypatch.setattr(layout, "_cuda_sm_count", lambda index: asked.append(index) or 132)
+    cuda1 = torch.device("cuda", 1)
+    cfg = trn.rms_norm_config(768, cuda1, backward=True)
+    assert trn._n_programs(cfg, 10**6, cuda1) == 8 * 132
+    assert tcc.bwd_iters(64, 8 * 132, cuda1) == 8 and tcc.bwd_iters(64, 4, cuda1) == 1
+    assert asked == [1, 1, 1]
+
+
 def test_rms_norm_wide_rows_and_empty_take_the_reference(monkeypatch):
     monkeypatch.setattr(trn, "MAX_FUSED_DIM", 64)
     x, w, dy = make_inputs((3, 100), torch.float32, seed=9)

@@ -50,7 +50,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.standard import _sum_combine as _add  # tl.sum without its jit wrapper
 
-from bytelm.ops.triton.layout import cdiv, empty_output as _empty, is_length_major, next_pow2
+from bytelm.ops.triton.layout import cdiv, empty_output as _empty, is_length_major, next_pow2, sm_count
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_WIDTH = 8
@@ -252,7 +252,7 @@ def bwd_iters(n_tiles: int, programs: int, device) -> int:
     """Tiles per backward program: as many as keep >= ~8 programs per SM (at most 8)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     return max(1, min(8, n_tiles, n_tiles * programs // (8 * sms)))
 
 

@@ -9,6 +9,8 @@ allocated with torch.empty_like, which keeps the strides of a tensor without gap
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -61,3 +63,17 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device; None elsewhere. Cached: launch configs ask on
+    every call, and get_device_properties costs ~5 us of CPU a call (at small shapes the ops'
+    CPU time up to their kernels' launch shows in their time)."""
+    if device.type != "cuda":
+        return None
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from bytelm.ops.backend import needs_autograd
-from bytelm.ops.triton.layout import cdiv, empty_output as _empty, next_pow2
+from bytelm.ops.triton.layout import cdiv, empty_output as _empty, next_pow2, sm_count
 
 MAX_FUSED_DIM = 16384  # widest row held in registers; wider rows take the reference
 
@@ -146,7 +146,7 @@ def _n_programs(cfg, n_tiles, device) -> int:
     if "programs" in cfg:
         n = cfg["programs"]
     else:
-        n = cfg["PROGRAMS_PER_SM"] * torch.cuda.get_device_properties(device).multi_processor_count
+        n = cfg["PROGRAMS_PER_SM"] * sm_count(device)
     return max(1, min(n, n_tiles))
 
 

@@ -55,6 +55,7 @@ import triton
 
 from bytelm.ops.backend import needs_autograd
 from bytelm.ops.triton.layout import cdiv, empty_output as _empty, length_major, like, next_pow2
+from bytelm.ops.triton.layout import sm_count as _sm_count  # a module global: tests swap it
 from bytelm.ops.triton.selective_scan_kernels import (
     _scan_bwd_kernel,
     _scan_bwd_segment_kernel,
@@ -272,20 +273,6 @@ def segments(batch, dim, n_chunks, cfg, device) -> int:
         return 1
     fit = cfg["warps_per_sm"] * _sm_count(device)
     return max(1, min(fit // _grid_warps(batch, dim, cfg), n_chunks // 16))
-
-
-def _sm_count(device):
-    """Streaming multiprocessors of a CUDA device; None elsewhere."""
-    if device.type != "cuda":
-        return None
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    # cached: every launch asks (get_device_properties costs ~5 us of CPU a call, and at small
-    # shapes the op's CPU time up to its kernel's launch shows in its time)
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _grid_warps(batch, dim, cfg) -> int:
