@@ -18,7 +18,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bytelm.ops.triton.selective_scan as tss  # noqa: E402
+from scan import ours_fns  # noqa: E402  (the op's fwd and fwd+bwd calls, as scan.py times them)
 
 
 class _CountOps(TorchDispatchMode):
@@ -60,16 +62,7 @@ def main():
     shape = tuple(int(v) for v in (args.shape or ("2,16,64,16" if args.stub else "8,2048,2048,16")).split(","))
     device = "cpu" if args.stub else "cuda"
     x, dout = inputs(shape, device)
-
-    def fwd():
-        with torch.no_grad():
-            return tss.selective_scan_triton(**x, delta_softplus=True)
-
-    def fwd_bwd():
-        xs = {k: v.detach().requires_grad_() for k, v in x.items()}
-        out = tss.selective_scan_triton(**xs, delta_softplus=True)
-        return torch.autograd.grad(out, list(xs.values()), dout)
-
+    fwd, fwd_bwd = ours_fns(x, dout)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     print(f"shape {shape}, {'kernels stubbed, CPU tensors' if args.stub else torch.cuda.get_device_name()}")
     for name, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
