@@ -269,11 +269,29 @@ def build_trainer(cfg, run_dir: Path, sample_prompt: bytes, manifest: dict,
         StepTimer(bytes_per_token),  # last: writes the step's row once the others decided
     ]
     try:
-        return L.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
-                         plugins=[AtomicCheckpointIO(), *cluster_plugins()], **targs)
+        trainer = L.Trainer(default_root_dir=str(run_dir), logger=loggers, callbacks=callbacks,
+                            plugins=[AtomicCheckpointIO(), *cluster_plugins()], **targs)
     except (MisconfigurationException, ValueError) as e:  # devices, nodes, precision, ...
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"trainer: {first_line}") from None
+    if cfg.train.cuda_graph:
+        check_cuda_graph(cfg, trainer)
+    return trainer
+
+
+def check_cuda_graph(cfg, trainer) -> None:
+    """train.cuda_graph's limits, as one-line errors before anything is written."""
+    from bytelm.config import ConfigError
+
+    if cfg.train.compile:
+        raise ConfigError("train.cuda_graph and train.compile: choose one (compile captures "
+                          "graphs itself with mode='reduce-overhead')")
+    if trainer.world_size > 1:
+        raise ConfigError(f"train.cuda_graph needs one device, got {trainer.world_size}: DDP "
+                          f"and FSDP reduce gradients in autograd hooks that the graph skips")
+    device = trainer.strategy.root_device
+    if device.type != "cuda":
+        raise ConfigError(f"train.cuda_graph needs a CUDA GPU; the trainer runs on {device}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,7 +369,8 @@ def train(opts, overrides) -> int:
         prompt = (cfg.train.sample_prompt.encode() if cfg.train.sample_prompt is not None
                   else dm.val_head(64))
         task = LMTask(cfg.model, cfg.optim, cfg.data.seq_len, compile=cfg.train.compile,
-                      run_config=to_dict(cfg), tokenizer=dm.tokenizer)
+                      run_config=to_dict(cfg), tokenizer=dm.tokenizer,
+                      cuda_graph=cfg.train.cuda_graph)
         fingerprint = getattr(dm.corpus, "meta", {}).get("fingerprint")
         if resume_from is not None:
             check_resumable(resume_from, cfg, task, fingerprint)

@@ -40,7 +40,8 @@ python -c "import xdist" 2> /dev/null && xdist=(-n 8)
 stage tests 90 python -m pytest -q ${xdist[@]+"${xdist[@]}"} tests/test_triton_scan.py \
     tests/test_triton_conv1d.py tests/test_triton_rms_norm.py tests/test_triton_add_rms_norm.py \
     tests/test_triton_mixer.py \
-    tests/test_channel_major.py tests/test_cuda_graph.py tests/test_metrics.py
+    tests/test_channel_major.py tests/test_cuda_graph.py tests/test_graphed_loss.py \
+    tests/test_metrics.py
 stage profile 30 python benchmarks/profile_step.py --context 8192 --top 20
 peer_args=()
 [ -n "$peer" ] && peer_args=(--peer-so "$peer")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bytelm.models.lm import LM, ModelConfig  # noqa: E402
-from throughput import CONTEXTS, SIZES  # noqa: E402
+from throughput import CONTEXTS, SIZES, training_loss  # noqa: E402
 
 # first matching pattern (on the lower-cased kernel name) names the family
 FAMILIES = [
@@ -65,6 +65,8 @@ def main(argv=None):
     p.add_argument("--backend", default="triton", help="Mamba scan backend")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--trace", help="also export a chrome trace here")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="forward and backward replayed from CUDA graphs (train.cuda_graph)")
     p.add_argument("--gaps", type=int, default=0, metavar="N",
                    help="also the GPU's idle time between kernels, and the N longest gaps")
     args = p.parse_args(argv)
@@ -78,10 +80,12 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     data = torch.randint(0, 256, (batch, args.context + 1), device="cuda")
 
+    loss_of = training_loss(model, args.cuda_graph)
+
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(data[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), data[:, 1:].flatten()).backward()
+            loss = loss_of(data)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -1,8 +1,9 @@
 """Training throughput of byte models on one GPU: bytes/s, MFU and peak memory.
 
-Trains (forward + backward + fused AdamW, bf16 autocast, eager) a byte Mamba and a byte
-Transformer of about the same parameter count for a fixed number of steps at several contexts,
-with the same bytes per step, and prints one markdown table. When mamba_ssm is importable, its
+Trains (forward + backward + fused AdamW, bf16 autocast; eager, or with --cuda-graph the forward
+and backward replayed from CUDA graphs) a byte Mamba and a byte Transformer of about the same
+parameter count for a fixed number of steps at several contexts, with the same bytes per step,
+and prints one markdown table. When mamba_ssm is importable, its
 MambaLMHeadModel of the Mamba's shape gets a row too (the table says why when it is skipped).
 
     python benchmarks/throughput.py                       # ~90M models, contexts 2K / 8K / 32K
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bytelm.models.lm import LM, ModelConfig  # noqa: E402
+from bytelm.training.cuda_graph import GraphedLoss  # noqa: E402
 
 PEAK_FLOPS = 989e12
 # name -> (mamba shape, transformer shape); PERF.md's peers: mamba_ssm 768 x 24, GPT 768 x 12.
@@ -73,23 +75,36 @@ def peer_missing() -> str | None:
     return None
 
 
+def training_loss(model: torch.nn.Module, cuda_graph: bool):
+    """ids (batch, length + 1) -> the next-byte cross entropy of the model's logits (call it
+    under autocast); cuda_graph: its forward and backward replayed from CUDA graphs, as
+    train.cuda_graph does."""
+    def loss_of(ids):
+        logits = model(ids[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+
+    return GraphedLoss(loss_of, model.parameters()) if cuda_graph else loss_of
+
+
 def bench(model_kw: dict, seq_len: int, batch: int, steps: int, warmup: int, backend: str,
-          accum: int = 1, peer: bool = False):
+          accum: int = 1, peer: bool = False, cuda_graph: bool = False):
     """One model at one context; each optimizer step takes `batch` windows in `accum`
     micro-batches (the same bytes per step when a whole batch does not fit). peer: mamba_ssm's
-    model of the same shape instead of ours."""
+    model of the same shape instead of ours. cuda_graph: forward and backward as CUDA graphs
+    (bytelm.training.cuda_graph.GraphedLoss), the optimizer eager."""
     torch.manual_seed(0)
     model = (PeerLM(model_kw) if peer else LM(ModelConfig(**model_kw, scan_backend=backend))).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     data = torch.randint(0, 256, (steps + warmup, batch, seq_len + 1), device="cuda")
     torch.cuda.reset_peak_memory_stats()
 
+    loss_of = training_loss(model, cuda_graph)
+
     def step(ids):
         loss = 0.0
         for micro in ids.chunk(accum):
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(micro[:, :-1])
-            micro_loss = F.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten()) / accum
+                micro_loss = loss_of(micro) / accum
             micro_loss.backward()
             loss = loss + micro_loss.detach()
         opt.step()
@@ -121,6 +136,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="triton", help="Mamba scan backend")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="every model's forward and backward replayed from CUDA graphs "
+                        "(train.cuda_graph); the optimizer stays eager")
     p.add_argument("--out", help="also write the table to this markdown file")
     p.add_argument("--no-peer", action="store_true",
                    help="skip mamba_ssm's MambaLMHeadModel even when it is importable")
@@ -131,7 +149,8 @@ def main(argv=None):
     import triton
 
     header = (f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
-              f"{triton.__version__}, bf16 autocast, fused AdamW, eager, {args.steps} timed steps "
+              f"{triton.__version__}, bf16 autocast, fused AdamW, "
+              f"{'CUDA-graphed forward + backward' if args.cuda_graph else 'eager'}, {args.steps} timed steps "
               f"after {args.warmup} warm-up; scan backend {args.backend}\n\n"
               "| size | batch x context | model | params | step ms | bytes/s | MFU | peak GB | bytes/s / Transformer's |\n"
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -153,7 +172,8 @@ def main(argv=None):
                 while rows[name] is None and accum <= batch:  # halve the micro-batch on OOM
                     try:
                         rows[name] = bench(kw, context, batch, args.steps, args.warmup,
-                                           args.backend, accum, peer=peer)
+                                           args.backend, accum, peer=peer,
+                                           cuda_graph=args.cuda_graph)
                         rows[name]["accum"] = accum
                     except torch.cuda.OutOfMemoryError:
                         torch.cuda.empty_cache()

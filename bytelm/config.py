@@ -79,6 +79,9 @@ class TrainConfig:
                                factory=lambda: ["csv"])
     wandb_project: str = _help("W&B project (offline unless WANDB_MODE is set)", "bytelm")
     compile: bool = _help("torch.compile the model", False)
+    cuda_graph: bool = _help("replay each training step's forward and backward from CUDA graphs "
+                             "(one CUDA GPU, not with compile; a batch of another shape runs "
+                             "eagerly)", False)
     sample_bytes: int = _help("bytes generated after each validation", 256)
     sample_prompt: str | None = _help("prompt of the sample (default: the start of the val split)",
                                       None)

@@ -26,7 +26,7 @@ def _state_tensors(states: list[BlockState]) -> list[torch.Tensor]:
             if isinstance(getattr(s, f.name), torch.Tensor)]
 
 
-def _autocast_like_caller():
+def autocast_for_capture():
     """The caller's CUDA autocast, with its weight-cast cache off: a cast cached during capture
     would be a tensor the graph reads but nobody refreshes (torch's CUDA-graph notes)."""
     if not torch.is_autocast_enabled("cuda"):
@@ -59,7 +59,7 @@ class GraphedStep:
         # side stream; they advance the states, which are then put back.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), _autocast_like_caller(), torch.no_grad():
+        with torch.cuda.stream(side), autocast_for_capture(), torch.no_grad():
             for _ in range(warmup):
                 model.step(self.ids, states)
         torch.cuda.current_stream().wait_stream(side)
@@ -67,7 +67,7 @@ class GraphedStep:
             t.copy_(s)
         self.graph = torch.cuda.CUDAGraph()
         # Capture records kernels without running them: the states are untouched here.
-        with torch.cuda.graph(self.graph), _autocast_like_caller(), torch.no_grad():
+        with torch.cuda.graph(self.graph), autocast_for_capture(), torch.no_grad():
             self.logits = model.step(self.ids, states)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:

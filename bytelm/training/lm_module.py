@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from bytelm.config import ConfigError, OptimConfig
 from bytelm.training import distributed
+from bytelm.training.cuda_graph import GraphedLoss
 from bytelm.training.datamodule import IGNORE
 from bytelm.training.metrics import log_on_logging_steps
 from bytelm.models.lm import LM, ModelConfig
@@ -49,7 +50,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 class LMTask(L.LightningModule):
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, seq_len: int,
-                 compile: bool = False, run_config: dict | None = None, tokenizer=None):
+                 compile: bool = False, run_config: dict | None = None, tokenizer=None,
+                 cuda_graph: bool = False):
         super().__init__()
         self.run_config = run_config  # stored in every checkpoint: it rebuilds the model alone
         self.model_cfg, self.optim_cfg, self.seq_len = model_cfg, optim_cfg, seq_len
@@ -60,6 +62,9 @@ class LMTask(L.LightningModule):
         self.register_buffer("token_bytes", torch.as_tensor(self.tokenizer.token_bytes),
                              persistent=False)
         self._compile = compile
+        # train.cuda_graph: the training loss through a GraphedLoss, captured at the first step
+        self._cuda_graph = cuda_graph
+        self._graphed_nll = None
         self.flops_per_token = self.model.flops_per_token(seq_len)
         self._val_nll = 0.0
         self._val_bytes = self._val_tokens = 0
@@ -90,7 +95,10 @@ class LMTask(L.LightningModule):
                                reduction=reduction, ignore_index=IGNORE)
 
     def training_step(self, batch, batch_idx):
-        loss = self.nll(batch)  # NaN/inf: the NumericalGuard callback applies train.on_nonfinite
+        if self._cuda_graph and self._graphed_nll is None:
+            self._graphed_nll = GraphedLoss(self.nll, self.model.parameters())
+        # NaN/inf: the NumericalGuard callback applies train.on_nonfinite
+        loss = self._graphed_nll(batch) if self._cuda_graph else self.nll(batch)
         # Logged every step, so that a row Lightning writes where a run stops never carries an
         # older step's values (it keeps the last logged one); averaged over ranks by a queued
         # all_reduce (self.log's sync_dist puts a barrier first: the host would wait for the GPU).
