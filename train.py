@@ -281,14 +281,18 @@ def build_trainer(cfg, run_dir: Path, sample_prompt: bytes, manifest: dict,
 
 def check_cuda_graph(cfg, trainer) -> None:
     """train.cuda_graph's limits, as one-line errors before anything is written."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
     from bytelm.config import ConfigError
 
     if cfg.train.compile:
-        raise ConfigError("train.cuda_graph and train.compile: choose one (compile captures "
-                          "graphs itself with mode='reduce-overhead')")
-    if trainer.world_size > 1:
-        raise ConfigError(f"train.cuda_graph needs one device, got {trainer.world_size}: DDP "
-                          f"and FSDP reduce gradients in autograd hooks that the graph skips")
+        raise ConfigError("train.cuda_graph and train.compile: choose one (a compiled model is "
+                          "not captured)")
+    if not isinstance(trainer.strategy, SingleDeviceStrategy):
+        raise ConfigError(f"train.cuda_graph needs one device and no DDP / FSDP (they reduce "
+                          f"gradients in autograd hooks that the graph skips); got trainer.strategy "
+                          f"{cfg.trainer.get('strategy', 'auto')} on {trainer.world_size} "
+                          f"device(s)")
     device = trainer.strategy.root_device
     if device.type != "cuda":
         raise ConfigError(f"train.cuda_graph needs a CUDA GPU; the trainer runs on {device}")

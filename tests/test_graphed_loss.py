@@ -66,6 +66,8 @@ def test_graphed_loss_needs_a_trainable_parameter():
 
 @pytest.mark.parametrize("extra, message", [
     (["--train.compile", "true"], "train.cuda_graph and train.compile: choose one"),
+    (["--trainer.strategy", "ddp", "--trainer.devices", "2"], "got trainer.strategy ddp on 2 device(s)"),
+    (["--trainer.strategy", "ddp", "--trainer.devices", "1"], "got trainer.strategy ddp on 1 device(s)"),
     ([], "train.cuda_graph needs a CUDA GPU; the trainer runs on cpu"),
 ])
 def test_train_refuses_cuda_graph_where_it_cannot_run(tmp_path, capsys, extra, message):
@@ -136,6 +138,25 @@ def test_graphed_loss_runs_another_shape_eagerly_into_the_same_grads():
 
 
 @needs_cuda
+def test_a_model_moved_after_capture_is_captured_again():
+    eager = tiny("MA", "cuda")
+    graphed = copy.deepcopy(eager)
+    loss_of = GraphedLoss(next_byte_loss(graphed), graphed.parameters())
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 256, (4, 48), generator=g).cuda() for _ in range(2)]
+    want = train_steps(eager, next_byte_loss(eager), batches, 1, True)
+    got = train_steps(graphed, loss_of, batches[:1], 1, True)
+    before = loss_of._fwd
+    graphed.cpu()  # Lightning does this at the end of every fit; new storage on the way back
+    graphed.cuda()
+    opt_state_lost = train_steps(graphed, loss_of, batches[1:], 1, True)  # a fresh AdamW
+    assert loss_of.captured and loss_of._fwd is not before
+    torch.testing.assert_close(got[0], want[0], rtol=2e-3, atol=2e-3)
+    # the second step's loss comes before any update: it must see the first step's weights
+    torch.testing.assert_close(opt_state_lost[0], want[1], rtol=2e-3, atol=2e-3)
+
+
+@needs_cuda
 def test_graphed_loss_refuses_a_stale_backward():
     model = tiny("MA", "cuda")
     graphed = GraphedLoss(next_byte_loss(model), model.parameters())
@@ -160,7 +181,21 @@ def test_graphed_dropout_draws_fresh_masks():
 
 
 @needs_cuda
-def test_train_with_cuda_graph_matches_eager(tmp_path):
+def test_train_with_cuda_graph_matches_eager(tmp_path, monkeypatch):
+    import bytelm.training.lm_module as lm_module
+
+    made = []
+
+    class Recorded(GraphedLoss):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
+        def release(self):  # at the end of the fit: remember that it had captured
+            self.was_captured = self.captured
+            super().release()
+
+    monkeypatch.setattr(lm_module, "GraphedLoss", Recorded)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. Pack my box. " * 300)
 
@@ -181,7 +216,9 @@ def test_train_with_cuda_graph_matches_eager(tmp_path):
                 [float(r["val/bpb"]) for r in rows if r.get("val/bpb")])
 
     eager_loss, eager_val = run("eager")
+    assert not made
     graph_loss, graph_val = run("graphed", "--train.cuda_graph", "true")
+    assert len(made) == 1 and made[0].was_captured and not made[0]._warned  # no eager steps
     assert len(graph_loss) == len(eager_loss) >= 12 and len(graph_val) == len(eager_val) == 2
     torch.testing.assert_close(torch.tensor(graph_loss), torch.tensor(eager_loss), rtol=1e-2,
                                atol=1e-2)

@@ -67,12 +67,19 @@ class GraphedLoss:
     The graphs are captured on the first call in training (grad enabled), for that batch's
     shape, dtype and device; they hold that step's activations from forward to backward, so
     each call's backward must come before the next call. Calls without grad, or with a batch of
-    another shape, run `loss_fn` eagerly (once warned); their gradients land in the same .grad
-    tensors. Any randomness in `loss_fn` (dropout) is replayed with fresh seeds by torch.
+    another shape, run `loss_fn` eagerly (once warned); the next graphed backward adds into
+    whatever .grad they leave. A model moved after capture (`.to()`, or Lightning's `.cpu()` at
+    the end of a fit) is captured again at the next call. Any randomness in `loss_fn` (dropout)
+    is replayed with fresh seeds by torch.
+
+    Unlike eager training: a parameter that gets no gradient gets a zero .grad (AdamW then
+    decays it); parameter and gradient hooks do not run, so multi-GPU wrappers (DDP, FSDP),
+    which reduce gradients in such hooks, cannot be used; .grad memory is never freed; and the
+    graphs' memory (one step's activations) stays reserved between steps, also while
+    validation runs.
 
     params: what the gradients are for (those requiring grad are kept); they must be every
-    parameter `loss_fn` differentiates. Multi-GPU wrappers (DDP, FSDP) reduce gradients in
-    autograd hooks that the graph does not run: use one device.
+    parameter `loss_fn` differentiates.
     """
 
     def __init__(self, loss_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -93,20 +100,28 @@ class GraphedLoss:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return self.loss_fn(batch)
+        if self._fwd is not None and self._addresses() != self._captured_at:
+            self.release()  # the model moved: the graphs read and write freed memory
         if self._fwd is None:
             self._capture(batch)
         elif (batch.shape, batch.dtype, batch.device) != (self._batch.shape, self._batch.dtype,
                                                           self._batch.device):
             if not self._warned:
-                warnings.warn(f"GraphedLoss was captured for a batch of shape "
-                              f"{tuple(self._batch.shape)}; one of shape {tuple(batch.shape)} "
-                              f"runs eagerly", stacklevel=2)
+                warnings.warn(f"GraphedLoss was captured for a {_describe(self._batch)} batch; "
+                              f"a {_describe(batch)} one runs eagerly", stacklevel=2)
                 self._warned = True
-            bind_grads(self.params, self._grads)  # eager gradients add into the same tensors
             return self.loss_fn(batch)
         with torch.cuda.device(self._batch.device):
             self._batch.copy_(batch)
             return _Replay.apply(self, self.params[0])
+
+    def release(self) -> None:
+        """Drop the graphs and their memory; the next call in training captures again."""
+        self._fwd = self._bwd = self._loss = self._grad_out = self._batch = None
+        self._generation += 1  # a loss from before cannot run its backward any more
+
+    def _addresses(self) -> list[int]:
+        return [t.data_ptr() for t in (*self.params, *self._grads)]
 
     def _capture(self, batch: torch.Tensor) -> None:
         if batch.device.type != "cuda" or any(p.device.type != "cuda" for p in self.params):
@@ -131,16 +146,18 @@ class GraphedLoss:
             torch.cuda.current_stream().wait_stream(side)
             self._fwd, self._bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             # Capture records kernels without running them: nothing is computed here.
-            # thread_local: another thread's CUDA calls (a pin-memory thread) may go on meanwhile
-            with torch.cuda.graph(self._fwd, capture_error_mode="thread_local"), \
-                    autocast_for_capture():
+            with torch.cuda.graph(self._fwd), autocast_for_capture():
                 self._loss = self.loss_fn(self._batch)
             if self._loss.ndim != 0 or not self._loss.requires_grad:
                 raise ValueError("GraphedLoss: loss_fn must return a scalar that requires grad")
             self._grad_out = torch.ones_like(self._loss)
-            with torch.cuda.graph(self._bwd, pool=self._fwd.pool(),
-                                  capture_error_mode="thread_local"):
+            with torch.cuda.graph(self._bwd, pool=self._fwd.pool()):
                 grads = torch.autograd.grad(self._loss, self.params, self._grad_out,
                                             allow_unused=True)
                 pairs = [(acc, g) for acc, g in zip(self._grads, grads) if g is not None]
                 torch._foreach_add_([acc for acc, _ in pairs], [g for _, g in pairs])
+            self._captured_at = self._addresses()
+
+
+def _describe(batch: torch.Tensor) -> str:
+    return f"{tuple(batch.shape)} {batch.dtype} {batch.device}"

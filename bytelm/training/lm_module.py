@@ -109,6 +109,11 @@ class LMTask(L.LightningModule):
         self.log("train/bpb", distributed.all_reduce_mean(bpb.detach(), world))
         return loss
 
+    def on_fit_end(self):
+        # Lightning moves the model to the CPU next: the graphs' memory goes now
+        if self._graphed_nll is not None:
+            self._graphed_nll.release()
+
     def on_train_start(self):
         """Training FLOPs per byte of text, once: 3 x forward per id / bytes per id."""
         bytes_per_token = getattr(self.trainer.datamodule, "bytes_per_token", 1.0)
