@@ -117,3 +117,29 @@ def test_generate_with_and_without_graph_gives_the_same_bytes():
     runs = [torch.stack(list(generate(model, prompt, 3 * GRAPH_MIN_STEPS, temperature=0,
                                       cuda_graph=flag)), 1) for flag in (False, True)]
     assert torch.equal(runs[0], runs[1])
+
+
+@needs_cuda
+def test_training_samples_decode_from_a_graph(monkeypatch):
+    """SampleText's sample_text takes graphed steps where use_graph says they pay, and writes
+    the bytes the eager steps give (greedy)."""
+    import bytelm.models.cuda_graph as cg
+    from bytelm.tokenizer import ByteTokenizer
+    from bytelm.training.callbacks import sample_text
+
+    made = []
+
+    class Recorded(cg.GraphedStep):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(cg, "GraphedStep", Recorded)
+    model = tiny("MMF").cuda()
+    model.train()
+    n = 2 * GRAPH_MIN_STEPS
+    text = sample_text(model, b"ROMEO:\n", n, temperature=0, seed=0)
+    assert len(made) == 1 and model.training  # graphed, and the model left in training mode
+    prompt = torch.tensor([list(b"ROMEO:\n")], device="cuda")
+    eager = [int(t) for t in generate(model.eval(), prompt, n, temperature=0, cuda_graph=False)]
+    assert text == ByteTokenizer().decode(eager)
