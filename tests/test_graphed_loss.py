@@ -64,6 +64,90 @@ def test_graphed_loss_needs_a_trainable_parameter():
         GraphedLoss(lambda ids: ids.sum(), [torch.zeros(2)])
 
 
+class FakeGraph:
+    """Stands in for a CUDA graph on the CPU: replay() runs the recorded Python."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def fake_captured(model, batch_shape):
+    """A GraphedLoss whose "graphs" compute eagerly what the captured ones would: the loss into
+    the static loss, the gradients added into the bound .grad tensors. It exercises everything
+    around the capture (the autograd Function, gradient binding, the move check) on a CPU."""
+    loss_fn = next_byte_loss(model)
+    graphed = GraphedLoss(loss_fn, model.parameters())
+    params, live = graphed.params, {}
+    graphed._batch = torch.zeros(batch_shape, dtype=torch.long)
+    graphed._grads = [torch.zeros_like(p) for p in params]
+    bind_grads(params, graphed._grads)
+    graphed._loss, graphed._grad_out = torch.zeros(()), torch.ones(())
+
+    def forward():
+        with torch.enable_grad():  # autograd.Function.forward runs without grad
+            live["loss"] = loss_fn(graphed._batch)
+        graphed._loss.copy_(live["loss"].detach())
+
+    def backward():
+        grads = torch.autograd.grad(live.pop("loss"), params, graphed._grad_out, allow_unused=True)
+        torch._foreach_add_([a for a, g in zip(graphed._grads, grads) if g is not None],
+                            [g for g in grads if g is not None])
+
+    graphed._fwd, graphed._bwd = FakeGraph(forward), FakeGraph(backward)
+    graphed._captured_at = graphed._addresses()
+    return graphed
+
+
+def cpu_steps(model, loss_of, batches, accum, zero):
+    """SGD steps, each over `accum` micro-batches; zero: "none", "zeros" or "guard" (the
+    NumericalGuard's skip: .grad set to None after the step's backward, no update)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for i, ids in enumerate(batches):
+        for micro in ids.chunk(accum):
+            loss = loss_of(micro) / accum
+            loss.backward()
+            losses.append(loss.item())
+        if zero == "guard" and i == 1:
+            for p in model.parameters():
+                p.grad = None
+        opt.step()
+        opt.zero_grad(set_to_none=zero != "zeros")
+    return losses
+
+
+@pytest.mark.parametrize("accum, zero", [(1, "none"), (3, "none"), (2, "zeros"), (2, "guard")])
+def test_graphed_loss_logic_matches_eager_on_the_cpu(accum, zero):
+    eager = tiny("MA")
+    graphed = copy.deepcopy(eager)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 256, (2 * accum, 24), generator=g) for _ in range(4)]
+    want = cpu_steps(eager, next_byte_loss(eager), batches, accum, zero)
+    got = cpu_steps(graphed, fake_captured(graphed, (2, 24)), batches, accum, zero)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want))
+    for a, b in zip(graphed.parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_stale_backward_is_refused_on_the_cpu():
+    model = tiny("MA")
+    graphed = fake_captured(model, (2, 17))
+    ids = torch.randint(0, 256, (2, 17))
+    first = graphed(ids)
+    graphed(ids).backward()
+    with pytest.raises(RuntimeError, match="older call's loss"):
+        first.backward()
+
+
+def test_a_moved_model_drops_its_graphs():
+    model = tiny("MA")
+    graphed = fake_captured(model, (2, 17))
+    model.double()  # the same tensor objects with new storage: the graphs' addresses are stale
+    with pytest.raises(ValueError, match="on a CUDA device"):  # here: captured again, on the CPU
+        graphed(torch.randint(0, 256, (2, 17)))
+    assert not graphed.captured
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--train.compile", "true"], "train.cuda_graph and train.compile: choose one"),
     (["--trainer.strategy", "ddp", "--trainer.devices", "2"], "got trainer.strategy ddp on 2 device(s)"),
