@@ -34,6 +34,17 @@ def autocast_for_capture():
     return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
+def warm_up(fn, times: int) -> None:
+    """Run fn `times` times on a side stream, as torch asks before a capture: Triton compiles
+    and cuBLAS picks its kernels off the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 class GraphedStep:
     """`model.step(ids, states)` as a CUDA graph. Call it with (batch,) ids of the example's
     shape; it updates `states` in place and returns the logits in a buffer that the next call
@@ -55,14 +66,11 @@ class GraphedStep:
     def _capture(self, model: LM, states: list[BlockState], warmup: int):
         tensors = _state_tensors(states)
         saved = [t.clone() for t in tensors]
-        # Warm-up runs (Triton compiles, cuBLAS picks kernels) must happen off the capture, on a
-        # side stream; they advance the states, which are then put back.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), autocast_for_capture(), torch.no_grad():
-            for _ in range(warmup):
+        def step():
+            with autocast_for_capture(), torch.no_grad():
                 model.step(self.ids, states)
-        torch.cuda.current_stream().wait_stream(side)
+
+        warm_up(step, warmup)  # it advances the states, which are then put back
         for t, s in zip(tensors, saved):
             t.copy_(s)
         self.graph = torch.cuda.CUDAGraph()

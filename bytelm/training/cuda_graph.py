@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from bytelm.models.cuda_graph import autocast_for_capture
+from bytelm.models.cuda_graph import autocast_for_capture, warm_up
 
 
 class _Replay(torch.autograd.Function):
@@ -135,17 +135,13 @@ class GraphedLoss:
             self._grads = [p.grad if p.grad is not None else torch.zeros_like(p)
                            for p in self.params]
             bind_grads(self.params, self._grads)
-            # Warm-up off the capture, on a side stream: Triton compiles, cuBLAS picks kernels.
-            # torch.autograd.grad leaves .grad alone.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    with autocast_for_capture():
-                        loss = self.loss_fn(self._batch)
-                    torch.autograd.grad(loss, self.params, allow_unused=True)
-                    del loss
-            torch.cuda.current_stream().wait_stream(side)
+
+            def step():  # torch.autograd.grad leaves .grad alone
+                with autocast_for_capture():
+                    loss = self.loss_fn(self._batch)
+                torch.autograd.grad(loss, self.params, allow_unused=True)
+
+            warm_up(step, self.warmup)
             self._fwd, self._bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             # Capture records kernels without running them: nothing is computed here.
             with torch.cuda.graph(self._fwd), autocast_for_capture():

@@ -63,8 +63,7 @@ class LMTask(L.LightningModule):
                              persistent=False)
         self._compile = compile
         # train.cuda_graph: the training loss through a GraphedLoss, captured at the first step
-        self._cuda_graph = cuda_graph
-        self._graphed_nll = None
+        self._graphed_nll = GraphedLoss(self.nll, self.model.parameters()) if cuda_graph else None
         self.flops_per_token = self.model.flops_per_token(seq_len)
         self._val_nll = 0.0
         self._val_bytes = self._val_tokens = 0
@@ -95,10 +94,8 @@ class LMTask(L.LightningModule):
                                reduction=reduction, ignore_index=IGNORE)
 
     def training_step(self, batch, batch_idx):
-        if self._cuda_graph and self._graphed_nll is None:
-            self._graphed_nll = GraphedLoss(self.nll, self.model.parameters())
         # NaN/inf: the NumericalGuard callback applies train.on_nonfinite
-        loss = self._graphed_nll(batch) if self._cuda_graph else self.nll(batch)
+        loss = (self._graphed_nll or self.nll)(batch)
         # Logged every step, so that a row Lightning writes where a run stops never carries an
         # older step's values (it keeps the last logged one); averaged over ranks by a queued
         # all_reduce (self.log's sync_dist puts a barrier first: the host would wait for the GPU).
