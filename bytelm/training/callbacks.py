@@ -27,8 +27,9 @@ def sample_text(model, prompt: bytes, n_bytes: int, temperature: float, seed: in
     new, new_bytes = [], 0
     try:
         # Steps from a CUDA graph where use_graph says it pays (CUDA, no attention, 32 steps
-        # or more): at batch 1 an eager step is the host launching kernels. A 500-byte sample
-        # of the 34-layer tiny-Shakespeare config took ~13 s eager on an H200.
+        # or more): at batch 1 an eager step is the host launching kernels. The 34-layer
+        # tiny-Shakespeare config's run, six 500-byte samples: 112.9 -> 48.2 s on an H200
+        # (benchmarks/results/tinyshakespeare-h200.md).
         for t in generate(model, ids, n_bytes, temperature=temperature, generator=gen,
                           vocab_limit=vocab_limit, cuda_graph=None):
             new.append(t.item())
