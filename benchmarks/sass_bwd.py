@@ -101,8 +101,9 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
     A = torch.zeros(dim, nstate); D = torch.zeros(dim); bias = torch.zeros(dim)
     B = cm(nstate, bf if bc_bf16 else torch.float32); C = cm(nstate, bf if bc_bf16 else torch.float32)
     fwd, bwd = _Capture(K._scan_fwd_kernel), _Capture(K._scan_bwd_kernel)
-    seg = _Capture(K._scan_fwd_segment_kernel)
+    seg, bseg = _Capture(K._scan_fwd_segment_kernel), _Capture(K._scan_bwd_segment_kernel)
     S._scan_fwd_kernel, S._scan_bwd_kernel, S._scan_fwd_segment_kernel = fwd, bwd, seg
+    S._scan_bwd_segment_kernel = bseg
     cfg = S.scan_config(nstate, input_dtype=bf)
     if ckpt_dtype is not None:
         cfg["ckpt_dtype"] = ckpt_dtype
@@ -127,6 +128,8 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
                    cfg=dict(cfg, NPT=4, KN=4, LD=8))
         S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,  # training, quads
                    cfg=dict(cfg, NPT=4, KN=4, LD=8, quads_ckpt=True))
+        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,  # its pre-pass
+                   cfg=dict(cfg, NPT=4, KN=4, LD=8, quads_ckpt=True, SEG=2, pre_split=1))
     bwd_over = bwd_over or {}
     # cfg None: scan_bwd picks backward_config (on CPU tensors, scan_config's cap)
     bwd_cfgs = [cfg_bwd if cfg_bwd is not None else (dict(capped, **bwd_over) if bwd_over else None)]
@@ -134,9 +137,13 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
         bwd_cfgs.append(dict(dict(capped, maxnreg=128, warps_per_sm=16, pairs=False), **bwd_over))  # as backward_config (its uncapped case: --bwd maxnreg=0)
     for c in bwd_cfgs:
         S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False, cfg=c)
+    # the backward's pre-pass (its segment kernel), as launched with scan_config's tile
+    S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False,
+               cfg=dict(capped, SEG=2))
     S._scan_fwd_kernel, S._scan_bwd_kernel = K._scan_fwd_kernel, K._scan_bwd_kernel
     S._scan_fwd_segment_kernel = K._scan_fwd_segment_kernel
-    return fwd.calls, bwd.calls, seg.calls
+    S._scan_bwd_segment_kernel = K._scan_bwd_segment_kernel
+    return fwd.calls, bwd.calls, seg.calls + bseg.calls
 
 
 def main():
@@ -167,9 +174,14 @@ def main():
             if len(fcalls) > 3 and fcalls[3][2].get("maxnreg"):
                 todo.append(("fwd-capped", K._scan_fwd_kernel, fcalls[3]))
             if fcalls[-1][2]["NPT"] == 4 and fcalls[-1][2]["KN"] == 4:
-                todo.append(("fwd-npt4", K._scan_fwd_kernel, fcalls[-3]))
-                todo.append(("fwd-npt4-infer", K._scan_fwd_kernel, fcalls[-2]))
-                todo.append(("fwd-npt4-quads", K._scan_fwd_kernel, fcalls[-1]))
+                # the last four launches: npt4, npt4-infer, npt4-quads, then the pre-pass in
+                # quads (PRE) ahead of a second npt4-quads
+                todo.append(("fwd-npt4", K._scan_fwd_kernel, fcalls[-5]))
+                todo.append(("fwd-npt4-infer", K._scan_fwd_kernel, fcalls[-4]))
+                todo.append(("fwd-npt4-quads", K._scan_fwd_kernel, fcalls[-3]))
+                assert fcalls[-2][2]["PRE"]
+                todo.append(("fwd-npt4-pre", K._scan_fwd_kernel, fcalls[-2]))
+            todo.append(("bwd-seg", K._scan_bwd_segment_kernel, scalls[-1]))
         for name, fn, (grid, a, kw) in todo:
             kw = dict(kw); kw["FAST_LOG"] = True
             k = compile_captured(fn, a, kw)

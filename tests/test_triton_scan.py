@@ -10,6 +10,7 @@ import torch
 
 from bytelm.ops.selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update_ref
 from bytelm.ops.triton import selective_scan as tss
+from bytelm.ops.triton.layout import cdiv
 
 from kernel_checks import nan_empty, rel_err, round_bf16_like_the_gpu
 
@@ -157,13 +158,43 @@ def override_scan_config(monkeypatch, **overrides):
     monkeypatch.setattr(tss, "scan_config", lambda *a, **k: dict(config(*a, **k), **overrides))
 
 
-@pytest.mark.parametrize("nseg", [2, 3])
-def test_scan_in_segments(nseg, monkeypatch):
+@pytest.mark.parametrize("nseg,pre_split", [(2, 1), (3, 1), (2, 2), (3, 2), (3, 3)])
+def test_scan_in_segments(nseg, pre_split, monkeypatch):
     """Long sequences are cut into pieces run side by side (end states from zero, then the
-    true start states): the results must not change."""
-    override_scan_config(monkeypatch, SEG=nseg)
+    true start states): the results must not change. pre_split: the pre-pass cuts each piece
+    into that many sub-pieces (150 steps, 38 chunks, 3 pieces: sub-pieces of 7 chunks, the last
+    of 3; of 5 at pre_split 3, where the last piece has 2 sub-pieces, not 3)."""
+    override_scan_config(monkeypatch, SEG=nseg, pre_split=pre_split)
     check_scan(*SMALL, 150, 16, torch.float32, seed=nseg)
     check_scan(*SMALL, 70, 4, torch.bfloat16, seed=nseg + 1, drop=("initial_state",))
+
+
+@pytest.mark.parametrize("n_chunks,nseg,pre_split,expect", [
+    (38, 3, 1, (3, 13, 1, 3)), (38, 3, 2, (3, 14, 2, 6)), (38, 3, 3, (3, 15, 3, 8)),
+    (8192, 4, 2, (4, 2048, 2, 8)), (40, 1, 4, (1, 40, 1, 1)), (5, 4, 3, (3, 2, 1, 3)),
+    (40, 2, 8, (2, 20, 5, 10))])
+def test_pieces(n_chunks, nseg, pre_split, expect):
+    """(pieces, chunks a piece, sub-pieces a piece, sub-pieces in all): pieces a multiple of
+    the sub-piece count long, sub-pieces of >= 4 chunks (20-chunk pieces: 5 sub-pieces, not
+    8); one piece, no pre-pass, takes no split."""
+    cfg = dict(SEG=nseg, pre_split=pre_split)
+    got = tss._pieces(1, 16, n_chunks, cfg, torch.device("cpu"))
+    assert got == expect
+    nseg, cps, sub, nsub = got
+    assert cps % sub == 0 and cdiv(n_chunks, cps) == nseg and cdiv(n_chunks, cps // sub) == nsub
+
+
+def test_pre_split_default(monkeypatch):
+    """The 90M model's 2 x 1536 x 32768 scan on 132 SMs: 4 pieces of 384 warps (12 an SM);
+    the pre-pass cuts each piece before (after) the last (first) into PRE_SPLIT = 8
+    sub-pieces of 256 chunks, forward and backward."""
+    monkeypatch.setattr(tss, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    fwd = tss.forward_config(16, 2, 1536, 32768, cuda, input_dtype=torch.bfloat16)
+    bwd = tss.backward_config(16, 2, 1536, cuda)
+    assert tss.PRE_SPLIT == 8
+    for cfg in (fwd, bwd):
+        assert tss._pieces(2, 1536, 8192, cfg, cuda) == (4, 2048, 8, 32)
 
 
 @pytest.mark.parametrize("sms,batch,dim,cap", [
@@ -503,6 +534,29 @@ def test_scan_training_forward_in_chunk_quads(seg, monkeypatch):
         check_scan(*SMALL, length, 16, torch.bfloat16, seed=40 + length, use=("out",),
                    drop=("initial_state",))
     check_scan(*SMALL, 14, 16, torch.float32, seed=41)
+
+
+@pytest.mark.parametrize("pre_pairs,quads,pre_split", [
+    (True, True, 1), (True, True, 2), (True, False, 3), (False, True, 2)])
+def test_forward_pre_pass(pre_pairs, quads, pre_split, monkeypatch):
+    """The forward's pre-pass (each sub-piece's end state from zero and its summed step sizes)
+    in the main kernel's pair / quad loop (PRE) or one chunk at a time
+    (`_scan_fwd_segment_kernel`): 150 steps, 38 chunks in 3 pieces, sub-pieces of 13, 7 or 5
+    chunks, none a whole number of groups (the groups run on past a sub-piece's end, masked).
+    The inference forward at N=16 (4 states a thread) and N=64, and the training forward (its
+    checkpoints give the backward's gradients) at N=16."""
+    for nstate, tile in ((64, {}), (16, dict(NPT=4, KN=4, LD=8))):  # (the overrides pile up)
+        override_scan_config(monkeypatch, SEG=3, quads=quads, quads_ckpt=quads,
+                             pre_pairs=pre_pairs, pre_split=pre_split, **tile)
+        x = make_inputs(*SMALL, 150, nstate, torch.bfloat16, seed=50 + nstate + pre_split)
+        out, last = tss.selective_scan_triton(**x, delta_softplus=True, return_final_state=True)
+        ref, ref_last = selective_scan_ref(**{k: v.double() for k, v in x.items()},
+                                           delta_softplus=True, return_final_state=True)
+        assert rel_err(out, ref) < TOL[torch.bfloat16][0], nstate
+        assert rel_err(last, ref_last) < TOL[torch.float32][0], nstate
+    override_scan_config(monkeypatch, SEG=3, quads=quads, quads_ckpt=quads, pre_pairs=pre_pairs,
+                         pre_split=pre_split, NPT=4, KN=4, LD=8)
+    check_scan(*SMALL, 150, 16, torch.bfloat16, seed=60 + pre_split)
 
 
 @pytest.mark.parametrize("pairs", [True, False], ids=["chunk_pairs", "one_chunk"])

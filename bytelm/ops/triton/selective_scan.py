@@ -110,7 +110,7 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
                    # (NOTES.md, eleventh session): H200, bf16, one chunk -> pairs, 4 x 2048 x
                    # 8192 2.355 -> 2.268 ms, 8 x 1536 x 8192 2.956 -> 2.747, 2 x 1536 x 32768
                    # 3.973 -> 3.817, N=64 8 x 2048 x 2048 3.792 -> 3.458
-                   pairs=True)
+                   pairs=True, pre_split=PRE_SPLIT)
         if block_n == 16:
             # capped at 168 registers (ptxas .maxnreg): 12 one-warp programs an SM, so a
             # short batch cuts its sequence into more pieces (and, with lane_steps, faster than
@@ -166,8 +166,8 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     # SM against the pairs' 16): forward_config sets quads_ckpt where its grid fits at 12.
     # Measured: NOTES.md, twelfth and thirteenth sessions.
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
-    return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pipeline=True,
-                pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=True,
+    return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pre_split=PRE_SPLIT,
+                pipeline=True, pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=True,
                 lane_steps_ckpt=kn <= 4, us_row=False, us_row_ckpt=True, bc_bf16=True, pairs=True,
                 quads=True, quads_ckpt=False)
 
@@ -273,6 +273,32 @@ def segments(batch, dim, n_chunks, cfg, device) -> int:
         return 1
     fit = cfg["warps_per_sm"] * _sm_count(device)
     return max(1, min(fit // _grid_warps(batch, dim, cfg), n_chunks // 16))
+
+
+# Sub-pieces a piece in the pre-pass. H200, bf16, 2 x 1536 x 32768 (4 pieces), training forward
+# (pre-pass in the quad loop) / backward, ms, pre_split 1 / 2 / 3 / 4 / 6 / 8: 1.690 / 1.559 /
+# 1.498 / 1.483 / 1.487 / 1.470 and 3.488 / 3.308 / 3.254 / 3.207 / 3.205 / 3.181 (NOTES.md,
+# fifteenth session). Past one wave of the pre-pass's programs (2 sub-pieces forward, 3
+# backward, by their registers) it still gains: a program's walk is latency-bound.
+PRE_SPLIT = 8
+
+
+def _pieces(batch, dim, n_chunks, cfg, device):
+    """(nseg, cps, sub, nsub): `segments`' pieces of cps chunks, and the pre-pass's finer cut:
+    sub = cfg["pre_split"] sub-pieces a piece (fewer where a sub-piece would be under 4
+    chunks, one group of the quad loop), of cps / sub chunks, nsub in all. The pre-pass runs
+    each sub-piece from zero, each program walking its sub-piece serially: the cut gives it
+    more, shorter walks, and the main pass's programs a longer combination at their start
+    (one exp2 and two loads a sub-piece)."""
+    nseg = segments(batch, dim, n_chunks, cfg, device)
+    if nseg == 1:
+        return 1, n_chunks, 1, 1
+    sub = max(1, min(int(cfg.get("pre_split", 1)), cdiv(n_chunks, nseg) // 4))
+    cps = cdiv(cdiv(n_chunks, nseg), sub) * sub
+    nseg = cdiv(n_chunks, cps)
+    if nseg == 1:
+        return 1, n_chunks, 1, 1
+    return nseg, cps, sub, cdiv(n_chunks, cps // sub)
 
 
 def _grid_warps(batch, dim, cfg) -> int:
@@ -384,39 +410,55 @@ def scan_fwd(u, delta, A, Bp, Cp, D=None, z=None, delta_bias=None, delta_softplu
     nstate = A.shape[1]
     cfg = cfg or forward_config(nstate, batch, dim, length, u.device, input_dtype=u.dtype)
     n_chunks = cdiv(length, cfg["T"])
-    nseg = segments(batch, dim, n_chunks, cfg, u.device)
-    cps = cdiv(n_chunks, nseg)
-    nseg = cdiv(n_chunks, cps)
+    nseg, cps, sub, nsub = _pieces(batch, dim, n_chunks, cfg, u.device)
     f32 = dict(device=u.device, dtype=torch.float32)
     out = _empty(like=u)
     h_last = _empty(batch, dim, nstate, **f32)
     ckpt = (_empty(batch, n_chunks, dim, nstate, device=u.device,
                    dtype=cfg.get("ckpt_dtype", torch.float32)) if store_ckpt else None)
-    hseg = torch.empty(batch, nseg, nstate, dim, **f32)
-    lseg = torch.empty(batch, nseg, dim, **f32)
+    hseg = torch.empty(batch, nsub, nstate, dim, **f32)
+    lseg = torch.empty(batch, nsub, dim, **f32)
     consts = _launch_consts(cfg, delta_softplus, delta_bias,
                             "lane_steps_ckpt" if store_ckpt else "lane_steps")
     grid = (batch, cdiv(dim, cfg["WD"] * cfg["LD"]))
     bias = delta_bias if delta_bias is not None else A
-    if nseg > 1:
-        _scan_fwd_segment_kernel[grid + (nseg - 1,)](
-            u, delta, A, Bp, bias, hseg, lseg, length, dim, nstate, n_chunks, cps, nseg,
-            *_strides(u, z), **consts)
     # chunk pairs (the pipelined loop, one step a lane, KN = T or 2T): see the backward's
     pipeline = cfg.get("pipeline_ckpt" if store_ckpt else "pipeline", True)
     pair = (bool(cfg.get("pairs")) and pipeline and consts["LANE"]
             and cfg["KN"] in (cfg["T"], 2 * cfg["T"]))
+    if nseg > 1:
+        # the pre-pass over the sub-pieces of every piece but the last (all full): the main
+        # kernel's pair loop without outputs where the tile has one (`_fwd_pre_pass`)
+        pre_grid = grid + ((nseg - 1) * sub,)
+        if pair and cfg.get("pre_pairs", True):
+            _fwd_pre_pass(pre_grid, u, delta, A, Bp, bias, hseg, lseg, n_chunks, cps // sub,
+                          nsub, bool(cfg.get("quads")), consts)
+        else:
+            _scan_fwd_segment_kernel[pre_grid](
+                u, delta, A, Bp, bias, hseg, lseg, length, dim, nstate, n_chunks, cps // sub,
+                nsub, *_strides(u, z), **consts)
     _scan_fwd_kernel[grid + (nseg,)](
         u, delta, A, Bp, Cp, D if D is not None else A, z if z is not None else u, bias,
         initial_state if initial_state is not None else h_last, hseg, lseg,
         out, h_last, ckpt if ckpt is not None else h_last,
-        length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z),
+        length, dim, nstate, n_chunks, cps, nseg, sub, nsub, *_strides(u, z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None,
         STORE_CKPT=store_ckpt, PIPELINE=pipeline,
         US_ROW=bool(cfg.get("us_row_ckpt" if store_ckpt else "us_row")), PAIR=pair,
         QUADS=pair and bool(cfg.get("quads_ckpt" if store_ckpt else "quads")),
         **_register_cap(cfg), **consts)
     return out, h_last, ckpt
+
+
+def _fwd_pre_pass(grid, u, delta, A, Bp, bias, hseg, lseg, n_chunks, cps_sub, nsub, quads, consts):
+    """`_scan_fwd_kernel` with PRE: each program's sub-piece end state from zero and summed
+    step sizes into hseg, lseg (the inputs the launch does not read stand in for themselves)."""
+    batch, dim, length = u.shape
+    _scan_fwd_kernel[grid](
+        u, delta, A, Bp, Bp, A, u, bias, hseg, hseg, lseg, u, hseg, hseg,
+        length, dim, A.shape[1], n_chunks, cps_sub, nsub, 1, nsub, *_strides(u, None),
+        HAS_D=False, HAS_Z=False, HAS_H0=False, STORE_CKPT=False, PIPELINE=True, US_ROW=False,
+        PAIR=True, QUADS=quads, PRE=True, **consts)
 
 
 def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chunk, dout, dlast,
@@ -433,9 +475,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     nstate = A.shape[1]
     n_chunks = ckpt.shape[1]
     cfg = dict(cfg or backward_config(nstate, batch, dim, u.device), T=t_chunk)
-    nseg = segments(batch, dim, n_chunks, cfg, u.device)
-    cps = cdiv(n_chunks, nseg)
-    nseg = cdiv(n_chunks, cps)
+    nseg, cps, sub, nsub = _pieces(batch, dim, n_chunks, cfg, u.device)
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = _empty(like=u), _empty(like=delta)
     if z is not None and dz is None:
@@ -449,8 +489,8 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     dD = torch.zeros(dim, **f32) if D is not None else None
     dbias = torch.zeros(dim, **f32) if delta_bias is not None else None
     dh0 = _empty(batch, dim, nstate, **f32) if need_dh0 else None
-    gseg = torch.empty(batch, nseg, nstate, dim, **f32)
-    lseg = torch.empty(batch, nseg, dim, **f32)
+    gseg = torch.empty(batch, nsub, nstate, dim, **f32)
+    lseg = torch.empty(batch, nsub, dim, **f32)
     consts = _launch_consts(cfg, delta_softplus, delta_bias, "lane_steps")
     # bc_prefetch: B and C hinted into L1 that many chunks (pairs) ahead (inline PTX, which the
     # interpreter does not run)
@@ -459,9 +499,11 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
     bias = delta_bias if delta_bias is not None else A
     zz = z if z is not None else u
     if nseg > 1:
-        _scan_bwd_segment_kernel[grid + (nseg - 1,)](
-            delta, A, Cp, zz, bias, dout, gseg, lseg, length, dim, nstate, n_chunks, cps, nseg,
-            *_strides(u, z), *dout.stride(), O_LIKE_U=o_like_u, HAS_Z=z is not None, **consts)
+        # the sub-pieces of every piece but the first (the last may be short)
+        _scan_bwd_segment_kernel[grid + (nsub - sub,)](
+            delta, A, Cp, zz, bias, dout, gseg, lseg, length, dim, nstate, n_chunks, cps // sub,
+            nsub, sub, *_strides(u, z), *dout.stride(), O_LIKE_U=o_like_u, HAS_Z=z is not None,
+            **consts)
     # dB, dC summed over channel lanes by a reduce-scatter (one warp per program, and at least
     # one (state, step) value per lane at the end: T * NPT >= LD)
     rs = (cfg.get("reduce_scatter", True) and cfg["WD"] == 1 and 2 <= cfg["LD"] <= cfg["T"] * cfg["NPT"])
@@ -474,7 +516,8 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         dlast if dlast is not None else A, gseg, lseg,
         du, ddelta, dA, dBp, dCp, dD if dD is not None else dA, dz if dz is not None else du,
         dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
-        length, dim, nstate, n_chunks, cps, nseg, *_strides(u, z), *dout.stride(), O_LIKE_U=o_like_u,
+        length, dim, nstate, n_chunks, cps, nseg, sub, nsub, *_strides(u, z), *dout.stride(),
+        O_LIKE_U=o_like_u,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
         STORE_DH0=need_dh0, RS=rs, LOG_LD=log_ld, RS_ROUNDS=min(cfg.get("rs_rounds", log_ld), log_ld),
         US_ROW=bool(cfg.get("us_row")) and not pair, PAIR=pair,

@@ -303,15 +303,21 @@ def _fwd_step_sizes(dl, bias, m, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, hseg_ptr, lseg_ptr,
     out_ptr, hlast_ptr, ckpt_ptr,
-    L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT,
+    L, DIM, NSTATE, n_chunks, CPS, NSEG, SUB, NSUB, SB, SD, ST, ZB, ZD, ZT,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_CKPT: tl.constexpr, FAST_LOG: tl.constexpr,
     PIPELINE: tl.constexpr, US_ROW: tl.constexpr, PAIR: tl.constexpr, QUADS: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
-    AX_LD: tl.constexpr, LANE: tl.constexpr,
+    AX_LD: tl.constexpr, LANE: tl.constexpr, PRE: tl.constexpr = False,
 ):
     """Program (batch row, channel block, segment): the segment's CPS chunks of T steps.
+    The pre-pass cut the sequence finer, into NSUB sub-segments of CPS / SUB chunks (SUB a
+    segment): this segment starts from the first seg * SUB of them.
+    PRE (chunk pairs or quads only): this launch is that pre-pass, program (batch row, channel
+    block, sub-segment of CPS chunks): the sub-segment's end state from zero and its summed
+    step sizes into hseg, lseg; no C, output, z, D or checkpoints. The pair loop's wide
+    accesses make it cheaper than `_scan_fwd_segment_kernel`'s one chunk at a time.
     LANE (KN % T == 0 only; scan_config: lane_steps, lane_steps_ckpt): the per-(step, channel) work --
     softplus, gate, D, the output -- done once, state lane kn taking step kn of the chunk,
     instead of by every state lane for every step; the step sizes reach the other lanes by
@@ -341,11 +347,12 @@ def _scan_fwd_kernel(
         h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0)
     else:
         h = tl.zeros_like(A2)
-    # the state entering this segment: run the earlier segments' end states (from zero) and
-    # total decays exp(A * sum dt) forward; (batch, segment, state, dim) and (batch, segment, dim)
-    seg_off = tl.max_contiguous(pid_b * NSEG * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
-    for j in range(0, seg):
-        lam = tl.load(lseg_ptr + (pid_b * NSEG + j) * DIM + d + zero_kn, mask=mask_d, other=0.0)
+    # the state entering this segment: run the earlier sub-segments' end states (from zero) and
+    # total decays exp(A * sum dt) forward; (batch, sub-segment, state, dim) and (batch,
+    # sub-segment, dim)
+    seg_off = tl.max_contiguous(pid_b * NSUB * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
+    for j in range(0, 0 if PRE else seg * SUB):
+        lam = tl.load(lseg_ptr + (pid_b * NSUB + j) * DIM + d + zero_kn, mask=mask_d, other=0.0)
         h = tl.exp2(A2 * lam) * h + tl.load(hseg_ptr + seg_off + j * NSTATE * DIM, mask=mask_dn,
                                             other=0.0)
 
@@ -403,6 +410,7 @@ def _scan_fwd_kernel(
         m_p = (st >= lo) & (st < lim) & mask_row
         dtp = _fwd_step_sizes(tl.load(delta_ptr + pc, mask=m_p, other=0.0), bias, m_p, HAS_BIAS,
                               SOFTPLUS, FAST_LOG)
+        lam_p = dtp          # PRE: the summed step sizes (each group's, once)
         if HAS_Z:
             z_cur = tl.load(z_ptr + zrow + (zero64 + c_lo - 1) * TZT + tZp, mask=m_p, other=0.0)
         us_cur = tl.load(u_ptr + pc, mask=m_p, other=0.0)
@@ -425,18 +433,26 @@ def _scan_fwd_kernel(
                 cc = c + half
                 if G == 2:  # (the packed B, C have two chunks of padding)
                     B_nx = tl.load(B_chunk + bc_tile).to(tl.float32)
-                    C_nx = tl.load(C_chunk + bc_tile).to(tl.float32)
+                    if PRE:
+                        C_nx = C_cur
+                    else:
+                        C_nx = tl.load(C_chunk + bc_tile).to(tl.float32)
                 else:  # chunks past those: no-ops, any finite B, C
                     B_nx = tl.load(B_chunk + bc_tile, mask=zero_kn + cc + 1 < n_chunks + 2,
                                    other=0.0).to(tl.float32)
-                    C_nx = tl.load(C_chunk + bc_tile, mask=zero_kn + cc + 1 < n_chunks + 2,
-                                   other=0.0).to(tl.float32)
+                    if PRE:
+                        C_nx = C_cur
+                    else:
+                        C_nx = tl.load(C_chunk + bc_tile, mask=zero_kn + cc + 1 < n_chunks + 2,
+                                       other=0.0).to(tl.float32)
                 B_chunk += BN * T
                 C_chunk += BN * T
                 # chunk cc + 1's step sizes: the group's next chunk, then the next group's first
                 if half == G - 1:
                     dtp = _fwd_step_sizes(dl_nx, bias, m_nx, HAS_BIAS, SOFTPLUS, FAST_LOG)
                     dtup = dtp * us_nx.to(tl.float32)
+                    if PRE:
+                        lam_p += dtp
                 dt_nx = _from_lanes(dtp, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, (half + 1) % G)
                 dtu_nx = _from_lanes(dtup, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD, S, (half + 1) % G)
                 dA_nx = tl.exp2(dt_nx * A2)
@@ -447,29 +463,39 @@ def _scan_fwd_kernel(
                     tl.store(ckpt_ptr + (pid_b * n_chunks + cc) * DIM * NSTATE + ckpt_tile,
                              h.to(ckpt_ptr.dtype.element_ty), mask=mask_dn & in_seg)
                 h, H = _fwd_states(h, dA_cur, dtu_cur * B_cur, t_, T)
-                y_p = tl.reduce(H * C_cur, AX_NPT, _add, keep_dims=True)
-                if half == 0:
-                    y_a = y_p
-                if half == 1:
-                    y_b = y_p
-                if half == 2:
-                    y_c = y_p
+                if not PRE:
+                    y_p = tl.reduce(H * C_cur, AX_NPT, _add, keep_dims=True)
+                    if half == 0:
+                        y_a = y_p
+                    if half == 1:
+                        y_b = y_p
+                    if half == 2:
+                        y_c = y_p
                 B_cur, C_cur, dtu_cur, dA_cur = B_nx, C_nx, dtu_nx, dA_nx
             # the group's outputs
-            if G == 2:
-                y = _pair_sum(y_a, y_p, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
-            else:
-                y = _quad_sum(y_a, y_b, y_c, y_p, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
-            if HAS_D:
-                y = y + Dv * us_cur.to(tl.float32)
-            if HAS_Z:  # y z sigmoid(z); zz * -LOG2E: a negation would cost an FADD
-                zz = z_cur.to(tl.float32)
-                y = y * zz * _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
-            tl.store(out_ptr + pc, y.to(out_ptr.dtype.element_ty), mask=(st >= lo) & (st < lim) & mask_row)
+            if not PRE:
+                if G == 2:
+                    y = _pair_sum(y_a, y_p, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN, AX_LD)
+                else:
+                    y = _quad_sum(y_a, y_b, y_c, y_p, T, WD, KN, LD, ASC, AX_NPT, AX_WD, AX_KN,
+                                  AX_LD)
+                if HAS_D:
+                    y = y + Dv * us_cur.to(tl.float32)
+                if HAS_Z:  # y z sigmoid(z); zz * -LOG2E: a negation would cost an FADD
+                    zz = z_cur.to(tl.float32)
+                    y = y * zz * _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
+                tl.store(out_ptr + pc, y.to(out_ptr.dtype.element_ty),
+                         mask=(st >= lo) & (st < lim) & mask_row)
             dl_nx = dl_nn
             if HAS_Z:
                 z_cur = z_nx
             us_cur = us_nx
+        if PRE:
+            sub_off = tl.max_contiguous((pid_b * NSUB + seg) * NSTATE * DIM + n * DIM + d,
+                                        [1, 1, 1, 1, 1])
+            tl.store(hseg_ptr + sub_off, h, mask=mask_dn)
+            tl.store(lseg_ptr + (pid_b * NSUB + seg) * DIM + d + zero_kn,
+                     _step_sum(lam_p, True, AX_KN), mask=mask_row & (kn_ == 0))
     elif PIPELINE:
         # Software pipeline: while chunk cc's recurrence runs, chunk cc + 1's step sizes and
         # decays (softplus, exp2: independent of the state) are computed, chunk cc + 1's u, z,
@@ -626,7 +652,8 @@ def _scan_fwd_kernel(
                 y = y * zz * _rcp(1.0 + tl.exp2(zz * -LOG2E), FAST_LOG)
             tl.store(out_ptr + os_, y.to(out_ptr.dtype.element_ty), mask=m_s)
 
-    tl.store(hlast_ptr + state_off, h, mask=mask_dn & (zero_kn + seg == NSEG - 1))
+    if not PRE:
+        tl.store(hlast_ptr + state_off, h, mask=mask_dn & (zero_kn + seg == NSEG - 1))
 
 
 @triton.jit
@@ -872,7 +899,7 @@ def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dlast_ptr,
     gseg_ptr, lseg_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
-    L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT, OB, OD, OT,
+    L, DIM, NSTATE, n_chunks, CPS, NSEG, SUB, NSUB, SB, SD, ST, ZB, ZD, ZT, OB, OD, OT,
     O_LIKE_U: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, STORE_DH0: tl.constexpr, FAST_LOG: tl.constexpr,
@@ -882,6 +909,7 @@ def _scan_bwd_kernel(
     LANE: tl.constexpr, US_ROW: tl.constexpr, PAIR: tl.constexpr, BC_PF: tl.constexpr,
 ):
     """Program (batch row, channel block, segment): the segment's chunks, last to first.
+    The pre-pass cut the sequence into NSUB sub-segments, SUB a segment (as the forward's).
     RS (WD == 1 and 2 <= LD <= T * NPT only): dB, dC summed over channels by a lane reduce-scatter
     of RS_ROUNDS <= LOG_LD rounds; the 2 ** (LOG_LD - RS_ROUNDS) lanes then holding partial sums
     of the same (state, step) values add them by atomics.
@@ -920,10 +948,10 @@ def _scan_bwd_kernel(
         g = tl.load(dlast_ptr + state_off, mask=mask_dn, other=0.0)
     else:
         g = tl.zeros_like(A)
-    seg_off = tl.max_contiguous(pid_b * NSEG * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
-    for jj in range(0, NSEG - 1 - seg):
-        j = NSEG - 1 - jj
-        lam = tl.load(lseg_ptr + (pid_b * NSEG + j) * DIM + d + zero_kn, mask=mask_d, other=0.0)
+    seg_off = tl.max_contiguous(pid_b * NSUB * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
+    for jj in range(0, NSUB - (seg + 1) * SUB):
+        j = NSUB - 1 - jj
+        lam = tl.load(lseg_ptr + (pid_b * NSUB + j) * DIM + d + zero_kn, mask=mask_d, other=0.0)
         g = tl.exp2(A2 * lam) * g + tl.load(gseg_ptr + seg_off + j * NSTATE * DIM, mask=mask_dn,
                                             other=0.0)
 
@@ -1192,21 +1220,21 @@ def _bwd_segment_rows(delta_ptr, dout_ptr, z_ptr, row, orow, zrow, c, tS, tO, tZ
 @triton.jit
 def _scan_bwd_segment_kernel(
     delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, gseg_ptr, lseg_ptr,
-    L, DIM, NSTATE, n_chunks, CPS, NSEG, SB, SD, ST, ZB, ZD, ZT, OB, OD, OT,
+    L, DIM, NSTATE, n_chunks, CPS, NSEG, SEG0, SB, SD, ST, ZB, ZD, ZT, OB, OD, OT,
     O_LIKE_U: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_LOG: tl.constexpr,
     T: tl.constexpr, NPT: tl.constexpr, WD: tl.constexpr, KN: tl.constexpr, LD: tl.constexpr,
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
     AX_LD: tl.constexpr, LANE: tl.constexpr, BC_PF: tl.constexpr,
 ):
-    """Program (batch row, channel block, segment >= 1): the gradient its own outputs send to
+    """Program (batch row, channel block, segment >= SEG0): the gradient its own outputs send to
     the state entering it (zero from later steps) and its summed step sizes. LANE, BC_PF: as in
     `_scan_bwd_kernel`."""
     LOG2E: tl.constexpr = 1.4426950408889634
     NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    seg = tl.program_id(2) + 1
+    seg = tl.program_id(2) + SEG0
     t_, np_, wd_, kn_, ld_ = _tile_index(T, NPT, WD, KN, LD, ASC)
     d = pid_d * (WD * LD) + wd_ * LD + ld_
     n = kn_ * NPT + np_
@@ -1237,8 +1265,8 @@ def _scan_bwd_segment_kernel(
     g = tl.zeros_like(A2)
     lam = tl.zeros_like(ts_ + d + zero_kn).to(tl.float32)
     # chunk c - 1's rows and C are loaded while chunk c runs (each iteration used what it had
-    # just loaded before: the loads' whole latency a chunk); segments >= 1 start at chunk >= 1,
-    # so chunk c_lo - 1's C (the last, unused prefetch) is inside the packed tensor
+    # just loaded before: the loads' whole latency a chunk); segments >= SEG0 >= 1 start at
+    # chunk >= 1, so chunk c_lo - 1's C (the last, unused prefetch) is inside the packed tensor
     dl_nx, do_nx, z_nx = _bwd_segment_rows(
         delta_ptr, dout_ptr, z_ptr, row, orow, zrow, zero64 + c_hi - 1, tS, tO, tZ, TST, TOT, TZT,
         ((c_hi - 1) * T + ts_ < L) & mask_row & own, O_LIKE_U, HAS_Z)
