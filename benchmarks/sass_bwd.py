@@ -8,11 +8,14 @@ is read with the wheel's cuobjdump.
 
 --fwd adds the forward with checkpoints (the training forward) in both its loops (fwd-pipelined,
 fwd-one-chunk; scan_config's pipeline_ckpt picks one per N), without them (fwd-infer) and the
-forward's segment pre-pass (fwd-seg, launched when the sequence is cut into pieces) and, at
-N=16, the training forward capped at 168 registers (fwd-capped: forward_config's short batches
-until the thirteenth session) and with 4 states a thread in chunk pairs (fwd-npt4) and quads
-(fwd-npt4-quads: forward_config's launches that fit at 12 warps an SM, and short batches). stg_kinds /
-ldg_kinds: the main loop's global stores / loads by width (U16: 2 bytes, 32: 4, 64, 128 bits).
+forward's one-chunk pre-pass (fwd-infer-seg, `_scan_fwd_segment_kernel`: launched when the
+sequence is cut into pieces and the tile has no chunk pairs) and, at N=16, the training forward
+capped at 168 registers (fwd-capped: forward_config's short batches until the thirteenth
+session), with 4 states a thread in chunk pairs (fwd-npt4) and quads (fwd-npt4-quads:
+forward_config's launches that fit at 12 warps an SM, and short batches), and that tile's
+pre-pass in quads (fwd-npt4-quads-pieces-pre: `_scan_fwd_kernel` with PRE); and the backward's
+pre-pass (bwd-seg). stg_kinds / ldg_kinds: the main loop's global stores / loads by width (U16:
+2 bytes, 32: 4, 64, 128 bits).
 """
 import argparse, os, re, subprocess, tempfile
 
@@ -86,7 +89,7 @@ def sass_stats(k):
 def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=None, bwd_over=None,
             bc_bf16=False):
     """Run scan_fwd / scan_bwd on CPU tensors shaped like the mixer's (channel-major storage)
-    with the kernels stubbed; returns the captured launches. ckpt_dtype overrides the
+    with the kernels stubbed; returns the captured launches by label. ckpt_dtype overrides the
     checkpoints' dtype (default: scan_config's for the mixer's bf16 inputs). The backward is
     captured as scan_bwd picks it for this shape (cfg_bwd None: backward_config; CPU tensors,
     so one piece, scan_config's cap) and, where scan_config has a register cap, at
@@ -111,39 +114,52 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
     Bp, Cp = S.pack_bc(B, cfg), S.pack_bc(C, cfg)
     n_chunks = triton.cdiv(length, cfg["T"])
     ckpt = torch.zeros(batch, n_chunks, dim, nstate, dtype=cfg["ckpt_dtype"])
-    S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=False, cfg=dict(cfg, SEG=2))
-    for pipe in (True, False):  # the training forward in both loops
-        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
-                   cfg=dict(cfg, pipeline_ckpt=pipe))
+    named = {}  # label -> (kernel, captured launch)
+
+    def forward(label, store_ckpt, c):
+        """scan_fwd's launches as `label` (its main kernel, the last launch), `label`-pre (the
+        pre-pass as the main kernel with PRE) and `label`-seg (the one-chunk pre-pass)."""
+        n0, s0 = len(fwd.calls), len(seg.calls)
+        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=store_ckpt, cfg=c)
+        named[label] = (K._scan_fwd_kernel, fwd.calls[-1])
+        if len(fwd.calls) - n0 > 1:
+            named[label + "-pre"] = (K._scan_fwd_kernel, fwd.calls[n0])
+        if len(seg.calls) > s0:
+            named[label + "-seg"] = (K._scan_fwd_segment_kernel, seg.calls[s0])
+
+    # the inference forward in 2 pieces, its pre-pass one chunk at a time
+    forward("fwd-infer", False, dict(cfg, SEG=2, pre_split=1, pre_pairs=False))
+    forward("fwd-pipelined", True, dict(cfg, pipeline_ckpt=True))   # the training forward's
+    forward("fwd-one-chunk", True, dict(cfg, pipeline_ckpt=False))  # two loops
     capped = S.scan_config(nstate, backward=True)
     if capped.get("maxnreg"):  # the training forward with the backward's register cap, as
         # forward_config ran it for short batches until the thirteenth session
-        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
-                   cfg=dict(cfg, maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"]))
+        forward("fwd-capped", True,
+                dict(cfg, maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"]))
     if (cfg["NPT"], cfg["KN"]) == (8, 2):  # forward_config's NPT 4 tile (one-piece launches),
-        # the training forward with its per-(step, channel) work one step a lane
-        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
-                   cfg=dict(cfg, NPT=4, KN=4, LD=8))
-        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=False,  # and inference
-                   cfg=dict(cfg, NPT=4, KN=4, LD=8))
-        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,  # training, quads
-                   cfg=dict(cfg, NPT=4, KN=4, LD=8, quads_ckpt=True))
-        S.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,  # its pre-pass
-                   cfg=dict(cfg, NPT=4, KN=4, LD=8, quads_ckpt=True, SEG=2, pre_split=1))
+        # the training forward with its per-(step, channel) work one step a lane; inference;
+        # training in quads, and in 2 pieces: its pre-pass in quads (PRE)
+        forward("fwd-npt4", True, dict(cfg, NPT=4, KN=4, LD=8))
+        forward("fwd-npt4-infer", False, dict(cfg, NPT=4, KN=4, LD=8))
+        forward("fwd-npt4-quads", True, dict(cfg, NPT=4, KN=4, LD=8, quads_ckpt=True))
+        forward("fwd-npt4-quads-pieces", True,
+                dict(cfg, NPT=4, KN=4, LD=8, quads_ckpt=True, SEG=2, pre_split=1))
     bwd_over = bwd_over or {}
     # cfg None: scan_bwd picks backward_config (on CPU tensors, scan_config's cap)
     bwd_cfgs = [cfg_bwd if cfg_bwd is not None else (dict(capped, **bwd_over) if bwd_over else None)]
     if cfg_bwd is None and capped.get("maxnreg"):
         bwd_cfgs.append(dict(dict(capped, maxnreg=128, warps_per_sm=16, pairs=False), **bwd_over))  # as backward_config (its uncapped case: --bwd maxnreg=0)
-    for c in bwd_cfgs:
+    for label, c in zip(("bwd", "bwd-cap128"), bwd_cfgs):
         S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False, cfg=c)
+        named[label] = (K._scan_bwd_kernel, bwd.calls[-1])
     # the backward's pre-pass (its segment kernel), as launched with scan_config's tile
     S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False,
                cfg=dict(capped, SEG=2))
+    named["bwd-seg"] = (K._scan_bwd_segment_kernel, bseg.calls[-1])
     S._scan_fwd_kernel, S._scan_bwd_kernel = K._scan_fwd_kernel, K._scan_bwd_kernel
     S._scan_fwd_segment_kernel = K._scan_fwd_segment_kernel
     S._scan_bwd_segment_kernel = K._scan_bwd_segment_kernel
-    return fwd.calls, bwd.calls, seg.calls + bseg.calls
+    return named
 
 
 def main():
@@ -162,26 +178,13 @@ def main():
     S.tie_order_ascending = lambda: asc
     for nstate in args.nstate:
         over = {k: int(v) for k, v in (kv.split("=") for kv in args.bwd)}
-        fcalls, bcalls, scalls = capture(nstate, ckpt_dtype=ckpt_dtype, bwd_over=over, bc_bf16=args.bc_bf16)
-        todo = [("bwd", K._scan_bwd_kernel, bcalls[0])]
-        if len(bcalls) > 1:
-            todo.append(("bwd-cap128", K._scan_bwd_kernel, bcalls[1]))
+        named = capture(nstate, ckpt_dtype=ckpt_dtype, bwd_over=over, bc_bf16=args.bc_bf16)
+        order = ["bwd", "bwd-cap128"]
         if args.fwd:
-            todo += [("fwd-pipelined", K._scan_fwd_kernel, fcalls[1]),
-                     ("fwd-one-chunk", K._scan_fwd_kernel, fcalls[2]),
-                     ("fwd-infer", K._scan_fwd_kernel, fcalls[0]),
-                     ("fwd-seg", K._scan_fwd_segment_kernel, scalls[0])]
-            if len(fcalls) > 3 and fcalls[3][2].get("maxnreg"):
-                todo.append(("fwd-capped", K._scan_fwd_kernel, fcalls[3]))
-            if fcalls[-1][2]["NPT"] == 4 and fcalls[-1][2]["KN"] == 4:
-                # the last four launches: npt4, npt4-infer, npt4-quads, then the pre-pass in
-                # quads (PRE) ahead of a second npt4-quads
-                todo.append(("fwd-npt4", K._scan_fwd_kernel, fcalls[-5]))
-                todo.append(("fwd-npt4-infer", K._scan_fwd_kernel, fcalls[-4]))
-                todo.append(("fwd-npt4-quads", K._scan_fwd_kernel, fcalls[-3]))
-                assert fcalls[-2][2]["PRE"]
-                todo.append(("fwd-npt4-pre", K._scan_fwd_kernel, fcalls[-2]))
-            todo.append(("bwd-seg", K._scan_bwd_segment_kernel, scalls[-1]))
+            order += ["fwd-pipelined", "fwd-one-chunk", "fwd-infer", "fwd-infer-seg", "fwd-capped",
+                      "fwd-npt4", "fwd-npt4-infer", "fwd-npt4-quads", "fwd-npt4-quads-pieces-pre",
+                      "bwd-seg"]
+        todo = [(name, *named[name]) for name in order if name in named]
         for name, fn, (grid, a, kw) in todo:
             kw = dict(kw); kw["FAST_LOG"] = True
             k = compile_captured(fn, a, kw)

@@ -163,7 +163,9 @@ def test_scan_in_segments(nseg, pre_split, monkeypatch):
     """Long sequences are cut into pieces run side by side (end states from zero, then the
     true start states): the results must not change. pre_split: the pre-pass cuts each piece
     into that many sub-pieces (150 steps, 38 chunks, 3 pieces: sub-pieces of 7 chunks, the last
-    of 3; of 5 at pre_split 3, where the last piece has 2 sub-pieces, not 3)."""
+    of 3; of 5 at pre_split 3, where the last piece has 2 sub-pieces, not 3). scan_config's
+    tile (no chunk pairs here: the forward's pre-pass one chunk at a time; PRE:
+    test_forward_pre_pass); the 70-step case's pieces are too short to split."""
     override_scan_config(monkeypatch, SEG=nseg, pre_split=pre_split)
     check_scan(*SMALL, 150, 16, torch.float32, seed=nseg)
     check_scan(*SMALL, 70, 4, torch.bfloat16, seed=nseg + 1, drop=("initial_state",))
@@ -186,15 +188,18 @@ def test_pieces(n_chunks, nseg, pre_split, expect):
 
 def test_pre_split_default(monkeypatch):
     """The 90M model's 2 x 1536 x 32768 scan on 132 SMs: 4 pieces of 384 warps (12 an SM);
-    the pre-pass cuts each piece before (after) the last (first) into PRE_SPLIT = 8
-    sub-pieces of 256 chunks, forward and backward."""
+    the pre-pass cuts each piece into PRE_SPLIT sub-pieces, forward and backward. At batch 1,
+    8 pieces: fewer sub-pieces a piece, 32 // 8, so that a program combines <= 28 at its start."""
     monkeypatch.setattr(tss, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    fwd = tss.forward_config(16, 2, 1536, 32768, cuda, input_dtype=torch.bfloat16)
-    bwd = tss.backward_config(16, 2, 1536, cuda)
-    assert tss.PRE_SPLIT == 8
-    for cfg in (fwd, bwd):
-        assert tss._pieces(2, 1536, 8192, cfg, cuda) == (4, 2048, 8, 32)
+    sub = tss.PRE_SPLIT
+    assert 1 < sub <= 8 and 2048 % sub == 0
+    for batch, pieces, split in ((2, 4, sub), (1, 8, min(sub, 4))):
+        fwd = tss.forward_config(16, batch, 1536, 32768, cuda, input_dtype=torch.bfloat16)
+        bwd = tss.backward_config(16, batch, 1536, cuda)
+        for cfg in (fwd, bwd):
+            cps = 8192 // pieces
+            assert tss._pieces(batch, 1536, 8192, cfg, cuda) == (pieces, cps, split, pieces * split)
 
 
 @pytest.mark.parametrize("sms,batch,dim,cap", [
@@ -536,17 +541,20 @@ def test_scan_training_forward_in_chunk_quads(seg, monkeypatch):
     check_scan(*SMALL, 14, 16, torch.float32, seed=41)
 
 
-@pytest.mark.parametrize("pre_pairs,quads,pre_split", [
-    (True, True, 1), (True, True, 2), (True, False, 3), (False, True, 2)])
-def test_forward_pre_pass(pre_pairs, quads, pre_split, monkeypatch):
+@pytest.mark.parametrize("pre_pairs,quads,nseg,pre_split", [
+    (True, True, 3, 1), (True, True, 3, 3), (True, True, 3, 2), (True, False, 4, 1),
+    (True, False, 3, 2), (False, True, 3, 2)])
+def test_forward_pre_pass(pre_pairs, quads, nseg, pre_split, monkeypatch):
     """The forward's pre-pass (each sub-piece's end state from zero and its summed step sizes)
     in the main kernel's pair / quad loop (PRE) or one chunk at a time
-    (`_scan_fwd_segment_kernel`): 150 steps, 38 chunks in 3 pieces, sub-pieces of 13, 7 or 5
-    chunks, none a whole number of groups (the groups run on past a sub-piece's end, masked).
-    The inference forward at N=16 (4 states a thread) and N=64, and the training forward (its
-    checkpoints give the backward's gradients) at N=16."""
+    (`_scan_fwd_segment_kernel`): 150 steps, 38 chunks in 3 or 4 pieces, sub-pieces of 13, 5,
+    7 or 10 chunks. With the warm-up chunk a sub-piece's walk is one chunk longer: 14 and 6
+    chunks in quads and 11 in pairs run a group on past the sub-piece's end (masked), 8 in
+    quads and pairs end on a whole group. The inference forward at N=16 (4 states a thread)
+    and N=64, and the training forward (its checkpoints give the backward's gradients) at
+    N=16."""
     for nstate, tile in ((64, {}), (16, dict(NPT=4, KN=4, LD=8))):  # (the overrides pile up)
-        override_scan_config(monkeypatch, SEG=3, quads=quads, quads_ckpt=quads,
+        override_scan_config(monkeypatch, SEG=nseg, quads=quads, quads_ckpt=quads,
                              pre_pairs=pre_pairs, pre_split=pre_split, **tile)
         x = make_inputs(*SMALL, 150, nstate, torch.bfloat16, seed=50 + nstate + pre_split)
         out, last = tss.selective_scan_triton(**x, delta_softplus=True, return_final_state=True)
@@ -554,8 +562,8 @@ def test_forward_pre_pass(pre_pairs, quads, pre_split, monkeypatch):
                                            delta_softplus=True, return_final_state=True)
         assert rel_err(out, ref) < TOL[torch.bfloat16][0], nstate
         assert rel_err(last, ref_last) < TOL[torch.float32][0], nstate
-    override_scan_config(monkeypatch, SEG=3, quads=quads, quads_ckpt=quads, pre_pairs=pre_pairs,
-                         pre_split=pre_split, NPT=4, KN=4, LD=8)
+    override_scan_config(monkeypatch, SEG=nseg, quads=quads, quads_ckpt=quads,
+                         pre_pairs=pre_pairs, pre_split=pre_split, NPT=4, KN=4, LD=8)
     check_scan(*SMALL, 150, 16, torch.bfloat16, seed=60 + pre_split)
 
 

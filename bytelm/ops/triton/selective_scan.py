@@ -39,9 +39,11 @@ thread's NPT states of a channel are adjacent, one 16-byte store a chunk in bf16
 reloads it, recomputes the chunk's states, walks the chunk in reverse for dh, sums dB and dC over
 its channels before one atomic add per (state, step) per program. Nothing of size (batch, dim,
 length, state) is stored. With few (batch, channel-block) programs the sequence is cut into
-pieces run side by side (`segments`): a first pass finds each piece's end state from zero (or,
-backward, the gradient it sends to its start) and the summed step sizes, and each piece starts
-from the combination of the pieces before (after) it.
+pieces run side by side (`segments`): a first pass finds the end state from zero (or, backward,
+the gradient sent to the start) and the summed step sizes of sub-pieces of them (`_pieces`: more,
+shorter walks for this lighter pass), and each piece starts from the combination of the
+sub-pieces before (after) it. The forward's first pass is the main kernel's chunk pair or quad
+loop with its outputs off (PRE) where the tile has one (scan_config's pre_pairs: on by default).
 """
 
 from __future__ import annotations
@@ -165,11 +167,15 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     # registers (96, sm_90, triton 3.6); the training forward in quads takes 158 (12 warps an
     # SM against the pairs' 16): forward_config sets quads_ckpt where its grid fits at 12.
     # Measured: NOTES.md, twelfth and thirteenth sessions.
+    # pre_pairs: the pre-pass of a sequence in pieces as the pair / quad loop with outputs off
+    # (PRE; quads as `quads` says) where this launch's loop is one, else one chunk at a time
+    # (_scan_fwd_segment_kernel). H200, 2 x 1536 x 32768, 4 sub-pieces a piece, training forward
+    # 1.542 -> 1.483 ms (NOTES.md, fifteenth session).
     ckpt_dtype = torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float32
     return dict(T=4, NPT=npt, KN=kn, LD=32 // kn, WD=2, warps_per_sm=8, pre_split=PRE_SPLIT,
-                pipeline=True, pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype, lane_steps=True,
-                lane_steps_ckpt=kn <= 4, us_row=False, us_row_ckpt=True, bc_bf16=True, pairs=True,
-                quads=True, quads_ckpt=False)
+                pre_pairs=True, pipeline=True, pipeline_ckpt=block_n <= 16, ckpt_dtype=ckpt_dtype,
+                lane_steps=True, lane_steps_ckpt=kn <= 4, us_row=False, us_row_ckpt=True,
+                bc_bf16=True, pairs=True, quads=True, quads_ckpt=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -293,7 +299,9 @@ def _pieces(batch, dim, n_chunks, cfg, device):
     nseg = segments(batch, dim, n_chunks, cfg, device)
     if nseg == 1:
         return 1, n_chunks, 1, 1
-    sub = max(1, min(int(cfg.get("pre_split", 1)), cdiv(n_chunks, nseg) // 4))
+    # the main pass's programs combine up to (nseg - 1) sub sub-pieces, a serial chain of
+    # loads: kept to ~32 (many pieces, e.g. batch 1; not measured beyond 4 pieces)
+    sub = max(1, min(int(cfg.get("pre_split", 1)), cdiv(n_chunks, nseg) // 4, 32 // nseg))
     cps = cdiv(cdiv(n_chunks, nseg), sub) * sub
     nseg = cdiv(n_chunks, cps)
     if nseg == 1:
@@ -516,7 +524,7 @@ def scan_bwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, ckpt, t_chun
         dlast if dlast is not None else A, gseg, lseg,
         du, ddelta, dA, dBp, dCp, dD if dD is not None else dA, dz if dz is not None else du,
         dbias if dbias is not None else dA, dh0 if dh0 is not None else dA,
-        length, dim, nstate, n_chunks, cps, nseg, sub, nsub, *_strides(u, z), *dout.stride(),
+        length, dim, nstate, n_chunks, cps, sub, nsub, *_strides(u, z), *dout.stride(),
         O_LIKE_U=o_like_u,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
         STORE_DH0=need_dh0, RS=rs, LOG_LD=log_ld, RS_ROUNDS=min(cfg.get("rs_rounds", log_ld), log_ld),

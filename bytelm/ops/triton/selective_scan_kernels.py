@@ -323,6 +323,7 @@ def _scan_fwd_kernel(
     instead of by every state lane for every step; the step sizes reach the other lanes by
     shuffles (`_from_lanes`)."""
     LOG2E: tl.constexpr = 1.4426950408889634
+    tl.static_assert(PAIR or not PRE)   # the pre-pass runs the pair / quad loop alone
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     seg = tl.program_id(2)
@@ -665,8 +666,10 @@ def _scan_fwd_segment_kernel(
     ASC: tl.constexpr, AX_NPT: tl.constexpr, AX_WD: tl.constexpr, AX_KN: tl.constexpr,
     AX_LD: tl.constexpr, LANE: tl.constexpr,
 ):
-    """Program (batch row, channel block, segment < NSEG - 1): the segment's end state from a
+    """Program (batch row, channel block, sub-segment): the sub-segment's end state from a
     zero start and its summed step sizes, so that later segments can start without waiting.
+    Launched for the sub-segments of every segment but the last (all CPS chunks long); NSEG:
+    the number of sub-segments (hseg, lseg's second dim).
     LANE: as in `_scan_fwd_kernel`."""
     LOG2E: tl.constexpr = 1.4426950408889634
     NEG0 = tl.full([1], -2147483648, tl.int32).to(tl.float32, bitcast=True)   # -0.0
@@ -899,7 +902,7 @@ def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr, dlast_ptr,
     gseg_ptr, lseg_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
-    L, DIM, NSTATE, n_chunks, CPS, NSEG, SUB, NSUB, SB, SD, ST, ZB, ZD, ZT, OB, OD, OT,
+    L, DIM, NSTATE, n_chunks, CPS, SUB, NSUB, SB, SD, ST, ZB, ZD, ZT, OB, OD, OT,
     O_LIKE_U: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, STORE_DH0: tl.constexpr, FAST_LOG: tl.constexpr,
