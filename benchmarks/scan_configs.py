@@ -5,6 +5,7 @@ session): one line per shape.
 
     python benchmarks/scan_configs.py --label bc_fp32 --shapes 0,1,4 --fwd '{"bc_bf16": false}'
     python benchmarks/scan_configs.py --label us_row --bwd '{"us_row": true}'
+    python benchmarks/scan_configs.py --shapes 4 --shape 6,1936,8192,16 --dout like-u
 
 --fwd overrides forward_config (and so B and C's packing, which the backward reads too);
 --bwd overrides backward_config. Shapes index benchmarks/scan.py's SHAPES; inputs are laid out
@@ -23,6 +24,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--label", default="default")
     ap.add_argument("--shapes", default="0,1,4,5,2", help="comma-separated indices into scan.py's SHAPES")
+    ap.add_argument("--shape", action="append", default=[], metavar="B,D,L,N",
+                    help="a shape of your own (batch, channels, length, state), after --shapes; repeatable")
     ap.add_argument("--fwd", default="{}", help="JSON overrides of forward_config")
     ap.add_argument("--bwd", default="{}", help="JSON overrides of backward_config")
     ap.add_argument("--dout", choices=["contiguous", "like-u"], default="contiguous",
@@ -30,8 +33,9 @@ def main():
                          "like u (the mixer's: the backward's O_LIKE_U variant)")
     args = ap.parse_args()
     over_f, over_b = json.loads(args.fwd), json.loads(args.bwd)
-    for i in (int(i) for i in args.shapes.split(",")):
-        b, d, l, n = SHAPES[i]
+    shapes = [SHAPES[int(i)] for i in args.shapes.split(",") if i] + \
+        [tuple(int(v) for v in s.split(",")) for s in args.shape]
+    for i, (b, d, l, n) in enumerate(shapes):
         x = make_inputs(b, d, l, n, seed=i, layout="channel-major")
         dout = torch.randn(b, d, l, device="cuda", dtype=torch.bfloat16)
         if args.dout == "like-u":
