@@ -195,7 +195,7 @@ def tune(x, dout, n):
     bwd = lambda cfg, ck=ckpt: tss.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ck,  # noqa: E731
                                             base_f["T"], dout, None, False, cfg=cfg)
     ref_grads = bwd(dict(base_b, SEG=1))
-    def nseg(cfg):  # pieces as launched, and the pre-pass's sub-pieces a piece
+    def pieces(cfg):  # pieces as launched, and the pre-pass's sub-pieces a piece
         n, _, sub, _ = tss._pieces(u.shape[0], u.shape[1], ckpt.shape[1], cfg, u.device)
         return f"{n} x {sub}" if n > 1 else "1"
 
@@ -223,7 +223,7 @@ def tune(x, dout, n):
         # the training forward also writes the chunk checkpoints: time both
         ms = [bench(lambda: tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=ck, cfg=cfg))
               for ck in (False, True)]
-        lines.append(f"  fwd {cfg} ({nseg(cfg)} pieces x sub-pieces): {ms[0]:.3f} ms, {ms[1]:.3f} ms with checkpoints")
+        lines.append(f"  fwd {cfg} ({pieces(cfg)} pieces x sub-pieces): {ms[0]:.3f} ms, {ms[1]:.3f} ms with checkpoints")
     variants = [base_b, dict(base_b, SEG=1), dict(base_b, SEG=2), dict(base_b, SEG=4),
                 dict(base_b, reduce_scatter=False)]  # dB/dC by a full butterfly per value
     if base_b.get("maxnreg"):  # without the register cap (8 warps an SM)
@@ -251,13 +251,13 @@ def tune(x, dout, n):
         else:
             f = lambda: bwd(cfg)  # noqa: E731
             err = max(rel_err(a, b) for a, b in zip(f()[:5], ref_grads[:5]))
-        lines.append(f"  bwd {cfg} ({nseg(cfg)} pieces x sub-pieces): {bench(f):.3f} ms (max rel diff {err:.1e})")
+        lines.append(f"  bwd {cfg} ({pieces(cfg)} pieces x sub-pieces): {bench(f):.3f} ms (max rel diff {err:.1e})")
     # the default backward reading fp32 checkpoints (bf16 inputs' default until bf16 ones)
     ckpt32 = tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True,
                           cfg=dict(base_f, ckpt_dtype=torch.float32))[2]
     f = lambda: bwd(base_b, ckpt32)  # noqa: E731
     err = max(rel_err(a, b) for a, b in zip(f()[:5], ref_grads[:5]))
-    lines.append(f"  bwd {base_b} ({nseg(base_b)} pieces x sub-pieces) on fp32 checkpoints: {bench(f):.3f} ms "
+    lines.append(f"  bwd {base_b} ({pieces(base_b)} pieces x sub-pieces) on fp32 checkpoints: {bench(f):.3f} ms "
                  f"(max rel diff {err:.1e})")
     print("\n".join(lines), flush=True)
     return lines

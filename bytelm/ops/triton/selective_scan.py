@@ -302,11 +302,9 @@ def _pieces(batch, dim, n_chunks, cfg, device):
     # the main pass's programs combine up to (nseg - 1) sub sub-pieces, a serial chain of
     # loads: kept to ~32 (many pieces, e.g. batch 1; not measured beyond 4 pieces)
     sub = max(1, min(int(cfg.get("pre_split", 1)), cdiv(n_chunks, nseg) // 4, 32 // nseg))
+    # cps < n_chunks still (sub <= a piece / 4): rounding up never leaves one piece
     cps = cdiv(cdiv(n_chunks, nseg), sub) * sub
-    nseg = cdiv(n_chunks, cps)
-    if nseg == 1:
-        return 1, n_chunks, 1, 1
-    return nseg, cps, sub, cdiv(n_chunks, cps // sub)
+    return cdiv(n_chunks, cps), cps, sub, cdiv(n_chunks, cps // sub)
 
 
 def _grid_warps(batch, dim, cfg) -> int:

@@ -245,6 +245,19 @@ def _fwd_states(h, dA, dBu, t_, T: tl.constexpr):
 
 
 @triton.jit
+def _store_piece(state_ptr, lam_ptr, slot, h, lam, n, d, kn_, mask_dn, mask_row, NSTATE, DIM,
+                 LANE: tl.constexpr, AX_KN: tl.constexpr):
+    """A pre-pass program's results for its (batch row, sub-segment) `slot`: the state (or,
+    backward, the state's gradient) h into (batch, sub-segment, state, dim) and the summed step
+    sizes lam (`_step_sum`) into (batch, sub-segment, dim), what the main kernels' combination
+    loops read."""
+    off = tl.max_contiguous(slot * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
+    tl.store(state_ptr + off, h, mask=mask_dn)
+    tl.store(lam_ptr + slot * DIM + d + kn_ * 0, _step_sum(lam, LANE, AX_KN),
+             mask=mask_row & (kn_ == 0))
+
+
+@triton.jit
 def _own_step(x, t_, ts_, T: tl.constexpr):
     """x (a row tile: its T steps in-thread) at each lane's own step ts_ (`_lane_steps`, LANE):
     register reads and T - 1 selects. Replaces a second load of the row one step a lane, whose
@@ -492,11 +505,8 @@ def _scan_fwd_kernel(
                 z_cur = z_nx
             us_cur = us_nx
         if PRE:
-            sub_off = tl.max_contiguous((pid_b * NSUB + seg) * NSTATE * DIM + n * DIM + d,
-                                        [1, 1, 1, 1, 1])
-            tl.store(hseg_ptr + sub_off, h, mask=mask_dn)
-            tl.store(lseg_ptr + (pid_b * NSUB + seg) * DIM + d + zero_kn,
-                     _step_sum(lam_p, True, AX_KN), mask=mask_row & (kn_ == 0))
+            _store_piece(hseg_ptr, lseg_ptr, pid_b * NSUB + seg, h, lam_p, n, d, kn_, mask_dn,
+                         mask_row, NSTATE, DIM, True, AX_KN)
     elif PIPELINE:
         # Software pipeline: while chunk cc's recurrence runs, chunk cc + 1's step sizes and
         # decays (softplus, exp2: independent of the state) are computed, chunk cc + 1's u, z,
@@ -738,10 +748,8 @@ def _scan_fwd_segment_kernel(
                 h = (tl.reduce(tl.where(at_k, dA_cur, NEG0), 0, _add, keep_dims=True) * h
                      + tl.reduce(tl.where(at_k, dBu, NEG0), 0, _add, keep_dims=True))
             u_cur, B_cur, dt_cur, dA_cur, dl_nx = u_nx, B_nx, dt_nx, dA_nx, dl_nn
-    seg_off = tl.max_contiguous((pid_b * NSEG + seg) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
-    tl.store(hseg_ptr + seg_off, h, mask=mask_dn)
-    tl.store(lseg_ptr + (pid_b * NSEG + seg) * DIM + d + zero_kn, _step_sum(lam, LANE, AX_KN),
-             mask=mask_row & (kn_ == 0))
+    _store_piece(hseg_ptr, lseg_ptr, pid_b * NSEG + seg, h, lam, n, d, kn_, mask_dn, mask_row,
+                 NSTATE, DIM, LANE, AX_KN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1306,10 +1314,8 @@ def _scan_bwd_segment_kernel(
             at_k = t_ == k
             g = tl.reduce(tl.where(at_k, dA, NEG0), 0, _add, keep_dims=True) * (
                 g + tl.reduce(tl.where(at_k, x, NEG0), 0, _add, keep_dims=True))
-    seg_off = tl.max_contiguous((pid_b * NSEG + seg) * NSTATE * DIM + n * DIM + d, [1, 1, 1, 1, 1])
-    tl.store(gseg_ptr + seg_off, g, mask=mask_dn)
-    tl.store(lseg_ptr + (pid_b * NSEG + seg) * DIM + d + zero_kn, _step_sum(lam, LANE, AX_KN),
-             mask=mask_row & (kn_ == 0))
+    _store_piece(gseg_ptr, lseg_ptr, pid_b * NSEG + seg, g, lam, n, d, kn_, mask_dn, mask_row,
+                 NSTATE, DIM, LANE, AX_KN)
 
 
 # --------------------------------------------------------------------------------------------
