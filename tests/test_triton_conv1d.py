@@ -154,6 +154,30 @@ def test_conv_small_tiles_and_several_tiles_per_program(tile, monkeypatch):
         check_conv(x, w, b, "silu")
 
 
+@pytest.mark.parametrize("tile", [None, dict(NV=2, BLOCK_D=2, ITERS=3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_conv_backward_sums_a_second_output_gradient(dtype, tile):
+    """conv_bwd(dout2=...): the output feeds two ops (the mixer's scan and x_proj) and their
+    gradients are summed as they are read: the gradients of dout + dout2 (fp32 sum), one
+    channel-major, the other contiguous, across tile edges; a shape mismatch is refused."""
+    batch, dim = SMALL
+    length = 45
+    x, w, b = make_inputs(batch, dim, length, 4, dtype, seed=11)
+    g = torch.Generator().manual_seed(12)
+    dout = torch.randn(dim, batch, length, generator=g).to(dtype).to(DEVICE).transpose(0, 1)
+    dout2 = torch.randn(batch, dim, length, generator=g).to(dtype).to(DEVICE)
+    cfg = None if tile is None else dict(tc.conv_config(x, 4), **tile)
+    dx, dw, db = tc.conv_bwd(x, w, b, dout, silu=True, cfg=cfg, dout2=dout2)
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = (t.detach().double().requires_grad_() for t in (w, b))
+    ref = causal_conv1d_ref(x64, w64, b64, "silu")
+    refs = torch.autograd.grad(ref, (x64, w64, b64), dout.double() + dout2.double())
+    for got, want in zip((dx, dw, db), refs):
+        assert rel_err(got, want) < TOL[dtype], rel_err(got, want)
+    with pytest.raises(ValueError, match="dout2"):
+        tc.conv_bwd(x, w, b, dout, silu=True, dout2=dout2[:, :, :-1])
+
+
 @pytest.mark.parametrize("width", [1, 5, 8])
 def test_conv_other_widths(width):
     x, w, b = make_inputs(*SMALL, 45, width, torch.float32, seed=width)

@@ -110,15 +110,17 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_bwd_kernel(
-    x_ptr, w_ptr, b_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr,
-    DIM, L, ITERS, sxb, sxd, sxl, sgb, sgd, sgl, sdb, sdd, swd, swk,
+    x_ptr, w_ptr, b_ptr, g_ptr, g2_ptr, dx_ptr, dw_ptr, db_ptr,
+    DIM, L, ITERS, sxb, sxd, sxl, sgb, sgd, sgl, sg2b, sg2d, sdb, sdd, swd, swk,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, FAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, NV: tl.constexpr, V: tl.constexpr, KP: tl.constexpr,
+    HAS_G2: tl.constexpr, BLOCK_D: tl.constexpr, NV: tl.constexpr, V: tl.constexpr,
+    KP: tl.constexpr,
 ):
     """Program (length segment, channel block, batch row): dx over ITERS tiles of
     (BLOCK_D, NV * V) steps, and the segment's sums of dweight (DIM, W) and dbias (DIM,) at
-    row (batch row, segment) of dw_ptr / db_ptr. g_ptr is the upstream gradient dout. x and
-    dout are length-contiguous here (the wrapper sees to it): steps are shifted in registers."""
+    row (batch row, segment) of dw_ptr / db_ptr. g_ptr is the upstream gradient dout, plus
+    g2_ptr's (HAS_G2: a second one, summed in fp32). x and dout are length-contiguous here (the
+    wrapper sees to it): steps are shifted in registers."""
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -129,6 +131,7 @@ def _conv_bwd_kernel(
     mask_d = d_ < DIM
     x_row = x_ptr + pid_b * sxb + d_.to(tl.int64) * sxd
     g_row = g_ptr + pid_b * sgb + d_.to(tl.int64) * sgd
+    g2_row = g2_ptr + pid_b * sg2b + d_.to(tl.int64) * sg2d
     dx_row = dx_ptr + pid_b * sdb + d_.to(tl.int64) * sdd  # dx: x's layout, steps adjacent
     if SILU:
         if HAS_BIAS:
@@ -148,6 +151,9 @@ def _conv_bwd_kernel(
                      other=0.0).to(tl.float32)
         gm = tl.load(g_row + t * sgl, mask=mask_d & (t < L), other=0.0).to(tl.float32)
         gn = tl.load(g_row + (t + V) * sgl, mask=mask_d & (t + V < L), other=0.0).to(tl.float32)
+        if HAS_G2:
+            gm += tl.load(g2_row + t, mask=mask_d & (t < L), other=0.0).to(tl.float32)
+            gn += tl.load(g2_row + (t + V), mask=mask_d & (t + V < L), other=0.0).to(tl.float32)
         if SILU:
             # this chunk's pre-activation from x[t - S] shifted in registers
             pre = bias + tl.zeros([BLOCK_D, NV, V], dtype=tl.float32)
@@ -292,16 +298,23 @@ def _length_contiguous(t):
     return t if t.stride(2) == 1 or t.shape[2] == 1 else t.contiguous()
 
 
-def conv_bwd(x, weight, bias, dout, silu, cfg=None, dx=None):
+def conv_bwd(x, weight, bias, dout, silu, cfg=None, dx=None, dout2=None):
     """Gradients of `conv_fwd`: dx (x.dtype, laid out as `_out_like` says) and the fp32 sums
     dweight (dim, width) and dbias (dim,), the latter None without a bias. x or dout strided
     along length is copied
     to a contiguous layout first: the in-register shifts need whole vectors of steps, and the
     copy costs far less than a backward through shifted loads (4x slower on the H200).
-    dx: where to write x's gradient (steps adjacent), e.g. a slice of a larger gradient buffer."""
+    dx: where to write x's gradient (steps adjacent), e.g. a slice of a larger gradient buffer.
+    dout2: a second gradient of the output (same shape), added to dout in fp32 as it is read:
+    the output feeding two ops (the mixer's scan and x_proj) needs no separate sum."""
     batch, dim, length = x.shape
     width = weight.shape[1]
     x, dout = _length_contiguous(x), _length_contiguous(dout)
+    if dout2 is not None:
+        if dout2.shape != dout.shape:
+            raise ValueError(f"conv_bwd: dout2 {tuple(dout2.shape)} is not dout's shape "
+                             f"{tuple(dout.shape)}")
+        dout2 = _length_contiguous(dout2)
     if cfg is None or not cfg.get("SHIFT_IN_REGS", True):
         cfg = conv_config(x, width)
     cfg = {k: v for k, v in cfg.items() if k != "SHIFT_IN_REGS"}
@@ -315,10 +328,13 @@ def conv_bwd(x, weight, bias, dout, silu, cfg=None, dx=None):
     assert dx.stride(2) == 1 or length == 1
     dw_part = _empty(parts, dim, width, **f32)
     db_part = _empty(parts, dim, **f32)
+    g2 = dout if dout2 is None else dout2
     _conv_bwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, dout, dx, dw_part, db_part,
-        dim, length, iters, *x.stride(), *dout.stride(), dx.stride(0), dx.stride(1), *weight.stride(),
-        W=width, HAS_BIAS=bias is not None, SILU=silu, KP=next_pow2(width + 1), **cfg)
+        x, weight, bias if bias is not None else weight, dout, g2, dx, dw_part, db_part,
+        dim, length, iters, *x.stride(), *dout.stride(), g2.stride(0), g2.stride(1),
+        dx.stride(0), dx.stride(1), *weight.stride(),
+        W=width, HAS_BIAS=bias is not None, SILU=silu, HAS_G2=dout2 is not None,
+        KP=next_pow2(width + 1), **cfg)
     return dx, dw_part.sum(0), db_part.sum(0) if bias is not None else None
 
 

@@ -7,8 +7,8 @@ glue that one node avoids (90M model, 8 x 8192, per layer; benchmarks/NOTES.md, 
   and scan backward write them into the two halves of one buffer;
 - the same for x_dbl's dt / B / C rows (small): written into one buffer;
 - the gradient of the conv output, used by the scan and by x_proj, is summed by a separate
-  bf16 add (600 MB): here x_proj's backward GEMM adds into the scan's du (addmm, beta = 1:
-  one rounding instead of two).
+  bf16 add (600 MB): here the conv backward reads both and sums them in fp32 (no rounding of
+  the sum).
 Same maths and saved tensors as the separate ops (the conv output, x_dbl, delta, packed B / C,
 the scan checkpoints; weights in the autocast dtype).
 """
@@ -83,10 +83,12 @@ class MambaInnerFn(torch.autograd.Function):
         torch.matmul(dt_proj_weight.t(), ddelta_cm, out=ddt_low)
         ddt_proj_weight = ddelta_cm @ x_dbl[:dt_rank].t()
         dx_proj_weight = dx_dbl @ _cm(x).t()
-        _cm(du).addmm_(x_proj_weight.t(), dx_dbl)  # x feeds x_proj and the scan: both gradients
+        # x feeds x_proj and the scan: the conv backward sums both gradients as it reads them
+        # (an in-place addmm_ into du ran at half the memory bandwidth: benchmarks/NOTES.md)
+        du_xproj = x_proj_weight.t() @ dx_dbl
         _, dconv_weight, dconv_bias = conv_bwd(
             _per_row(xz[:d_inner], batch), conv_weight.reshape(d_inner, -1), conv_bias, du,
-            silu=True, dx=_per_row(dx_cm, batch))
+            silu=True, dx=_per_row(dx_cm, batch), dout2=_per_row(du_xproj, batch))
         return (dxz, dconv_weight.view_as(conv_weight).to(conv_weight.dtype),
                 dconv_bias.to(conv_bias.dtype) if conv_bias is not None else None,
                 dx_proj_weight, ddt_proj_weight, dA, dD, ddt_bias, None, None, None)
