@@ -106,12 +106,15 @@ def tune(x, conv, dout, bench):
         ms = bench(lambda: tc.conv_fwd(xd, w, b, True, cfg=cfg))
         lines.append(f"  fwd {cfg}: {ms:.4f} ms")
     xc = xd.contiguous()
-    base = tc.conv_config(xc, w.shape[1])
-    for nv, bd, nw in shift_tiles:
-        for iters in (1, None):
+    dout2 = torch.randn_like(dout)
+    base = tc.conv_config(xc, w.shape[1], backward=True)
+    for nv, bd, nw in shift_tiles + [(128, 1, 4), (64, 2, 4), (32, 4, 4)]:
+        for iters in (1, 2, None):
             cfg = dict(base, NV=nv, BLOCK_D=bd, num_warps=nw, ITERS=iters)
             ms = bench(lambda: tc.conv_bwd(xc, w, b, dout, True, cfg=cfg))
-            lines.append(f"  bwd {cfg}: {ms:.4f} ms")
+            # the mixer's call: a second output gradient (x_proj's) summed as it is read
+            ms2 = bench(lambda: tc.conv_bwd(xc, w, b, dout, True, cfg=cfg, dout2=dout2))
+            lines.append(f"  bwd {cfg}: {ms:.4f} ms, with dout2 {ms2:.4f} ms")
     print("\n".join(lines), flush=True)
     return lines
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bytelm.ops.channel_major import linear_from_cm, linear_to_cm
+from bytelm.ops.channel_major import linear_from_cm, linear_to_cm, weight_grad
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -45,3 +45,21 @@ def test_autocast_multiplies_in_the_autocast_dtype():
     torch.testing.assert_close(y, ref.t())
     y.float().sum().backward()
     assert w.grad.dtype == torch.float32 and rows.grad.dtype == torch.float32
+
+
+def test_weight_grad_is_written_in_the_parameter_dtype():
+    """bf16 operands, fp32 parameter: on CUDA cuBLAS writes the fp32 gradient itself, far closer
+    to the exact product than the bf16 result autograd would cast; elsewhere it is that cast."""
+    g = torch.Generator().manual_seed(1)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(6, 300, generator=g).bfloat16().to(dev)
+    b = torch.randn(300, 4, generator=g).bfloat16().to(dev)
+    exact = a.double() @ b.double()
+    out, rounded = weight_grad(a, b, torch.float32), (a @ b).float()
+    assert out.dtype == torch.float32 and out.shape == (6, 4)
+    if dev == "cuda":
+        assert (out - exact).abs().max() < (rounded - exact).abs().max() / 10
+    else:
+        assert torch.equal(out, rounded)
+    assert torch.equal(weight_grad(a, b, torch.bfloat16), a @ b)
+    assert weight_grad(a.float(), b.float(), torch.float64).dtype == torch.float64

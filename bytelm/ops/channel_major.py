@@ -26,10 +26,23 @@ def _autocast(*tensors):
     return tuple(t.to(dtype) for t in tensors)
 
 
+def weight_grad(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b (2-D) as a parameter's gradient, in the parameter's dtype. From bf16 / fp16
+    operands on CUDA into an fp32 parameter, cuBLAS writes fp32 itself (torch.mm's out_dtype):
+    the gradient is not rounded to bf16 first, and autograd adds no cast kernel for it (96 casts,
+    ~0.5 ms of a 90M 8 x 8192 step: benchmarks/NOTES.md, sixteenth session)."""
+    if a.dtype == dtype:
+        return a @ b
+    if dtype == torch.float32 and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).to(dtype)
+
+
 class _LinearToCM(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias):
+        ctx.weight_dtype = weight.dtype
         x, weight = _autocast(x, weight)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
@@ -42,7 +55,7 @@ class _LinearToCM(torch.autograd.Function):
     def backward(ctx, grad):  # grad: (out, positions)
         x, weight = ctx.saved_tensors
         dx = grad.t() @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None  # (positions, in)
-        dw = grad @ x.to(grad.dtype) if ctx.needs_input_grad[1] else None           # (out, in)
+        dw = weight_grad(grad, x.to(grad.dtype), ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         db = grad.sum(1).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
@@ -51,6 +64,7 @@ class _LinearFromCM(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x_cm, weight, bias):
+        ctx.weight_dtype = weight.dtype
         x_cm, weight = _autocast(x_cm, weight)
         ctx.save_for_backward(x_cm, weight)
         ctx.has_bias = bias is not None
@@ -63,7 +77,8 @@ class _LinearFromCM(torch.autograd.Function):
     def backward(ctx, grad):  # grad: (positions, out)
         x_cm, weight = ctx.saved_tensors
         dx = weight.t().to(grad.dtype) @ grad.t() if ctx.needs_input_grad[0] else None  # (in, positions)
-        dw = grad.t() @ x_cm.t().to(grad.dtype) if ctx.needs_input_grad[1] else None     # (out, in)
+        dw = (weight_grad(grad.t(), x_cm.t().to(grad.dtype), ctx.weight_dtype)     # (out, in)
+              if ctx.needs_input_grad[1] else None)
         db = grad.sum(0).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 

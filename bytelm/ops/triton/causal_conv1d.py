@@ -229,15 +229,17 @@ def _conv_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # launch configuration and wrappers
 # --------------------------------------------------------------------------------------------
-def conv_config(x: torch.Tensor, width: int) -> dict:
+def conv_config(x: torch.Tensor, width: int, backward: bool = False) -> dict:
     """Tile for a launch on x (batch, dim, length).
 
     Length-contiguous x: V = one 16-byte vector of steps per thread (at least width - 1, the
     furthest shift), BLOCK_L = NV * V steps (up to 1024), BLOCK_D channels filling ~2048
-    elements a program. Other strides (forward only; the backward copies x to this layout):
-    V = 1 and a (128 channels x 16 steps) tile. 4 warps. Measured on the H200 in bf16
-    (benchmarks/conv1d.py --tune, 8 x 1536 x 8192): 1024 x 2 beat 512 x 8 by 27% in the forward,
-    33% in the backward; 16 x 128 beat 32 x 64 by 2x in the strided forward. The backward walks
+    elements a program (~1024 in the backward). Other strides (forward only; the backward copies
+    x to this layout): V = 1 and a (128 channels x 16 steps) tile. 4 warps. Measured on the H200
+    in bf16 (benchmarks/conv1d.py --tune, 8 x 1536 x 8192): 1024 x 2 beat 512 x 8 by 27% in the
+    forward, 33% in the backward; 16 x 128 beat 32 x 64 by 2x in the strided forward; in the
+    backward 1024 x 1 beat 1024 x 2 by 6% (0.184 / 0.196 ms) and by 9% with a second output
+    gradient (0.217 / 0.238 ms; sixteenth session). The backward walks
     ITERS consecutive tiles per program (`bwd_iters`), so that its cross-lane sums for dweight
     and dbias are paid once per segment. FAST: __expf/__fdividef in the SiLU on the GPU (the
     interpreter has neither).
@@ -246,7 +248,7 @@ def conv_config(x: torch.Tensor, width: int) -> dict:
     if x.stride(2) == 1 or length == 1:
         v = max(16 // x.element_size(), next_pow2(max(width - 1, 1)))
         block_l = min(max(next_pow2(length), v), 1024)
-        block_d = min(max(2048 // block_l, 1), next_pow2(dim))
+        block_d = min(max((1024 if backward else 2048) // block_l, 1), next_pow2(dim))
         cfg = dict(SHIFT_IN_REGS=True, V=v, NV=block_l // v, BLOCK_D=block_d)
     else:
         cfg = dict(SHIFT_IN_REGS=False, V=1, NV=min(next_pow2(length), 16),
@@ -316,7 +318,7 @@ def conv_bwd(x, weight, bias, dout, silu, cfg=None, dx=None, dout2=None):
                              f"{tuple(dout.shape)}")
         dout2 = _length_contiguous(dout2)
     if cfg is None or not cfg.get("SHIFT_IN_REGS", True):
-        cfg = conv_config(x, width)
+        cfg = conv_config(x, width, backward=True)
     cfg = {k: v for k, v in cfg.items() if k != "SHIFT_IN_REGS"}
     n_tiles = cdiv(length, cfg["NV"] * cfg["V"])
     d_blocks = cdiv(dim, cfg["BLOCK_D"])

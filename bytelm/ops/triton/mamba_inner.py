@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from bytelm.ops.backend import needs_autograd
-from bytelm.ops.channel_major import _autocast
+from bytelm.ops.channel_major import _autocast, weight_grad
 from bytelm.ops.triton.causal_conv1d import conv_bwd, conv_fwd
 from bytelm.ops.triton.selective_scan import (forward_config, pack_bc_pair, scan_bwd,
                                                 scan_fwd, stack_bc, unpack_bc)
@@ -40,6 +40,7 @@ class MambaInnerFn(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias,
                 batch, dt_rank, need_grad):
+        ctx.weight_dtypes = x_proj_weight.dtype, dt_proj_weight.dtype
         x_proj_weight, dt_proj_weight = _autocast(x_proj_weight, dt_proj_weight)
         d_inner, nstate = A.shape
         x_cm, z_cm = xz[:d_inner], xz[d_inner:]
@@ -81,8 +82,9 @@ class MambaInnerFn(torch.autograd.Function):
                 unpack_bc(g, nstate, length, out=_per_row(out, batch))
         ddelta_cm = _cm(ddelta)
         torch.matmul(dt_proj_weight.t(), ddelta_cm, out=ddt_low)
-        ddt_proj_weight = ddelta_cm @ x_dbl[:dt_rank].t()
-        dx_proj_weight = dx_dbl @ _cm(x).t()
+        x_proj_dtype, dt_proj_dtype = ctx.weight_dtypes
+        ddt_proj_weight = weight_grad(ddelta_cm, x_dbl[:dt_rank].t(), dt_proj_dtype)
+        dx_proj_weight = weight_grad(dx_dbl, _cm(x).t(), x_proj_dtype)
         # x feeds x_proj and the scan: the conv backward sums both gradients as it reads them
         # (an in-place addmm_ into du ran at half the memory bandwidth: benchmarks/NOTES.md)
         du_xproj = x_proj_weight.t() @ dx_dbl
