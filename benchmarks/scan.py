@@ -192,7 +192,10 @@ def tune(x, dout, n):
     Bp, Cp = tss.pack_bc(x["B"], base_f), tss.pack_bc(x["C"], base_f)
     _, _, ckpt = tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=True)
     base_b = tss.backward_config(n, u.shape[0], u.shape[1], u.device)
-    bwd = lambda cfg, ck=ckpt: tss.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ck,  # noqa: E731
+    # B and C as a backward config reads them: its state split, its dtype (bc_bf16)
+    packed = lambda cfg: (tss.pack_bc(x["B"], cfg), tss.pack_bc(x["C"], cfg))  # noqa: E731
+    Bb, Cb = packed(base_b)
+    bwd = lambda cfg, ck=ckpt: tss.scan_bwd(u, delta, A, Bb, Cb, D, z, bias, True, ck,  # noqa: E731
                                             base_f["T"], dout, None, False, cfg=cfg)
     ref_grads = bwd(dict(base_b, SEG=1))
     def pieces(cfg):  # pieces as launched, and the pre-pass's sub-pieces a piece
@@ -233,6 +236,7 @@ def tune(x, dout, n):
         variants += [dict(base_b, maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"])]
     log_ld = base_b["LD"].bit_length() - 1  # fewer reduce-scatter rounds for dB/dC, more atomics
     variants += [dict(base_b, rs_rounds=r) for r in range(log_ld - 1, -1, -1)]
+    variants.append(dict(base_b, bc_bf16=not base_b["bc_bf16"]))  # B and C in the other dtype
     if base_b["KN"] % base_b["T"] == 0:  # the per-(step, channel) work in every lane, not once
         variants.append(dict(base_b, lane_steps=False))
     if n == 16:  # register caps: 128 (16 warps an SM), 168 (12), none (triton 3.6: 139 registers
@@ -243,11 +247,13 @@ def tune(x, dout, n):
         variants.append(dict(base_b, NPT=base_b["NPT"] // 2, KN=base_b["KN"] * 2, LD=base_b["LD"] // 2))
     variants = [c for i, c in enumerate(variants) if c not in variants[:i]]
     for cfg in variants:
-        if cfg["NPT"] != base_b["NPT"]:  # another state split packs B and C differently
-            Bq, Cq = tss.pack_bc(x["B"], cfg), tss.pack_bc(x["C"], cfg)
+        if cfg["NPT"] != base_b["NPT"] or cfg["bc_bf16"] != base_b["bc_bf16"]:
+            Bq, Cq = packed(cfg)
             f = lambda: tss.scan_bwd(u, delta, A, Bq, Cq, D, z, bias, True, ckpt, base_f["T"],  # noqa: E731
                                      dout, None, False, cfg=cfg)
-            err = max(rel_err(a, b) for a, b in zip(f()[:3], ref_grads[:3]))
+            # another state split packs dB and dC differently: the other gradients alone
+            k = 3 if cfg["NPT"] != base_b["NPT"] else 5
+            err = max(rel_err(a, b) for a, b in zip(f()[:k], ref_grads[:k]))
         else:
             f = lambda: bwd(cfg)  # noqa: E731
             err = max(rel_err(a, b) for a, b in zip(f()[:5], ref_grads[:5]))

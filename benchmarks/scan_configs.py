@@ -7,8 +7,9 @@ session): one line per shape.
     python benchmarks/scan_configs.py --label us_row --bwd '{"us_row": true}'
     python benchmarks/scan_configs.py --shapes 4 --shape 6,1936,8192,16 --dout like-u
 
---fwd overrides forward_config (and so B and C's packing, which the backward reads too);
---bwd overrides backward_config. Shapes index benchmarks/scan.py's SHAPES; inputs are laid out
+--fwd overrides forward_config (and so B and C's packing, which the backward reads where
+its bc_bf16 asks for the same dtype); --bwd overrides backward_config (bc_bf16: the dtype the
+backward reads B and C in). Shapes index benchmarks/scan.py's SHAPES; inputs are laid out
 as the mixer hands them over (channel-major).
 """
 import argparse, json, sys
@@ -46,9 +47,14 @@ def main():
         cf, cb = dict(f0, **over_f), dict(tss.backward_config(n, b, d, u.device), **over_b)
         Bp, Cp = tss.pack_bc(x["B"], cf), tss.pack_bc(x["C"], cf)
         B0, C0 = tss.pack_bc(x["B"], f0), tss.pack_bc(x["C"], f0)
+        # the backward's own B and C: the forward's packing where it reads that dtype, else
+        # packed again (as SelectiveScanFn and the mixer do)
+        Bb, Cb = tss.saved_bc(Bp, Cp, x["B"], cb)
+        if Bb is None:
+            Bb, Cb = tss.pack_bc(x["B"], cb), tss.pack_bc(x["C"], cb)
         fwd = lambda ck: tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=ck, cfg=cf)  # noqa: E731
         ckpt = fwd(True)[2]
-        bwd = lambda c, B=Bp, C=Cp: tss.scan_bwd(u, delta, A, B, C, D, z, bias, True, ckpt, cf["T"],  # noqa: E731
+        bwd = lambda c, B=Bb, C=Cb: tss.scan_bwd(u, delta, A, B, C, D, z, bias, True, ckpt, cf["T"],  # noqa: E731
                                                  dout, None, False, cfg=c)
         err = max(rel_err(a, r) for a, r in zip(bwd(cb)[:5], bwd(None, B0, C0)[:5]))
         fi, fc, bw = bench(lambda: fwd(False)), bench(lambda: fwd(True)), bench(lambda: bwd(cb))

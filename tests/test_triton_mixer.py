@@ -181,18 +181,20 @@ _ROUNDED_DIFFERENTLY = ("input", "in_proj.weight", "conv1d.weight", "conv1d.bias
 _WRITTEN_IN_FP32 = ("x_proj.weight", "dt_proj.weight") if DEVICE == "cuda" else ()
 
 
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
-@pytest.mark.parametrize("batch,length", [(2, 13), (1, 1), (3, 40)])
-def test_fused_mixer_equals_separate_ops(autocast, batch, length):
+@pytest.mark.parametrize("autocast,batch,length,d_state", [
+    (False, 2, 13, 4), (False, 1, 1, 4), (False, 3, 40, 4), (True, 2, 13, 4), (True, 1, 1, 4),
+    (True, 3, 40, 4), (True, 2, 13, 16)], ids=lambda v: str(v))
+def test_fused_mixer_equals_separate_ops(autocast, batch, length, d_state):
     """The training forward (conv, x_proj, dt_proj, scan as one node: ops/triton/mamba_inner.py)
     against the same Triton kernels as separate autograd ops (the prefill path, return_state):
     the same output and gradients, bit for bit except where the fused backward rounds once
     instead of twice (there within one rounding, and no farther from fp32 maths), where on the
     GPU under autocast it writes x_proj's and dt_proj's weight gradients in fp32 (one bf16
     rounding from the separate ops'), and, on the GPU, in the sums the scan backward makes by
-    atomics (within fp32 reordering)."""
+    atomics (within fp32 reordering). At N=16 under autocast the scan backward reads B and C
+    in fp32, which both paths pack again from the bf16 rows (`saved_bc`)."""
     torch.manual_seed(0)
-    mixer = MambaMixer(d_model=16, d_state=4, expand=2, scan_backend="triton").to(DEVICE)
+    mixer = MambaMixer(d_model=16, d_state=d_state, expand=2, scan_backend="triton").to(DEVICE)
     hidden = torch.randn(batch, length, 16, device=DEVICE)
     out, grads = _grads_of(mixer, hidden, autocast, return_state=False)
     out_sep, grads_sep = _grads_of(mixer, hidden, autocast, return_state=True)

@@ -213,15 +213,18 @@ def test_backward_register_cap(sms, batch, dim, cap, monkeypatch):
     Uncapped (8 an SM) where the capped launch is one piece anyway (over 792 programs) and all
     fit at 8 an SM (1056): 4 x 2048 channels, 1024 programs; not 4 x 1536 (768: 2 pieces
     capped) nor 8 x 1064 (1064 programs). No SM count (not CUDA): 168. Other state sizes have
-    no cap."""
+    no cap. B and C are read in fp32 (packed again) at the 168 cap alone: bf16 measured faster
+    uncapped and no slower at 128."""
     monkeypatch.setattr(tss, "_sm_count", lambda device: sms)
     cfg = tss.backward_config(16, batch, dim, torch.device("cpu"))
     expect = {168: (168, 12), 128: (128, 16), None: (None, 8)}[cap]
     assert (cfg["maxnreg"], cfg["warps_per_sm"]) == expect
     assert tss._register_cap(cfg) == ({"maxnreg": cap} if cap else {})
     assert cfg["pairs"] == (cap != 128)   # chunk pairs spill under 128
-    assert {k: v for k, v in cfg.items() if k not in ("maxnreg", "warps_per_sm", "pairs")} == \
-        {k: v for k, v in tss.scan_config(16, backward=True).items() if k not in ("maxnreg", "warps_per_sm", "pairs")}
+    assert cfg["bc_bf16"] == (cap != 168)
+    per_launch = ("maxnreg", "warps_per_sm", "pairs", "bc_bf16")
+    assert {k: v for k, v in cfg.items() if k not in per_launch} == \
+        {k: v for k, v in tss.scan_config(16, backward=True).items() if k not in per_launch}
     assert not tss.backward_config(64, 16, 2048, torch.device("cpu")).get("maxnreg")
 
 
@@ -427,6 +430,29 @@ def test_scan_gradient_of_one_result(use, monkeypatch):
     check_scan(*SMALL, 37, 16, torch.float32, seed=21, use=use)
     check_scan(*SMALL, 18, 16, torch.bfloat16, seed=22, use=use, drop=("initial_state",))
     assert seen == [(use == ("last",), use == ("out",))] * 2
+
+
+@pytest.mark.parametrize("nstate,bwd_dtype", [(16, torch.float32), (64, torch.bfloat16)])
+def test_scan_backward_reads_b_and_c_in_its_own_dtype(nstate, bwd_dtype, monkeypatch):
+    """bf16 inputs: the forward packs B and C in bf16; the backward reads them in its config's
+    dtype (fp32 at N=16, packed again from the saved rows: no conversions in its loop; bf16 at
+    N=64, the forward's packing, not packed twice). Gradients are the reference's either way."""
+    assert tss.bc_dtype(tss.backward_config(nstate, *SMALL, torch.device(DEVICE)), torch.bfloat16) == bwd_dtype
+    packs, seen = [], []
+    pack_bc, scan_bwd = tss.pack_bc, tss.scan_bwd
+
+    def recording_pack(x, cfg):
+        packs.append(tss.bc_dtype(cfg, x.dtype))
+        return pack_bc(x, cfg)
+
+    def recording_bwd(*args, **kw):
+        seen.append((args[3].dtype, args[4].dtype))
+        return scan_bwd(*args, **kw)
+    monkeypatch.setattr(tss, "pack_bc", recording_pack)
+    monkeypatch.setattr(tss, "scan_bwd", recording_bwd)
+    check_scan(*SMALL, 37, nstate, torch.bfloat16, seed=25)
+    assert seen == [(bwd_dtype, bwd_dtype)]
+    assert packs == [torch.bfloat16] * 2 + ([bwd_dtype] * 2 if bwd_dtype != torch.bfloat16 else [])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

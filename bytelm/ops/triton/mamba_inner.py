@@ -9,8 +9,9 @@ glue that one node avoids (90M model, 8 x 8192, per layer; benchmarks/NOTES.md, 
 - the gradient of the conv output, used by the scan and by x_proj, is summed by a separate
   bf16 add (600 MB): here the conv backward reads both and sums them in fp32 (no rounding of
   the sum).
-Same maths and saved tensors as the separate ops (the conv output, x_dbl, delta, packed B / C,
-the scan checkpoints; weights in the autocast dtype).
+Same maths and saved tensors as the separate ops (the conv output, x_dbl, delta, packed B / C
+where the scan backward reads the forward's packing, the scan checkpoints; weights in the
+autocast dtype).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 from bytelm.ops.backend import needs_autograd
 from bytelm.ops.channel_major import _autocast, weight_grad
 from bytelm.ops.triton.causal_conv1d import conv_bwd, conv_fwd
-from bytelm.ops.triton.selective_scan import (forward_config, pack_bc_pair, scan_bwd,
-                                                scan_fwd, stack_bc, unpack_bc)
+from bytelm.ops.triton.selective_scan import (backward_config, forward_config, pack_bc_pair,
+                                                saved_bc, scan_bwd, scan_fwd, stack_bc,
+                                                unpack_bc)
 
 
 def _per_row(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -54,6 +56,9 @@ class MambaInnerFn(torch.autograd.Function):
         y, _, ckpt = scan_fwd(x, delta, A, Bp, Cp, D, _per_row(z_cm, batch), dt_bias,
                               delta_softplus=True, store_ckpt=need_grad, cfg=cfg)
         if need_grad:
+            # the backward's B and C: these, or packed again from x_dbl's rows in its dtype
+            ctx.cfg_b = backward_config(nstate, batch, d_inner, x.device)
+            Bp, Cp = saved_bc(Bp, Cp, B, ctx.cfg_b)
             ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
                                   dt_bias, x, x_dbl, delta, Bp, Cp, ckpt)
             ctx.batch, ctx.dt_rank, ctx.t_chunk = batch, dt_rank, cfg["T"]
@@ -68,9 +73,12 @@ class MambaInnerFn(torch.autograd.Function):
         d_inner, nstate = A.shape
         dxz = torch.empty_like(xz)
         dx_cm, dz_cm = dxz[:d_inner], dxz[d_inner:]
+        if Bp is None:
+            _, B, C = x_dbl.split([dt_rank, nstate, nstate])
+            Bp, Cp = pack_bc_pair(_per_row(B, batch), _per_row(C, batch), ctx.cfg_b)
         du, ddelta, dA, dBCp, dD, _, ddt_bias, _ = scan_bwd(
             x, delta, A, Bp, Cp, D, _per_row(xz[d_inner:], batch), dt_bias, True, ckpt,
-            ctx.t_chunk, dy, None, need_dh0=False, dz=_per_row(dz_cm, batch))
+            ctx.t_chunk, dy, None, need_dh0=False, cfg=ctx.cfg_b, dz=_per_row(dz_cm, batch))
         dx_dbl = torch.empty_like(x_dbl)
         ddt_low, dB, dC = dx_dbl.split([dt_rank, nstate, nstate])
         length = x.shape[2]

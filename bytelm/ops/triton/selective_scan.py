@@ -112,7 +112,7 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
                    # (NOTES.md, eleventh session): H200, bf16, one chunk -> pairs, 4 x 2048 x
                    # 8192 2.355 -> 2.268 ms, 8 x 1536 x 8192 2.956 -> 2.747, 2 x 1536 x 32768
                    # 3.973 -> 3.817, N=64 8 x 2048 x 2048 3.792 -> 3.458
-                   pairs=True, pre_split=PRE_SPLIT)
+                   pairs=True, pre_split=PRE_SPLIT, bc_bf16=True)
         if block_n == 16:
             # capped at 168 registers (ptxas .maxnreg): 12 one-warp programs an SM, so a
             # short batch cuts its sequence into more pieces (and, with lane_steps, faster than
@@ -126,6 +126,12 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
             # 2.842, 2 x 1536 x 32768 3.809 -> 3.677; 2 and 4 no better; at N=64 (4 lines a
             # chunk) 3.472 -> 3.515: off there
             cfg.update(bc_prefetch=1)
+            # B and C packed in fp32 for this backward (re-packed from the bf16 rows: ~8 MB a
+            # layer at 8 x 8192): no bf16 -> fp32 conversions in the chunk pairs' loop (1122 ->
+            # 1030 instructions a pair, sm_90, triton 3.6). H200, bf16 -> fp32 (NOTES.md,
+            # seventeenth session): 8 x 1536 x 8192 2.694 -> 2.620 ms, 2 x 1536 x 32768 3.191 ->
+            # 3.115; at N=64 3.345 -> 3.447, so bf16 stays there
+            cfg.update(bc_bf16=False)
         return cfg
     # pipeline: chunk c + 1's step sizes, decays and rows are computed / loaded while chunk c's
     # recurrence runs, two chunks an iteration; pipeline=False: the one-chunk loop, which loads
@@ -144,7 +150,7 @@ def scan_config(nstate: int, backward: bool = False, input_dtype=torch.float32) 
     # first call, it lost without checkpoints.) At N=64 (KN 8, half the lanes idle; fifth
     # call) it wins without checkpoints (8 x 2048 x 2048, pipelined: 1.644 -> 1.472 ms) and
     # loses with them (one-chunk loop: 1.656 -> 1.801): lane_steps_ckpt only up to KN 4.
-    # bc_bf16 (pack_bc: bf16 B and C stay bf16, which the backward then reads too) and
+    # bc_bf16 (pack_bc: bf16 B and C stay bf16; the backward may pack its own, `saved_bc`) and
     # us_row / us_row_ckpt (D u's u one step a lane taken from the u row, not loaded again):
     # both cut L1 data-pipe wavefronts, which bound the forward (95% of peak, Nsight Compute),
     # for more instructions. H200, bf16 (NOTES.md, tenth session, fourth call), ms, default ->
@@ -207,6 +213,11 @@ def _strides(u, z):
     return (*u.stride(), *zs)
 
 
+def bc_dtype(cfg, dtype) -> torch.dtype:
+    """The dtype `pack_bc` packs B and C of this dtype in for a launch of this cfg."""
+    return torch.bfloat16 if cfg.get("bc_bf16") and dtype == torch.bfloat16 else torch.float32
+
+
 def pack_bc(x, cfg):
     """(*lead, batch, state, length) -> (*lead, batch, n_chunks + 2, state block, T), zero padded:
     each thread's rows of a chunk sit together, and the kernels need no masks to read them (but
@@ -220,7 +231,7 @@ def pack_bc(x, cfg):
     T, block_n = cfg["T"], cfg["NPT"] * cfg["KN"]
     n_chunks = cdiv(length, T)
     full = length // T
-    dtype = torch.bfloat16 if cfg.get("bc_bf16") and x.dtype == torch.bfloat16 else torch.float32
+    dtype = bc_dtype(cfg, x.dtype)
     # two chunks of padding beyond the last: the forward loads chunk c + 1 unmasked, and its
     # pipelined loop (in pairs) ends with a no-op chunk when it has an odd number of chunks
     out = x.new_zeros(*lead, batch, n_chunks + 2, block_n, T, dtype=dtype)
@@ -265,6 +276,13 @@ def pack_bc_pair(B, C, cfg):
     if BC is None:
         return pack_bc(B, cfg), pack_bc(C, cfg)
     return pack_bc(BC, cfg).unbind(0)
+
+
+def saved_bc(Bp, Cp, B, cfg_b):
+    """What a forward saves of its packed B and C (Bp, Cp; B: the rows they came from) for a
+    backward of config cfg_b: the pair where cfg_b reads them in their dtype, else (None, None),
+    and the backward packs the rows again in its own dtype (`pack_bc_pair`, one copy)."""
+    return (Bp, Cp) if Bp.dtype == bc_dtype(cfg_b, B.dtype) else (None, None)
 
 
 def segments(batch, dim, n_chunks, cfg, device) -> int:
@@ -329,7 +347,11 @@ def backward_config(nstate, batch, dim, device) -> dict:
     buys no occupancy, only instructions (chunk pairs at 168: 1122 a pair; uncapped 1085, sm_90,
     triton 3.6). H200, bf16, twelfth session (chunk pairs, B/C prefetch): 4 x 2048 x 8192 (1024
     programs on 132 SMs) 2.160 -> 1.931 ms (200: 2.058, 232: 2.084); 8 x 1536 x 8192 (1536,
-    more than 8 an SM) 2.678 capped, 3.714 uncapped."""
+    more than 8 an SM) 2.678 capped, 3.714 uncapped.
+
+    bc_bf16: the dtype the launch reads B and C in. fp32 (packed again from the rows: `saved_bc`)
+    at the 168 cap only; bf16 (the forward's packing) uncapped and at 128, where fp32 measured
+    slower or no faster (seventeenth session)."""
     cfg = scan_config(nstate, backward=True)
     sms = _sm_count(device)
     if not cfg.get("maxnreg") or not sms:
@@ -337,10 +359,14 @@ def backward_config(nstate, batch, dim, device) -> dict:
     warps = _grid_warps(batch, dim, cfg)
     if warps > cfg["warps_per_sm"] * sms:
         # one chunk at a time: chunk pairs spill under 128 registers (184 bytes a thread,
-        # triton 3.6) and measured 0.960 -> 1.160 ms at 8 x 2048 x 2048 (1.181 at 168)
-        return dict(cfg, maxnreg=128, warps_per_sm=16, pairs=False)
+        # triton 3.6) and measured 0.960 -> 1.160 ms at 8 x 2048 x 2048 (1.181 at 168); B and C
+        # as the forward packed them (bf16): fp32 measured no faster here (0.984 -> 0.973 /
+        # 0.982 ms, seventeenth session), so no re-pack
+        return dict(cfg, maxnreg=128, warps_per_sm=16, pairs=False, bc_bf16=True)
     if 2 * warps > cfg["warps_per_sm"] * sms and warps <= 8 * sms:
-        return dict(cfg, maxnreg=None, warps_per_sm=8)
+        # B and C in bf16 here: fp32 measured slower uncapped (4 x 2048 x 8192: 1.952 -> 2.079
+        # ms, seventeenth session)
+        return dict(cfg, maxnreg=None, warps_per_sm=8, bc_bf16=True)
     return cfg
 
 
@@ -552,11 +578,14 @@ class SelectiveScanFn(torch.autograd.Function):
         out, h_last, ckpt = scan_fwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, h0,
                                      store_ckpt=need_grad, cfg=cfg)
         if need_grad:
-            ctx.save_for_backward(u, delta, A, Bp, Cp, D, z, delta_bias, ckpt)
+            ctx.bc_dtypes = (B.dtype, C.dtype)
+            ctx.cfg_b = backward_config(A.shape[1], *u.shape[:2], u.device)
+            Bp, Cp = saved_bc(Bp, Cp, B, ctx.cfg_b)
+            B, C = (None, None) if Bp is not None else (B, C)
+            ctx.save_for_backward(u, delta, A, Bp, Cp, B, C, D, z, delta_bias, ckpt)
             ctx.delta_softplus = delta_softplus
             ctx.t_chunk = cfg["T"]
             ctx.has_h0 = initial_state is not None
-            ctx.bc_dtypes = (B.dtype, C.dtype)
             # an unused final state's (or output's) gradient stays None: no zero tensor made and
             # read for it
             ctx.set_materialize_grads(False)
@@ -564,13 +593,15 @@ class SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, Bp, Cp, D, z, delta_bias, ckpt = ctx.saved_tensors
+        u, delta, A, Bp, Cp, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
         if dout is None:  # only the final state is used
             dout = torch.zeros_like(u)
+        if Bp is None:
+            Bp, Cp = pack_bc_pair(B, C, ctx.cfg_b)
         du, ddelta, dA, dBCp, dD, dz, dbias, dh0 = scan_bwd(
             u, delta, A, Bp, Cp, D, z, delta_bias, ctx.delta_softplus, ckpt, ctx.t_chunk,
             dout, dlast.contiguous() if dlast is not None else None,
-            need_dh0=ctx.has_h0)
+            need_dh0=ctx.has_h0, cfg=ctx.cfg_b)
         nstate, length = A.shape[1], u.shape[2]
         if ctx.bc_dtypes[0] == ctx.bc_dtypes[1]:
             dB, dC = unpack_bc(dBCp, nstate, length, ctx.bc_dtypes[0]).unbind(0)
