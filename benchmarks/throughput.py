@@ -14,12 +14,20 @@ quadratic term, the scan's element-wise work) x bytes / time / 989e12 (H100/H200
 datasheet peak). Lightning's flop counter cannot see Triton kernels, hence the formula.
 A model that does not fit takes the same bytes per step in halved micro-batches with gradient
 accumulation, shown as `batch (micro x accum)`.
+
+SM MHz and W: the GPU's mean SM clock and board power over the timed steps (nvidia-smi,
+sampled every 100 ms; blank without it). A step near the board's power limit runs at lower
+clocks: on the H200 (700 W) the 90M Mamba's 8K step does (benchmarks/NOTES.md, seventeenth
+session), and its time moves with the clock from step to step.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +83,68 @@ def peer_missing() -> str | None:
     return None
 
 
+class GpuTelemetry:
+    """The SM clock (MHz) and board power (W) of a GPU, sampled by `nvidia-smi -lms` while the
+    block runs; `means` is (clock, power) or None where nvidia-smi is missing or said nothing.
+    gpu: nvidia-smi's --id (an index, a UUID as GPU-..., or a PCI bus id)."""
+
+    QUERY = "clocks.sm,power.draw"
+
+    def __init__(self, gpu: str, period_ms: int = 100):
+        self.cmd = ["nvidia-smi", f"--id={gpu}", f"--query-gpu={self.QUERY}",
+                    "--format=csv,noheader,nounits", f"-lms={period_ms}"]
+        self.samples: list[tuple[float, float]] = []
+        self.proc = self.reader = None
+
+    def __enter__(self):
+        if shutil.which(self.cmd[0]):
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True)
+            self.reader = threading.Thread(target=self._read, daemon=True)
+            self.reader.start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                clock, watts = (float(v) for v in line.split(","))
+            except ValueError:  # "[N/A]" or a message: not a sample
+                continue
+            self.samples.append((clock, watts))
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+            self.reader.join()
+
+    @property
+    def means(self) -> tuple[float, float] | None:
+        if not self.samples:
+            return None
+        return tuple(sum(v) / len(self.samples) for v in zip(*self.samples))
+
+
+def gpu_id() -> str:
+    """nvidia-smi's name for the current CUDA device: its UUID (indices differ under
+    CUDA_VISIBLE_DEVICES), else its index."""
+    uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
+    return f"GPU-{uuid}" if uuid is not None else str(torch.cuda.current_device())
+
+
+def gpu_limits(gpu: str) -> str:
+    """The board's power limit and top SM clock as nvidia-smi reports them ('' without it)."""
+    if not shutil.which("nvidia-smi"):
+        return ""
+    out = subprocess.run(["nvidia-smi", f"--id={gpu}", "--query-gpu=power.limit,clocks.max.sm",
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout
+    try:
+        watts, mhz = (float(v) for v in out.strip().split(","))
+    except ValueError:
+        return ""
+    return f", board power limit {watts:.0f} W, top SM clock {mhz:.0f} MHz"
+
+
 def training_loss(model: torch.nn.Module, cuda_graph: bool):
     """ids (batch, length + 1) -> the next-byte cross entropy of the model's logits (call it
     under autocast); cuda_graph: its forward and backward replayed from CUDA graphs, as
@@ -114,19 +184,25 @@ def bench(model_kw: dict, seq_len: int, batch: int, steps: int, warmup: int, bac
     for i in range(warmup):
         step(data[i])
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(steps):
-        loss = step(data[warmup + i])
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
+    with GpuTelemetry(gpu_id()) as telemetry:
+        start = time.perf_counter()
+        for i in range(steps):
+            loss = step(data[warmup + i])
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / steps
     bytes_per_s = batch * seq_len / seconds
     flops = 3 * model.flops_per_token(seq_len) * batch * seq_len
     result = dict(params=model.num_params(), ms=seconds * 1e3, bytes_per_s=bytes_per_s,
                   mfu=flops / seconds / PEAK_FLOPS, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
-                  loss=loss.item())
+                  loss=loss.item(), clock_watts=telemetry.means)
     del model, opt, data
     torch.cuda.empty_cache()
     return result
+
+
+def telemetry_cells(means) -> str:
+    """The SM MHz and W cells of a row (blank without samples)."""
+    return " | " if means is None else f"{means[0]:.0f} | {means[1]:.0f}"
 
 
 def main(argv=None):
@@ -148,12 +224,12 @@ def main(argv=None):
 
     import triton
 
-    header = (f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+    header = (f"GPU: {torch.cuda.get_device_name()}{gpu_limits(gpu_id())}, torch {torch.__version__}, triton "
               f"{triton.__version__}, bf16 autocast, fused AdamW, "
               f"{'CUDA-graphed forward + backward' if args.cuda_graph else 'eager'}, {args.steps} timed steps "
               f"after {args.warmup} warm-up; scan backend {args.backend}\n\n"
-              "| size | batch x context | model | params | step ms | bytes/s | MFU | peak GB | bytes/s / Transformer's |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "| size | batch x context | model | params | step ms | bytes/s | MFU | peak GB | bytes/s / Transformer's | SM MHz | W |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     missing = "--no-peer" if args.no_peer else peer_missing()
     if missing:
         header = f"mamba_ssm's model skipped ({missing})\n\n" + header
@@ -181,12 +257,12 @@ def main(argv=None):
             base = rows["Transformer"]["bytes_per_s"] if rows["Transformer"] else float("nan")
             for name, r in rows.items():
                 if r is None:
-                    line = f"| {size} | {batch} x {context} | {name} | | OOM | | | | |"
+                    line = f"| {size} | {batch} x {context} | {name} | | OOM | | | | | | |"
                 else:
                     micro = f" ({batch // r['accum']} x {r['accum']})" if r["accum"] > 1 else ""
                     line = (f"| {size} | {batch}{micro} x {context} | {name} | {r['params'] / 1e6:.1f}M | "
                             f"{r['ms']:.1f} | {r['bytes_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
-                            f"{r['peak_gb']:.1f} | {r['bytes_per_s'] / base:.2f} |")
+                            f"{r['peak_gb']:.1f} | {r['bytes_per_s'] / base:.2f} | {telemetry_cells(r['clock_watts'])} |")
                 lines.append(line)
                 print(line, flush=True)
     if args.out:

@@ -129,6 +129,32 @@ def test_throughput_peer_row_wraps_mamba_ssm(monkeypatch):
     assert peer.flops_per_token(64) == throughput.LM(throughput.ModelConfig(**kw)).flops_per_token(64)
 
 
+def test_throughput_telemetry_averages_nvidia_smi_samples(tmp_path, monkeypatch):
+    """GpuTelemetry reads nvidia-smi's streamed "clock, power" lines (a stand-in script here),
+    skips what is not a sample, and averages them; without nvidia-smi it has no means."""
+    import os
+    import time
+
+    import throughput
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho \"$*\" > " + str(tmp_path / "args") + "\n"
+                    "printf '1980, 500.5\\n[N/A], [N/A]\\n1700, 699.5\\n'\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with throughput.GpuTelemetry("GPU-x") as t:
+        deadline = time.time() + 10
+        while len(t.samples) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+    assert t.means == (1840.0, 600.0)
+    assert "--id=GPU-x" in (tmp_path / "args").read_text()
+    assert throughput.telemetry_cells(t.means) == "1840 | 600"
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with throughput.GpuTelemetry("0") as t:
+        pass
+    assert t.means is None and throughput.telemetry_cells(None) == " | "
+
+
 def test_scan_tune_variants_run_in_the_interpreter(monkeypatch):
     """Every tile shape / cut `scan.py --tune` times launches and agrees with the default
     backward (timing replaced by one call; tiny shapes on the CPU)."""
