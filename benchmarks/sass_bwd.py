@@ -148,12 +148,17 @@ def capture(nstate, batch=8, dim=1536, length=1024, cfg_bwd=None, ckpt_dtype=Non
     # cfg None: scan_bwd picks backward_config (on CPU tensors, scan_config's cap)
     bwd_cfgs = [cfg_bwd if cfg_bwd is not None else (dict(capped, **bwd_over) if bwd_over else None)]
     if cfg_bwd is None and capped.get("maxnreg"):
-        bwd_cfgs.append(dict(dict(capped, maxnreg=128, warps_per_sm=16, pairs=False), **bwd_over))  # as backward_config (its uncapped case: --bwd maxnreg=0)
+        bwd_cfgs.append(dict(dict(capped, maxnreg=128, warps_per_sm=16, pairs=False, bc_bf16=True), **bwd_over))  # as backward_config (its uncapped case: --bwd maxnreg=0)
+    # the backward's B and C as the library packs them from the mixer's bf16 rows: in the dtype
+    # its config reads (backward_config's bc_bf16: fp32 at the 168 cap, bf16 at 128)
+    B16, C16 = cm(nstate), cm(nstate)
+    packed = lambda c: (S.pack_bc(B16, dict(c, T=cfg["T"])), S.pack_bc(C16, dict(c, T=cfg["T"])))  # noqa: E731
     for label, c in zip(("bwd", "bwd-cap128"), bwd_cfgs):
-        S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False, cfg=c)
+        c = c or S.backward_config(nstate, batch, dim, u.device)
+        S.scan_bwd(u, delta, A, *packed(c), D, z, bias, True, ckpt, cfg["T"], dout, None, False, cfg=c)
         named[label] = (K._scan_bwd_kernel, bwd.calls[-1])
     # the backward's pre-pass (its segment kernel), as launched with scan_config's tile
-    S.scan_bwd(u, delta, A, Bp, Cp, D, z, bias, True, ckpt, cfg["T"], dout, None, False,
+    S.scan_bwd(u, delta, A, *packed(capped), D, z, bias, True, ckpt, cfg["T"], dout, None, False,
                cfg=dict(capped, SEG=2))
     named["bwd-seg"] = (K._scan_bwd_segment_kernel, bseg.calls[-1])
     S._scan_fwd_kernel, S._scan_bwd_kernel = K._scan_fwd_kernel, K._scan_bwd_kernel
@@ -168,7 +173,8 @@ def main():
     ap.add_argument("--dump", default=None)
     ap.add_argument("--fwd", action="store_true")
     ap.add_argument("--ckpt-dtype", choices=["fp32", "bf16"], help="default: scan_config's for bf16 inputs")
-    ap.add_argument("--bc-bf16", action="store_true", help="B and C packed in bf16")
+    ap.add_argument("--bc-bf16", action="store_true",
+                    help="the forward's B and C packed in bf16 (the backward's: as its config reads them)")
     ap.add_argument("--bwd", nargs="*", default=[], metavar="KEY=INT",
                     help="backward config overrides, e.g. rs_rounds=1")
     args = ap.parse_args()

@@ -227,27 +227,32 @@ def tune(x, dout, n):
         ms = [bench(lambda: tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=ck, cfg=cfg))
               for ck in (False, True)]
         lines.append(f"  fwd {cfg} ({pieces(cfg)} pieces x sub-pieces): {ms[0]:.3f} ms, {ms[1]:.3f} ms with checkpoints")
+    def cap(**kw):  # another register cap, B and C in the dtype backward_config reads them in
+        # there (fp32 at the 168 cap alone)
+        return dict(base_b, **kw, bc_bf16=n != 16 or kw.get("maxnreg") != 168)
+
     variants = [base_b, dict(base_b, SEG=1), dict(base_b, SEG=2), dict(base_b, SEG=4),
                 dict(base_b, reduce_scatter=False)]  # dB/dC by a full butterfly per value
     if base_b.get("maxnreg"):  # without the register cap (8 warps an SM)
-        variants += [dict(base_b, maxnreg=None, warps_per_sm=8),
-                     dict(base_b, maxnreg=None, warps_per_sm=8, reduce_scatter=False)]
+        variants += [cap(maxnreg=None, warps_per_sm=8),
+                     cap(maxnreg=None, warps_per_sm=8, reduce_scatter=False)]
     elif (capped := tss.scan_config(n, backward=True)).get("maxnreg"):  # with it
-        variants += [dict(base_b, maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"])]
+        variants += [cap(maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"])]
     log_ld = base_b["LD"].bit_length() - 1  # fewer reduce-scatter rounds for dB/dC, more atomics
     variants += [dict(base_b, rs_rounds=r) for r in range(log_ld - 1, -1, -1)]
-    variants.append(dict(base_b, bc_bf16=not base_b["bc_bf16"]))  # B and C in the other dtype
+    if u.dtype == torch.bfloat16:  # B and C in the other dtype (fp32 inputs pack fp32 either way)
+        variants.append(dict(base_b, bc_bf16=not base_b["bc_bf16"]))
     if base_b["KN"] % base_b["T"] == 0:  # the per-(step, channel) work in every lane, not once
         variants.append(dict(base_b, lane_steps=False))
     if n == 16:  # register caps: 128 (16 warps an SM), 168 (12), none (triton 3.6: 139 registers
         # before the state-lane reduce-scatter, 14 warps an SM; 168 since, 12)
-        variants += [dict(base_b, maxnreg=128, warps_per_sm=16), dict(base_b, maxnreg=168, warps_per_sm=12),
-                     dict(base_b, maxnreg=None, warps_per_sm=14), dict(base_b, maxnreg=128, warps_per_sm=16, SEG=1)]
+        variants += [cap(maxnreg=128, warps_per_sm=16), cap(maxnreg=168, warps_per_sm=12),
+                     cap(maxnreg=None, warps_per_sm=14), cap(maxnreg=128, warps_per_sm=16, SEG=1)]
     if base_b["NPT"] in (4, 8) and base_b["LD"] > 1:  # half the states a thread: twice the programs
         variants.append(dict(base_b, NPT=base_b["NPT"] // 2, KN=base_b["KN"] * 2, LD=base_b["LD"] // 2))
     variants = [c for i, c in enumerate(variants) if c not in variants[:i]]
     for cfg in variants:
-        if cfg["NPT"] != base_b["NPT"] or cfg["bc_bf16"] != base_b["bc_bf16"]:
+        if cfg["NPT"] != base_b["NPT"] or tss.bc_dtype(cfg, u.dtype) != tss.bc_dtype(base_b, u.dtype):
             Bq, Cq = packed(cfg)
             f = lambda: tss.scan_bwd(u, delta, A, Bq, Cq, D, z, bias, True, ckpt, base_f["T"],  # noqa: E731
                                      dout, None, False, cfg=cfg)

@@ -49,7 +49,7 @@ def main():
         B0, C0 = tss.pack_bc(x["B"], f0), tss.pack_bc(x["C"], f0)
         # the backward's own B and C: the forward's packing where it reads that dtype, else
         # packed again (as SelectiveScanFn and the mixer do)
-        Bb, Cb = tss.saved_bc(Bp, Cp, x["B"], cb)
+        Bb, Cb = tss.saved_bc(Bp, Cp, x["B"], x["C"], cb)
         if Bb is None:
             Bb, Cb = tss.pack_bc(x["B"], cb), tss.pack_bc(x["C"], cb)
         fwd = lambda ck: tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=ck, cfg=cf)  # noqa: E731

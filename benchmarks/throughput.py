@@ -15,10 +15,11 @@ datasheet peak). Lightning's flop counter cannot see Triton kernels, hence the f
 A model that does not fit takes the same bytes per step in halved micro-batches with gradient
 accumulation, shown as `batch (micro x accum)`.
 
-SM MHz and W: the GPU's mean SM clock and board power over the timed steps (nvidia-smi,
-sampled every 100 ms; blank without it). A step near the board's power limit runs at lower
-clocks: on the H200 (700 W) the 90M Mamba's 8K step does (benchmarks/NOTES.md, seventeenth
-session), and its time moves with the clock from step to step.
+SM MHz and W: the GPU's mean SM clock and power draw over the timed steps (nvidia-smi's
+clocks.sm and power.draw, sampled every 100 ms from before the first timed step; power.draw
+is itself a ~1 s average on recent GPUs; blank without nvidia-smi). A step near the enforced
+power limit runs at lower clocks: on the H200 (700 W) the 90M Mamba's 8K step does
+(benchmarks/NOTES.md, seventeenth session), and its time moves with the clock from step to step.
 """
 
 from __future__ import annotations
@@ -102,6 +103,11 @@ class GpuTelemetry:
                                          stderr=subprocess.DEVNULL, text=True)
             self.reader = threading.Thread(target=self._read, daemon=True)
             self.reader.start()
+            # nvidia-smi takes a while to start: let its first sample land before the block's
+            # work, so the means cover all of it (at most 5 s)
+            deadline = time.monotonic() + 5
+            while not self.samples and self.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
         return self
 
     def _read(self):
@@ -115,8 +121,13 @@ class GpuTelemetry:
     def __exit__(self, *exc):
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.wait()
-            self.reader.join()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # a wedged nvidia-smi must not hang the benchmark
+                self.proc.kill()
+                self.proc.wait()
+            self.reader.join(timeout=5)
+            self.proc.stdout.close()
 
     @property
     def means(self) -> tuple[float, float] | None:
@@ -133,16 +144,18 @@ def gpu_id() -> str:
 
 
 def gpu_limits(gpu: str) -> str:
-    """The board's power limit and top SM clock as nvidia-smi reports them ('' without it)."""
+    """The enforced power limit and top SM clock as nvidia-smi reports them ('' without it)."""
     if not shutil.which("nvidia-smi"):
         return ""
-    out = subprocess.run(["nvidia-smi", f"--id={gpu}", "--query-gpu=power.limit,clocks.max.sm",
-                          "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout
     try:
+        out = subprocess.run(["nvidia-smi", f"--id={gpu}",
+                              "--query-gpu=enforced.power.limit,clocks.max.sm",
+                              "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
         watts, mhz = (float(v) for v in out.strip().split(","))
-    except ValueError:
+    except (subprocess.TimeoutExpired, OSError, ValueError):
         return ""
-    return f", board power limit {watts:.0f} W, top SM clock {mhz:.0f} MHz"
+    return f", power limit {watts:.0f} W, top SM clock {mhz:.0f} MHz"
 
 
 def training_loss(model: torch.nn.Module, cuda_graph: bool):
@@ -200,9 +213,26 @@ def bench(model_kw: dict, seq_len: int, batch: int, steps: int, warmup: int, bac
     return result
 
 
+TABLE_HEADER = (
+    "| size | batch x context | model | params | step ms | bytes/s | MFU | peak GB | bytes/s / Transformer's | SM MHz | W |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
 def telemetry_cells(means) -> str:
     """The SM MHz and W cells of a row (blank without samples)."""
     return " | " if means is None else f"{means[0]:.0f} | {means[1]:.0f}"
+
+
+def table_row(size: str, batch: int, context: int, name: str, r: dict | None,
+              base: float = float("nan")) -> str:
+    """One TABLE_HEADER row: `bench`'s result r (None: out of memory at every micro-batch);
+    base: the Transformer's bytes/s."""
+    if r is None:
+        return f"| {size} | {batch} x {context} | {name} | | OOM | | | | | | |"
+    micro = f" ({batch // r['accum']} x {r['accum']})" if r["accum"] > 1 else ""
+    return (f"| {size} | {batch}{micro} x {context} | {name} | {r['params'] / 1e6:.1f}M | "
+            f"{r['ms']:.1f} | {r['bytes_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
+            f"{r['peak_gb']:.1f} | {r['bytes_per_s'] / base:.2f} | {telemetry_cells(r['clock_watts'])} |")
 
 
 def main(argv=None):
@@ -227,9 +257,7 @@ def main(argv=None):
     header = (f"GPU: {torch.cuda.get_device_name()}{gpu_limits(gpu_id())}, torch {torch.__version__}, triton "
               f"{triton.__version__}, bf16 autocast, fused AdamW, "
               f"{'CUDA-graphed forward + backward' if args.cuda_graph else 'eager'}, {args.steps} timed steps "
-              f"after {args.warmup} warm-up; scan backend {args.backend}\n\n"
-              "| size | batch x context | model | params | step ms | bytes/s | MFU | peak GB | bytes/s / Transformer's | SM MHz | W |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              f"after {args.warmup} warm-up; scan backend {args.backend}\n\n" + TABLE_HEADER)
     missing = "--no-peer" if args.no_peer else peer_missing()
     if missing:
         header = f"mamba_ssm's model skipped ({missing})\n\n" + header
@@ -256,13 +284,7 @@ def main(argv=None):
                         accum *= 2
             base = rows["Transformer"]["bytes_per_s"] if rows["Transformer"] else float("nan")
             for name, r in rows.items():
-                if r is None:
-                    line = f"| {size} | {batch} x {context} | {name} | | OOM | | | | | | |"
-                else:
-                    micro = f" ({batch // r['accum']} x {r['accum']})" if r["accum"] > 1 else ""
-                    line = (f"| {size} | {batch}{micro} x {context} | {name} | {r['params'] / 1e6:.1f}M | "
-                            f"{r['ms']:.1f} | {r['bytes_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
-                            f"{r['peak_gb']:.1f} | {r['bytes_per_s'] / base:.2f} | {telemetry_cells(r['clock_watts'])} |")
+                line = table_row(size, batch, context, name, r, base)
                 lines.append(line)
                 print(line, flush=True)
     if args.out:

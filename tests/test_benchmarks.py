@@ -142,10 +142,12 @@ def test_throughput_telemetry_averages_nvidia_smi_samples(tmp_path, monkeypatch)
                     "printf '1980, 500.5\\n[N/A], [N/A]\\n1700, 699.5\\n'\nexec sleep 30\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    start = time.monotonic()
     with throughput.GpuTelemetry("GPU-x") as t:
-        deadline = time.time() + 10
-        while len(t.samples) < 2 and time.time() < deadline:
+        assert t.samples  # the first sample is in before the block runs
+        while len(t.samples) < 2 and time.monotonic() < start + 10:
             time.sleep(0.01)
+    assert t.proc.poll() is not None and time.monotonic() - start < 10  # stopped, not waited out
     assert t.means == (1840.0, 600.0)
     assert "--id=GPU-x" in (tmp_path / "args").read_text()
     assert throughput.telemetry_cells(t.means) == "1840 | 600"
@@ -153,6 +155,23 @@ def test_throughput_telemetry_averages_nvidia_smi_samples(tmp_path, monkeypatch)
     with throughput.GpuTelemetry("0") as t:
         pass
     assert t.means is None and throughput.telemetry_cells(None) == " | "
+    assert throughput.gpu_limits("0") == ""
+
+
+def test_throughput_table_rows_match_its_header():
+    """Every row kind (measured, measured without telemetry, OOM) has the header's columns."""
+    import throughput
+
+    header = throughput.TABLE_HEADER.splitlines()[0]
+    rows = [throughput.table_row("90m", 8, 8192, "Mamba", None),
+            throughput.table_row("90m", 8, 8192, "Mamba", dict(
+                params=9e7, ms=170.0, bytes_per_s=3.8e5, mfu=0.21, peak_gb=53.6, accum=2,
+                clock_watts=(1791.0, 630.0)), base=3.0e5),
+            throughput.table_row("90m", 8, 8192, "Mamba", dict(
+                params=9e7, ms=170.0, bytes_per_s=3.8e5, mfu=0.21, peak_gb=53.6, accum=1,
+                clock_watts=None), base=3.0e5)]
+    assert {r.count("|") for r in rows} == {header.count("|")}
+    assert "| 1791 | 630 |" in rows[1] and "8 (4 x 2) x 8192" in rows[1]
 
 
 def test_scan_tune_variants_run_in_the_interpreter(monkeypatch):

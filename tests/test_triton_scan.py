@@ -432,6 +432,23 @@ def test_scan_gradient_of_one_result(use, monkeypatch):
     assert seen == [(use == ("last",), use == ("out",))] * 2
 
 
+def test_saved_bc_keeps_the_forward_packing_only_where_the_backward_reads_it():
+    """A forward keeps its packed B and C for the backward only where the backward's config
+    reads both in their packed dtypes; else the backward packs the rows again."""
+    fwd = tss.scan_config(16)                                   # bf16 rows stay bf16
+    bwd16, bwd64 = tss.scan_config(16, backward=True), tss.scan_config(64, backward=True)
+    rows = {dt: torch.randn(2, 16, 9).to(dt) for dt in (torch.bfloat16, torch.float32)}
+    for b_dt, c_dt, cfg_b, kept in [
+            (torch.bfloat16, torch.bfloat16, bwd16, False),    # the 168 cap reads fp32
+            (torch.float32, torch.float32, bwd16, True),       # packed fp32 already
+            (torch.float32, torch.bfloat16, bwd16, False),     # C packed bf16: packed again
+            (torch.bfloat16, torch.float32, bwd16, False),
+            (torch.bfloat16, torch.bfloat16, bwd64, True)]:    # N=64 reads bf16
+        B, C = rows[b_dt], rows[c_dt]
+        Bp, Cp = tss.pack_bc(B, fwd), tss.pack_bc(C, fwd)
+        assert (tss.saved_bc(Bp, Cp, B, C, cfg_b)[0] is Bp) == kept, (b_dt, c_dt)
+
+
 @pytest.mark.parametrize("nstate,bwd_dtype", [(16, torch.float32), (64, torch.bfloat16)])
 def test_scan_backward_reads_b_and_c_in_its_own_dtype(nstate, bwd_dtype, monkeypatch):
     """bf16 inputs: the forward packs B and C in bf16; the backward reads them in its config's

@@ -57,8 +57,8 @@ class MambaInnerFn(torch.autograd.Function):
                               delta_softplus=True, store_ckpt=need_grad, cfg=cfg)
         if need_grad:
             # the backward's B and C: these, or packed again from x_dbl's rows in its dtype
-            ctx.cfg_b = backward_config(nstate, batch, d_inner, x.device)
-            Bp, Cp = saved_bc(Bp, Cp, B, ctx.cfg_b)
+            ctx.cfg_b = dict(backward_config(nstate, batch, d_inner, x.device), T=cfg["T"])
+            Bp, Cp = saved_bc(Bp, Cp, B, C, ctx.cfg_b)
             ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
                                   dt_bias, x, x_dbl, delta, Bp, Cp, ckpt)
             ctx.batch, ctx.dt_rank, ctx.t_chunk = batch, dt_rank, cfg["T"]
@@ -79,6 +79,7 @@ class MambaInnerFn(torch.autograd.Function):
         du, ddelta, dA, dBCp, dD, _, ddt_bias, _ = scan_bwd(
             x, delta, A, Bp, Cp, D, _per_row(xz[d_inner:], batch), dt_bias, True, ckpt,
             ctx.t_chunk, dy, None, need_dh0=False, cfg=ctx.cfg_b, dz=_per_row(dz_cm, batch))
+        del Bp, Cp  # a second packing (~8 MB a layer at 8 x 8192) need not outlive the scan
         dx_dbl = torch.empty_like(x_dbl)
         ddt_low, dB, dC = dx_dbl.split([dt_rank, nstate, nstate])
         length = x.shape[2]

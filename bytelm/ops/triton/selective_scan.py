@@ -30,10 +30,12 @@ adjacent steps of the group, so each per-step row is loaded or stored 4 (8) byte
 N=16) instead of 2; the chunks' state sums are reduce-scattered together straight into that
 layout, and dt u reaches every lane from the lanes' own steps by shuffles (no u row a chunk).
 
-B and C are small, so the wrapper packs them once as (batch, chunk + 2, state block, T), bf16 if
+B and C are small, so the wrapper packs them as (batch, chunk + 2, state block, T), bf16 if
 they come in bf16 and fp32 otherwise (`pack_bc`): no masks per (channel, state, step), and the
 8 channel lanes that read each B, C value cost the L1 half the wavefronts in bf16 (the forward
-is bound by them; the one convert a value is cheaper). The forward stores the state
+is bound by them; the one convert a value is cheaper). The backward at N=16 (the 168-register
+cap) reads them in fp32 instead, packed a second time from the rows (`saved_bc`): its loop is
+bound by instructions, and the converts cost more there than the bytes. The forward stores the state
 entering every chunk (batch, n_chunks, dim, state) when gradients are needed (state last: each
 thread's NPT states of a channel are adjacent, one 16-byte store a chunk in bf16); the backward
 reloads it, recomputes the chunk's states, walks the chunk in reverse for dh, sums dB and dC over
@@ -278,11 +280,12 @@ def pack_bc_pair(B, C, cfg):
     return pack_bc(BC, cfg).unbind(0)
 
 
-def saved_bc(Bp, Cp, B, cfg_b):
-    """What a forward saves of its packed B and C (Bp, Cp; B: the rows they came from) for a
-    backward of config cfg_b: the pair where cfg_b reads them in their dtype, else (None, None),
-    and the backward packs the rows again in its own dtype (`pack_bc_pair`, one copy)."""
-    return (Bp, Cp) if Bp.dtype == bc_dtype(cfg_b, B.dtype) else (None, None)
+def saved_bc(Bp, Cp, B, C, cfg_b):
+    """What a forward saves of its packed B and C (Bp, Cp; B, C: the rows they came from) for a
+    backward of config cfg_b: the pair where cfg_b reads both in their dtypes, else (None, None),
+    and the backward packs the rows again in its own dtypes (`pack_bc_pair`, one copy)."""
+    same = Bp.dtype == bc_dtype(cfg_b, B.dtype) and Cp.dtype == bc_dtype(cfg_b, C.dtype)
+    return (Bp, Cp) if same else (None, None)
 
 
 def segments(batch, dim, n_chunks, cfg, device) -> int:
@@ -572,15 +575,16 @@ class SelectiveScanFn(torch.autograd.Function):
         delta_bias = delta_bias.contiguous().float() if delta_bias is not None else None
         h0 = initial_state.contiguous().float() if initial_state is not None else None
         cfg = forward_config(A.shape[1], *u.shape, u.device, input_dtype=u.dtype)
-        # B and C are small (batch, state, length): one packed copy (pack_bc) saves the
-        # kernels computing masks for every (channel, state, step)
+        # B and C are small (batch, state, length): a packed copy (pack_bc) saves the kernels
+        # computing masks for every (channel, state, step); the backward may pack its own
         Bp, Cp = pack_bc_pair(B, C, cfg)
         out, h_last, ckpt = scan_fwd(u, delta, A, Bp, Cp, D, z, delta_bias, delta_softplus, h0,
                                      store_ckpt=need_grad, cfg=cfg)
         if need_grad:
             ctx.bc_dtypes = (B.dtype, C.dtype)
-            ctx.cfg_b = backward_config(A.shape[1], *u.shape[:2], u.device)
-            Bp, Cp = saved_bc(Bp, Cp, B, ctx.cfg_b)
+            # (T: the forward's chunk, which the checkpoints and the packing follow)
+            ctx.cfg_b = dict(backward_config(A.shape[1], *u.shape[:2], u.device), T=cfg["T"])
+            Bp, Cp = saved_bc(Bp, Cp, B, C, ctx.cfg_b)
             B, C = (None, None) if Bp is not None else (B, C)
             ctx.save_for_backward(u, delta, A, Bp, Cp, B, C, D, z, delta_bias, ckpt)
             ctx.delta_softplus = delta_softplus
