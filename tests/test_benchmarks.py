@@ -174,9 +174,10 @@ def test_throughput_table_rows_match_its_header():
     assert "| 1791 | 630 |" in rows[1] and "8 (4 x 2) x 8192" in rows[1]
 
 
-def test_scan_tune_variants_run_in_the_interpreter(monkeypatch):
+def test_scan_tune_variants_run(monkeypatch):
     """Every tile shape / cut `scan.py --tune` times launches and agrees with the default
-    backward (timing replaced by one call; tiny shapes on the CPU)."""
+    backward (timing replaced by one call; tiny shapes, in Triton's interpreter on the CPU, on
+    the GPU where there is one)."""
     import re
 
     import torch
@@ -185,8 +186,10 @@ def test_scan_tune_variants_run_in_the_interpreter(monkeypatch):
     monkeypatch.setattr(scan, "bench", lambda fn, rep=200: (fn(), 0.0)[1])
     g = torch.Generator().manual_seed(0)
     b, d, length, n = 1, 8, 11, 16
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    x = dict(u=rnd(b, d, length), delta=0.5 * rnd(b, d, length), A=-(torch.rand(d, n, generator=g) * 4 + 0.1),
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    x = dict(u=rnd(b, d, length), delta=0.5 * rnd(b, d, length),
+             A=-(torch.rand(d, n, generator=g).to(device) * 4 + 0.1),
              B=rnd(b, n, length), C=rnd(b, n, length), D=rnd(d), z=rnd(b, d, length), delta_bias=0.5 * rnd(d))
     lines = scan.tune(x, rnd(b, d, length), n)
     fwd = [ln for ln in lines if ln.lstrip().startswith("fwd")]
