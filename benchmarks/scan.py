@@ -227,16 +227,19 @@ def tune(x, dout, n):
         ms = [bench(lambda: tss.scan_fwd(u, delta, A, Bp, Cp, D, z, bias, True, None, store_ckpt=ck, cfg=cfg))
               for ck in (False, True)]
         lines.append(f"  fwd {cfg} ({pieces(cfg)} pieces x sub-pieces): {ms[0]:.3f} ms, {ms[1]:.3f} ms with checkpoints")
+    capped = tss.scan_config(n, backward=True)   # the cap scan_config gives this state size
+
     def cap(**kw):  # another register cap, B and C in the dtype backward_config reads them in
-        # there (fp32 at the 168 cap alone)
-        return dict(base_b, **kw, bc_bf16=n != 16 or kw.get("maxnreg") != 168)
+        # there: scan_config's own at its cap, bf16 at any other (backward_config's branches)
+        same = kw.get("maxnreg") is not None and kw.get("maxnreg") == capped.get("maxnreg")
+        return dict(base_b, **kw, bc_bf16=capped["bc_bf16"] if same else True)
 
     variants = [base_b, dict(base_b, SEG=1), dict(base_b, SEG=2), dict(base_b, SEG=4),
                 dict(base_b, reduce_scatter=False)]  # dB/dC by a full butterfly per value
     if base_b.get("maxnreg"):  # without the register cap (8 warps an SM)
         variants += [cap(maxnreg=None, warps_per_sm=8),
                      cap(maxnreg=None, warps_per_sm=8, reduce_scatter=False)]
-    elif (capped := tss.scan_config(n, backward=True)).get("maxnreg"):  # with it
+    elif capped.get("maxnreg"):  # with it
         variants += [cap(maxnreg=capped["maxnreg"], warps_per_sm=capped["warps_per_sm"])]
     log_ld = base_b["LD"].bit_length() - 1  # fewer reduce-scatter rounds for dB/dC, more atomics
     variants += [dict(base_b, rs_rounds=r) for r in range(log_ld - 1, -1, -1)]
