@@ -57,7 +57,7 @@ def test_kv_cache_grows_in_place_and_generation_runs():
 
 def test_rope_makes_attention_position_aware_and_relative():
     """Same keys at shifted positions: scores depend only on the distance."""
-    from bytelm.modules.attention import rotary
+    from bytelm.ops.rotary import rotary_ref as rotary
 
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
     score = lambda qs, ks: (rotary(q, qs, 10000.0) * rotary(k, ks, 10000.0)).sum()

@@ -281,3 +281,14 @@ def test_scan_host_runs_stubbed():
     assert [r[0] for r in rows] == ["fwd", "fwd+bwd"]
     fwd_ops, fb_ops = (int(r[r.index("aten") - 1]) for r in rows)
     assert 0 < fwd_ops < fb_ops
+
+
+def test_transformer_ops_benchmark_runs_on_cpu(tmp_path):
+    import transformer_ops
+
+    out = tmp_path / "ops.md"
+    rows = transformer_ops.main(["--device", "cpu", "--tokens", "16", "--sizes", "90m",
+                                 "--reps", "1", "--out", str(out)])
+    assert [r["op"] for r in rows] == ["rope", "swiglu"]
+    assert all(r["diff"] < 1e-2 for r in rows)  # fused and reference agree to bf16 rounding
+    assert out.read_text().count("| rope |") == 1

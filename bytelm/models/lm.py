@@ -50,7 +50,8 @@ class ModelConfig:
     dt_min: float = _opt(0.001, "Mamba: smallest initial dt")
     dt_max: float = _opt(0.1, "Mamba: largest initial dt")
     dt_init_floor: float = _opt(1e-4, "Mamba: floor of the initial dt")
-    scan_backend: str = _opt("auto", "kernels (scan, conv1d, RMSNorm): auto | ref | naive | triton")
+    scan_backend: str = _opt("auto", "kernels (scan, conv1d, RMSNorm, RoPE, SwiGLU): auto | ref | "
+                                     "naive | triton")
     n_head: int = _opt(4, "attention heads (head_dim = d_model / n_head)")
     rope_theta: float = _opt(10000.0, "RoPE base")
     d_ff: int | None = _opt(None, "SwiGLU hidden size (None: 8/3 d_model rounded up to 32)")
@@ -72,7 +73,8 @@ class ModelConfig:
 
     @property
     def norm_backend(self) -> str:
-        """RMSNorm follows scan_backend (the naive scan's reference is the norm's ref)."""
+        """RMSNorm, RoPE and SwiGLU follow scan_backend (the naive scan's reference is their
+        ref)."""
         return "ref" if self.scan_backend == "naive" else self.scan_backend
 
     @property
@@ -113,9 +115,9 @@ class Block(nn.Module):
                                     dt_max=cfg.dt_max, dt_init_floor=cfg.dt_init_floor,
                                     scan_backend=cfg.scan_backend)
         elif kind == "A":
-            self.mixer = Attention(cfg.d_model, cfg.n_head, cfg.rope_theta)
+            self.mixer = Attention(cfg.d_model, cfg.n_head, cfg.rope_theta, cfg.norm_backend)
         else:
-            self.mixer = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+            self.mixer = SwiGLU(cfg.d_model, cfg.mlp_hidden, cfg.norm_backend)
 
     def forward(self, hidden, residual=None, return_state=False):
         """hidden, residual: (batch, length, d_model) -> hidden, residual [, state]."""

@@ -1,7 +1,8 @@
 """Causal multi-head self-attention with rotary position embeddings and a KV cache.
 
 The training path is one `F.scaled_dot_product_attention(is_causal=True)` call (flash attention
-on the GPU); generation appends each new key/value to a KVCache and attends over it.
+on the GPU) after RoPE (bytelm.ops.rotary: one fused kernel a direction on the GPU); generation
+appends each new key/value to a KVCache and attends over it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bytelm.ops.rotary import qkv_rotary_fn
 
 # Decoding changes the key length every step. cuDNN's attention plans per shape, so it is left
 # out of the one-query path (the flash and memory-efficient kernels take any length).
@@ -39,35 +42,22 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def rotary(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
-    """Rotate x (batch, n_head, length, head_dim) by its positions start, start+1, ... (the
-    'rotate half' RoPE of GPT-NeoX/LLaMA), computed in fp32."""
-    head_dim, length = x.shape[-1], x.shape[-2]
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float32) / head_dim)
-    pos = torch.arange(start, start + length, device=x.device, dtype=torch.float32)
-    angles = torch.outer(pos, inv_freq)  # (length, head_dim / 2)
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
-
-
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, rope_theta: float = 10000.0):
+    def __init__(self, d_model: int, n_head: int, rope_theta: float = 10000.0,
+                 backend: str = "auto"):
         super().__init__()
         if d_model % n_head or (d_model // n_head) % 2:
             raise ValueError(f"attention needs d_model ({d_model}) divisible by n_head ({n_head}) "
                              f"into an even head_dim (RoPE rotates pairs)")
         self.d_model, self.n_head, self.head_dim = d_model, n_head, d_model // n_head
-        self.rope_theta = rope_theta
+        self.rope_theta, self.backend = rope_theta, backend  # backend: RoPE's (bytelm.ops.rotary)
         self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
     def _qkv(self, hidden: torch.Tensor, start: int):
         """hidden (batch, length, d_model) -> rotated q, k and v, each (batch, n_head, length, head_dim)."""
-        b, length, _ = hidden.shape
-        q, k, v = self.qkv_proj(hidden).view(b, length, 3, self.n_head, self.head_dim).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        return rotary(q, start, self.rope_theta), rotary(k, start, self.rope_theta), v
+        return qkv_rotary_fn(self.qkv_proj(hidden), self.n_head, start, self.rope_theta,
+                             self.backend)
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
         b, _, length, _ = y.shape

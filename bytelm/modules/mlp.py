@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from bytelm.ops.swiglu import swiglu_fn
 
 
 def swiglu_hidden(d_model: int, multiple: int = 32) -> int:
@@ -14,12 +15,12 @@ def swiglu_hidden(d_model: int, multiple: int = 32) -> int:
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, d_hidden: int):
+    def __init__(self, d_model: int, d_hidden: int, backend: str = "auto"):
         super().__init__()
+        self.backend = backend  # the gate's (bytelm.ops.swiglu)
         self.in_proj = nn.Linear(d_model, 2 * d_hidden, bias=False)
         self.out_proj = nn.Linear(d_hidden, d_model, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (..., d_model) -> (..., d_model)."""
-        gate, up = self.in_proj(hidden).chunk(2, dim=-1)
-        return self.out_proj(F.silu(gate) * up)
+        return self.out_proj(swiglu_fn(self.in_proj(hidden), self.backend))

@@ -1,0 +1,164 @@
+"""Time the Transformer's fused Triton element-wise ops against their plain-PyTorch references.
+
+    python benchmarks/transformer_ops.py                 # the 90M and ~350M shapes, bf16
+    python benchmarks/transformer_ops.py --tune --out benchmarks/results/transformer-ops-h200.md
+    python benchmarks/transformer_ops.py --device cpu --tokens 64 --reps 1   # smoke run (interpreter)
+
+Ops (bytelm/ops/rotary.py, bytelm/ops/swiglu.py):
+  rope   : qkv (tokens, 3 x d_model) -> q, k rotated and v, each (batch, n_head, length, head_dim)
+  swiglu : x (tokens, 2 x hidden) -> silu(gate) * up (tokens, hidden)
+"ref" is what the modules ran before the kernels (eager PyTorch, fp32 temporaries). "fwd" runs
+without autograd; "fwd+bwd" is the forward, then the input's gradient for fixed upstream
+gradients (autograd.grad). CUDA: medians of triton.testing.do_bench_cudagraph (GPU time, no
+launch overhead); CPU: medians of --reps wall-clock runs.
+
+GB/s counts the bytes the op cannot avoid at the input's element size: rope's forward reads qkv
+and writes q, k, v (2 x its elements), its backward reads dq, dk, dv and writes d(qkv) (2 x);
+swiglu's forward reads x and writes half as much (1.5 x x's elements), its backward reads x and
+dout and writes dx (2.5 x). The device-to-device copy bandwidth (in the header) is the ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, fmt, rel_err, table_head, timer  # noqa: E402
+
+# (label, d_model, n_head, SwiGLU hidden): the throughput benchmark's Transformers
+SIZES = [("90m", 768, 12, 2048), ("350m", 1024, 16, 2816)]
+
+
+def rope_fns(qkv, n_head, douts, backend):
+    from bytelm.ops.rotary import qkv_rotary_fn
+
+    def fwd():
+        with torch.no_grad():
+            return qkv_rotary_fn(qkv, n_head, 0, 10000.0, backend)
+
+    def fwd_bwd():
+        return torch.autograd.grad(qkv_rotary_fn(qkv, n_head, 0, 10000.0, backend), qkv, douts)
+    return fwd, fwd_bwd
+
+
+def swiglu_fns(x, dout, backend):
+    from bytelm.ops.swiglu import swiglu_fn
+
+    def fwd():
+        with torch.no_grad():
+            return swiglu_fn(x, backend)
+
+    def fwd_bwd():
+        return torch.autograd.grad(swiglu_fn(x, backend), x, dout)
+    return fwd, fwd_bwd
+
+
+def measure(label, shape, fns_of, nbytes_f, nbytes_b, bench):
+    """One table row: fused and reference timed, their results compared."""
+    ours_f, ours_fb = fns_of("triton")
+    ref_f, ref_fb = fns_of("ref")
+    row = dict(op=label, shape=shape)
+    ours = [*_tuple(ours_f()), *_tuple(ours_fb())]
+    row["diff"] = max(rel_err(a, b) for a, b in zip(ours, [*_tuple(ref_f()), *_tuple(ref_fb())]))
+    row["fwd"], row["fb"], row["rfwd"], row["rfb"] = (bench(f) for f in (ours_f, ours_fb, ref_f, ref_fb))
+    row["fwd_gbs"] = nbytes_f / row["fwd"] / 1e6
+    row["fb_gbs"] = (nbytes_f + nbytes_b) / row["fb"] / 1e6
+    print(row, flush=True)
+    return row
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def tune_rope(qkv, n_head, douts, bench):
+    """Raw rotary kernels over tiles (positions a program, warps); a line each with GB/s."""
+    from bytelm.ops.rotary import rope_tables
+    from bytelm.ops.triton import rotary as trot
+
+    b, length, width = qkv.shape
+    cos, sin = rope_tables(length, 0, width // 3 // n_head, 10000.0, qkv.device)
+    nbytes = 2 * qkv.numel() * qkv.element_size()
+    dq, dk, dv = douts
+    lines = []
+    for block_r in (16, 32, 64, 128):
+        for nw in (2, 4, 8):
+            f = bench(lambda: trot.rotary_fwd(qkv, cos, sin, n_head, block_r, nw))
+            bw = bench(lambda: trot.rotary_bwd(dq, dk, dv, cos, sin, qkv.dtype, block_r, nw))
+            lines.append(f"  rope block_r={block_r:3d} num_warps={nw}: fwd {f:.4f} ms "
+                         f"{nbytes / f / 1e6:5.0f} GB/s, bwd {bw:.4f} ms {nbytes / bw / 1e6:5.0f} GB/s")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--tokens", type=int, default=65536, help="batch x length (batch 8)")
+    ap.add_argument("--sizes", default="90m,350m", help="comma list of " + ", ".join(s[0] for s in SIZES))
+    ap.add_argument("--reps", type=int, default=5, help="timed runs per measurement on the CPU")
+    ap.add_argument("--tune", action="store_true", help="also time tiles of the raw rotary kernels")
+    ap.add_argument("--out", type=Path, help="write the markdown table here too")
+    args = ap.parse_args(argv)
+    if args.device == "cpu":  # Triton kernels run through the interpreter there
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    known = {s[0]: s for s in SIZES}
+    for name in args.sizes.split(","):
+        if name not in known:
+            raise SystemExit(f"--sizes: unknown size {name!r} (known: {', '.join(known)})")
+    if args.tokens % 8:
+        raise SystemExit(f"--tokens must be a multiple of the batch, 8; got {args.tokens}")
+    bench = timer(args.device, args.reps, graph=args.device == "cuda")
+    header = environment(args.device, timer(args.device, args.reps))
+    print("\n".join(header), flush=True)
+    g = torch.Generator().manual_seed(0)
+    dt = torch.bfloat16
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device=args.device, dtype=dt)  # noqa: E731
+    batch, length = 8, args.tokens // 8
+    rows, tune_lines = [], []
+    for name in args.sizes.split(","):
+        _, d_model, n_head, hidden = known[name]
+        qkv = rnd(batch, length, 3 * d_model).requires_grad_()
+        douts = tuple(rnd(batch, length, n_head, d_model // n_head).transpose(1, 2) for _ in range(3))
+        nb = 2 * qkv.numel() * 2
+        rows.append(measure("rope", f"{batch} x {length} x 3 x {d_model}, {n_head} heads",
+                            lambda be: rope_fns(qkv, n_head, douts, be),
+                            nb, nb, bench))
+        if args.tune and args.device == "cuda":
+            tune_lines += [f"{name} rope:"] + tune_rope(qkv.detach(), n_head, douts, bench)
+        del qkv, douts
+        x = rnd(args.tokens, 2 * hidden).requires_grad_()
+        dout = rnd(args.tokens, hidden)
+        rows.append(measure("swiglu", f"{args.tokens} x 2 x {hidden}",
+                            lambda be: swiglu_fns(x, dout, be), int(1.5 * x.numel() * 2),
+                            int(2.5 * x.numel() * 2), bench))
+        del x, dout
+    table = table_head("| op | shape (bf16) | fused fwd ms | GB/s | fused fwd+bwd ms | GB/s | "
+                       "ref fwd ms | ref fwd+bwd ms | fwd+bwd speed-up | max rel diff |")
+    for r in rows:
+        table.append(f"| {r['op']} | {r['shape']} | {fmt(r['fwd'])} | {fmt(r['fwd_gbs'], '.0f')} | "
+                     f"{fmt(r['fb'])} | {fmt(r['fb_gbs'], '.0f')} | {fmt(r['rfwd'])} | "
+                     f"{fmt(r['rfb'])} | {fmt(r['rfb'] / r['fb'], '.1f')}x | {r['diff']:.1e} |")
+    text = "\n".join(table)
+    print(text)
+    if args.out:
+        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))
+        parts = ["# Transformer element-wise ops: bytelm Triton vs the PyTorch references", "", *header,
+                 f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+                 f"- command: `{cmd}`", "", text]
+        if tune_lines:
+            parts += ["", "Tiles of the raw rotary kernels (same run):", "", "```", *tune_lines, "```"]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(parts) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
