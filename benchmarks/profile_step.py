@@ -34,7 +34,8 @@ from throughput import CONTEXTS, SIZES, training_loss  # noqa: E402
 # first matching pattern (on the lower-cased kernel name) names the family
 FAMILIES = [
     ("scan (triton)", r"_scan_|_state_update"),
-    ("attention", r"sdpa|flash|fmha|attention"),
+    ("attention", r"sdpa|flash|fmha|attention|cudnn::fusion"),  # (cuDNN's dq cast, dot(do, o))
+    ("rope / swiglu (triton)", r"_rotary_|_swiglu_"),
     ("conv1d", r"conv"),
     ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|matmul|_mma|cublas"),
     ("norm", r"norm"),

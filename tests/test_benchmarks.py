@@ -292,3 +292,13 @@ def test_transformer_ops_benchmark_runs_on_cpu(tmp_path):
     assert [r["op"] for r in rows] == ["rope", "swiglu"]
     assert all(r["diff"] < 1e-2 for r in rows)  # fused and reference agree to bf16 rounding
     assert out.read_text().count("| rope |") == 1
+
+
+def test_profile_step_families_name_the_kernels():
+    import profile_step
+
+    assert profile_step.family("_rotary_bwd_kernel") == "rope / swiglu (triton)"
+    assert profile_step.family("_swiglu_fwd_kernel") == "rope / swiglu (triton)"
+    assert profile_step.family("void cudnn::fusion::convert_dq_to_16bits<true>(void const*") == "attention"
+    assert profile_step.family("_conv_bwd_kernel") == "conv1d"
+    assert profile_step.family("_scan_bwd_kernel") == "scan (triton)"
