@@ -5,7 +5,7 @@
     python benchmarks/transformer_ops.py --device cpu --tokens 64 --reps 1   # smoke run (interpreter)
 
 Ops (bytelm/ops/rotary.py, bytelm/ops/swiglu.py):
-  rope   : qkv (tokens, 3 x d_model) -> q, k rotated and v, each (batch, n_head, length, head_dim)
+  rope   : qkv (batch, length, 3 x d_model) -> q, k rotated and v, each (batch, n_head, length, head_dim)
   swiglu : x (tokens, 2 x hidden) -> silu(gate) * up (tokens, hidden)
 "ref" is what the modules ran before the kernels (eager PyTorch, fp32 temporaries). "fwd" runs
 without autograd; "fwd+bwd" is the forward, then the input's gradient for fixed upstream

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from bytelm.models.lm import LM, ModelConfig
+from bytelm.modules.attention import Attention
 from bytelm.ops import rotary as rot
 from bytelm.ops import swiglu as sw
 from bytelm.ops.triton import rotary as trot
@@ -73,20 +74,51 @@ def test_rotary_matches_reference(batch, length, n_head, head_dim, start, dtype)
 
 
 def test_rotary_takes_strided_inputs_and_runs_without_autograd():
-    """qkv as a slice of a wider tensor (row stride > width) and gradients in any layout; under
-    no_grad the forward runs alone."""
+    """qkv as a slice of a longer and wider tensor (its batch stride is not length x its
+    position stride, which is not its width) and gradients in any layout; under no_grad the
+    forward runs alone."""
     g = torch.Generator().manual_seed(3)
-    wide = torch.randn(2, 20, 3 * 32 + 8, generator=g).to(DEVICE)
-    qkv = wide[..., :96]
+    big = torch.randn(2, 12, 3 * 32 + 8, generator=g).to(DEVICE)
+    qkv = big[:, 2:9, :96]
+    assert qkv.stride(0) != qkv.shape[1] * qkv.stride(1) != 96
     with torch.no_grad():
         fused = rot.qkv_rotary_fn(qkv, 4, 0, 500.0, backend="triton")
     for a, b in zip(fused, rot.qkv_rotary_ref(qkv, 4, 0, 500.0)):
         assert rel_err(a, b) <= TOL[torch.float32]
-    # contiguous (batch, length, n_head, head_dim) gradients, seen as (batch, n_head, ...) views
-    douts = tuple(torch.randn(2, 20, 4, 8, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
-    _, d = _grads(lambda x: rot.qkv_rotary_fn(x, 4, 0, 500.0, backend="triton"), qkv, douts)
-    _, d_r = _grads(lambda x: rot.qkv_rotary_ref(x, 4, 0, 500.0), qkv, douts)
+    # contiguous (batch, length, n_head, head_dim) gradients seen as (batch, n_head, ...) views,
+    # and one with a gap between positions
+    douts = [torch.randn(2, 7, 4, 8, generator=g).to(DEVICE).transpose(1, 2) for _ in range(2)]
+    douts.append(torch.randn(2, 4, 14, 8, generator=g).to(DEVICE)[:, :, ::2])
+    _, d = _grads(lambda x: rot.qkv_rotary_fn(x, 4, 0, 500.0, backend="triton"), qkv, tuple(douts))
+    _, d_r = _grads(lambda x: rot.qkv_rotary_ref(x, 4, 0, 500.0), qkv, tuple(douts))
     assert rel_err(d, d_r) <= TOL[torch.float32]
+
+
+def test_attention_decodes_the_same_on_the_kernels():
+    """Attention's prefill (forward with its KV cache) and one-position steps at offsets > 0
+    through the fused RoPE, against the same weights on the reference."""
+    torch.manual_seed(1)
+    ref = Attention(32, 4, backend="ref").to(DEVICE)
+    fused = Attention(32, 4, backend="triton").to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 9, 32, device=DEVICE)
+    with torch.no_grad():
+        (out_r, cache_r), (out, cache) = ref(x, return_state=True), fused(x, return_state=True)
+        assert rel_err(out, out_r) <= 1e-6 and rel_err(cache.k, cache_r.k) <= 1e-6
+        for _ in range(4):
+            h = torch.randn(3, 32, device=DEVICE)
+            assert rel_err(fused.step(h, cache), ref.step(h, cache_r)) <= 1e-6
+    assert cache.length == cache_r.length == 13
+
+
+def test_fused_ops_refuse_double_backward():
+    """Their backward kernels are not differentiable: a second derivative is an error, not a
+    silent zero."""
+    x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
+    for out in (sw.swiglu_fn(x, backend="triton"), rot.qkv_rotary_fn(x, 2, backend="triton")[0]):
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            g.sum().backward()
 
 
 @pytest.mark.parametrize("shape, n_head, message", [
@@ -117,14 +149,25 @@ def test_swiglu_matches_reference(shape, dtype):
 
 
 def test_swiglu_takes_strided_rows_and_runs_without_autograd():
+    """x's rows further apart than 2 x hidden (a slice of a wider tensor), dout's rows further
+    apart than hidden; the output may be modified in place, as the reference's."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(6, 7, 2 * 24, generator=g).to(DEVICE).transpose(0, 1)  # rows not adjacent
+    x = torch.randn(6, 7, 2 * 24 + 10, generator=g).to(DEVICE)[..., :48]
     with torch.no_grad():
         assert rel_err(sw.swiglu_fn(x, backend="triton"), sw.swiglu_ref(x)) <= TOL[torch.float32]
-    dout = torch.randn(7, 6, 24, generator=g).to(DEVICE)
-    (_,), dx = _grads(lambda t: sw.swiglu_fn(t, backend="triton"), x, (dout,))
-    (_,), dx_r = _grads(sw.swiglu_ref, x, (dout,))
+    dout = torch.randn(6, 7, 30, generator=g).to(DEVICE)[..., :24]
+
+    def doubled(fn):
+        return lambda t: fn(t).mul_(2)
+    (_,), dx = _grads(doubled(lambda t: sw.swiglu_fn(t, backend="triton")), x, (dout,))
+    (_,), dx_r = _grads(doubled(sw.swiglu_ref), x, (dout,))
     assert rel_err(dx, dx_r) <= TOL[torch.float32]
+    # autograd hands the op's backward contiguous gradients here; the kernel also takes rows
+    # apart (a dout it is given directly)
+    (_,), dx_r = _grads(sw.swiglu_ref, x, (dout,))
+    dx = tsw.swiglu_bwd(x.reshape(42, 48), dout.reshape(42, 24))
+    assert dout.reshape(42, 24).stride(0) == 30
+    assert rel_err(dx.view(6, 7, 48), dx_r) <= TOL[torch.float32]
 
 
 def test_swiglu_odd_width_is_a_one_line_error():

@@ -139,6 +139,7 @@ class QkvRotaryFn(torch.autograd.Function):
         return rotary_fwd(qkv, cos, sin, n_head)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: say so, not zeros
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
         # as (batch, n_head, length, head_dim): the layout of the tensors attention read

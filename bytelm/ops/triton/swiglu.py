@@ -7,7 +7,7 @@ Maths and shapes as `bytelm.ops.swiglu.swiglu_ref` (the reference beside it):
     forward : out = g s u,                              s = sigmoid(g)
     backward: dg = dout u s (1 + g (1 - s)),  du = dout g s   -> d(x) (rows, 2 * hidden)
 
-All in fp32, one rounding to x.dtype a result (the reference rounds silu(g) and then the
+All in fp32 (fp64 inputs take the reference), one rounding to x.dtype a result (the reference rounds silu(g) and then the
 product). A program takes a (BLOCK_R, BLOCK_C) tile of rows x hidden columns; the backward
 saves only x (the reference also keeps silu(g), another (rows, hidden) tensor).
 """
@@ -91,17 +91,19 @@ def swiglu_bwd(x2, dout2):
 
 
 class SwiGLUFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        x2 = _rows(x)
-        ctx.save_for_backward(x2)
-        ctx.shape = x.shape
-        return swiglu_fwd(x2).view(*x.shape[:-1], x.shape[-1] // 2)
+    """x2 (rows, 2 * hidden) -> (rows, hidden); callers reshape outside, so that the output is
+    not a view made inside the Function (autograd would refuse in-place ops on it)."""
 
     @staticmethod
+    def forward(ctx, x2):
+        ctx.save_for_backward(x2)
+        return swiglu_fwd(x2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: say so, not zeros
     def backward(ctx, dout):
         (x2,) = ctx.saved_tensors
-        return swiglu_bwd(x2, _rows(dout)).view(ctx.shape)
+        return swiglu_bwd(x2, dout if dout.stride(-1) == 1 else dout.contiguous())
 
 
 def swiglu_triton(x: torch.Tensor) -> torch.Tensor:
@@ -109,8 +111,7 @@ def swiglu_triton(x: torch.Tensor) -> torch.Tensor:
     from bytelm.ops.swiglu import check_swiglu, swiglu_ref
 
     hidden = check_swiglu(x)
-    if x.numel() == 0:
+    if x.numel() == 0 or x.dtype == torch.float64:  # the kernels compute in fp32
         return swiglu_ref(x)
-    if needs_autograd(x):
-        return SwiGLUFn.apply(x)
-    return swiglu_fwd(_rows(x)).view(*x.shape[:-1], hidden)
+    fwd = SwiGLUFn.apply if needs_autograd(x) else swiglu_fwd
+    return fwd(_rows(x)).view(*x.shape[:-1], hidden)
