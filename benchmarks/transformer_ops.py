@@ -3,6 +3,7 @@
     python benchmarks/transformer_ops.py                 # the 90M and ~350M shapes, bf16
     python benchmarks/transformer_ops.py --tune --out benchmarks/results/transformer-ops-h200.md
     python benchmarks/transformer_ops.py --device cpu --tokens 64 --reps 1   # smoke run (interpreter)
+    python benchmarks/transformer_ops.py --attention     # also: SDPA's training backends (CUDA)
 
 Ops (bytelm/ops/rotary.py, bytelm/ops/swiglu.py):
   rope   : qkv (batch, length, 3 x d_model) -> q, k rotated and v, each (batch, n_head, length, head_dim)
@@ -16,6 +17,11 @@ GB/s counts the bytes the op cannot avoid at the input's element size: rope's fo
 and writes q, k, v (2 x its elements), its backward reads dq, dk, dv and writes d(qkv) (2 x);
 swiglu's forward reads x and writes half as much (1.5 x x's elements), its backward reads x and
 dout and writes dx (2.5 x). The device-to-device copy bandwidth (in the header) is the ceiling.
+
+--attention (CUDA): causal SDPA forward + backward at the 90M Transformer's shapes (12 heads of
+64; q, k, v laid out as the fused RoPE writes them) for 65,536 positions at contexts 2K / 8K /
+32K, with each of SDPA's backends allowed alone: which one a training step should run. Timed
+by triton.testing.do_bench (eager: milliseconds of GPU work a call, launches included).
 """
 
 from __future__ import annotations
@@ -98,6 +104,45 @@ def tune_rope(qkv, n_head, douts, bench):
     return lines
 
 
+def attention_rows(tokens, bench, contexts=(2048, 8192, 32768), n_head=12, head_dim=64):
+    """SDPA fwd+bwd (causal, bf16) ms by backend; NaN where a backend refuses the inputs."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"cuDNN": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "memory-efficient": SDPBackend.EFFICIENT_ATTENTION}
+    rows = []
+    for ctx in contexts:
+        b = tokens // ctx
+        q, k, v = (torch.randn(b, ctx, n_head, head_dim, device="cuda", dtype=torch.bfloat16)
+                   .transpose(1, 2).requires_grad_() for _ in range(3))
+        dout = torch.randn_like(q)
+        row = dict(shape=f"{b} x {ctx}, {n_head} x {head_dim}")
+        for name, backend in backends.items():
+            def fwd_bwd():
+                with sdpa_kernel([backend]):
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return torch.autograd.grad(out, (q, k, v), dout)
+            try:
+                fwd_bwd()
+                row[name] = bench(fwd_bwd)
+            except RuntimeError as e:  # a backend that does not take these inputs
+                print(f"{name} at {row['shape']}: {str(e).splitlines()[0][:120]}", flush=True)
+                row[name] = float("nan")
+        # causal: half the scores, 4 b h ctx^2 d FLOPs forward, 2.5x that forward + backward
+        flops = 2.5 * 4 * b * n_head * ctx * ctx * head_dim / 2
+        best = min((row[n] for n in backends if row[n] == row[n]), default=float("nan"))
+        row["tflops"] = flops / best / 1e9
+        rows.append(row)
+        print(row, flush=True)
+    table = table_head("| batch x context, heads x head_dim | cuDNN ms | flash ms | memory-efficient ms | "
+                       "best TFLOP/s |")
+    for r in rows:
+        table.append(f"| {r['shape']} | {fmt(r['cuDNN'])} | {fmt(r['flash'])} | "
+                     f"{fmt(r['memory-efficient'])} | {fmt(r['tflops'], '.0f')} |")
+    return table
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -105,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--sizes", default="90m,350m", help="comma list of " + ", ".join(s[0] for s in SIZES))
     ap.add_argument("--reps", type=int, default=5, help="timed runs per measurement on the CPU")
     ap.add_argument("--tune", action="store_true", help="also time tiles of the raw rotary kernels")
+    ap.add_argument("--attention", action="store_true",
+                    help="also time SDPA's backends for training (CUDA only)")
     ap.add_argument("--out", type=Path, help="write the markdown table here too")
     args = ap.parse_args(argv)
     if args.device == "cpu":  # Triton kernels run through the interpreter there
@@ -147,6 +194,9 @@ def main(argv=None):
                      f"{fmt(r['fb'])} | {fmt(r['fb_gbs'], '.0f')} | {fmt(r['rfwd'])} | "
                      f"{fmt(r['rfb'])} | {fmt(r['rfb'] / r['fb'], '.1f')}x | {r['diff']:.1e} |")
     text = "\n".join(table)
+    if args.attention and args.device == "cuda":
+        text += ("\n\nCausal SDPA forward + backward, bf16, by backend (each allowed alone):\n\n"
+                 + "\n".join(attention_rows(args.tokens, timer(args.device, args.reps))))
     print(text)
     if args.out:
         cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))
