@@ -1,11 +1,15 @@
-"""What the kernel benchmark scripts share: timing, the card's copy bandwidth, the header."""
+"""What the kernel benchmark scripts share: timing, the card's copy bandwidth, the header, the
+results file."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -77,3 +81,20 @@ def fmt(v, spec: str = ".3f") -> str:
 def table_head(head: str) -> list[str]:
     """A markdown table's header line and the rule under it."""
     return [head, "|" + " --- |" * (head.count("|") - 1)]
+
+
+def write_report(path, title: str, header: list[str], argv, notes: list[str], table: str,
+                 tune_lines: list[str], tune_caption: str = "Tile variants of the raw kernels (same run):"):
+    """A markdown results file at path: the title, the machine (header), the date, the command
+    line (argv: the script's arguments, None for sys.argv's), notes, the table, and any tuning
+    lines in a code block."""
+    given = argv if argv is not None else sys.argv[1:]
+    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + list(given))
+    parts = [f"# {title}", "", *header,
+             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+             f"- command: `{cmd}`", *notes, "", table]
+    if tune_lines:
+        parts += ["", tune_caption, "", "```", *tune_lines, "```"]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts) + "\n")

@@ -25,7 +25,6 @@ The copy bandwidth (device-to-device copy, bytes read + written) is the practica
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -36,7 +35,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, fmt, parse_shapes, rel_err, table_head, timer  # noqa: E402
+from common import (environment, fmt, parse_shapes, rel_err, table_head, timer,  # noqa: E402
+                    write_report)
 
 SHAPES = [(8, 1536, 2048), (8, 1536, 8192), (2, 1536, 32768), (32, 1536, 2048)]
 
@@ -175,17 +175,10 @@ def main(argv=None):
     table = format_table(rows)
     print(table)
     if args.out:
-        given = argv if argv is not None else sys.argv[1:]
-        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + given)
-        parts = ["# Causal conv1d + SiLU: bytelm Triton vs PyTorch (nn.Conv1d + slice + F.silu)", "",
-                 *header, f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-                 f"- command: `{cmd}`",
-                 f"- {args.dtype} x ({args.layout}), fp32 weight/bias, width {args.width}, SiLU on; "
-                 "GB/s and timing as defined in benchmarks/conv1d.py", "", table]
-        if tune_lines:
-            parts += ["", "Tile variants of the raw kernels (same run):", "", "```"] + tune_lines + ["```"]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(parts) + "\n")
+        write_report(args.out, "Causal conv1d + SiLU: bytelm Triton vs PyTorch (nn.Conv1d + slice + F.silu)",
+                     header, argv,
+                     [f"- {args.dtype} x ({args.layout}), fp32 weight/bias, width {args.width}, SiLU on; "
+                      "GB/s and timing as defined in benchmarks/conv1d.py"], table, tune_lines)
     return rows
 
 

@@ -35,7 +35,6 @@ d(residual_out), writes dx and dresidual.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -44,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, parse_shapes, rel_err, table_head, timer  # noqa: E402
+from common import environment, parse_shapes, rel_err, table_head, timer, write_report  # noqa: E402
 
 SHAPES = [(65536, 768), (65536, 1024)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -165,15 +164,9 @@ def main(argv=None):
 def write_table(args, argv, header, rows, table, tune_lines, title):
     print(table)
     if args.out:
-        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))
-        parts = [f"# {title}", "",
-                 *header, f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-                 f"- command: `{cmd}`",
-                 "- fp32 weight, eps 1e-5; GB/s and timing as defined in benchmarks/rms_norm.py", "", table]
-        if tune_lines:
-            parts += ["", "Tile variants of the raw kernels (same run):", "", "```"] + tune_lines + ["```"]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(parts) + "\n")
+        write_report(args.out, title, header, argv,
+                     ["- fp32 weight, eps 1e-5; GB/s and timing as defined in benchmarks/rms_norm.py"],
+                     table, tune_lines)
     return rows
 
 

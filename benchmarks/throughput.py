@@ -85,16 +85,16 @@ def peer_missing() -> str | None:
 
 
 class GpuTelemetry:
-    """The SM clock (MHz) and board power (W) of a GPU, sampled by `nvidia-smi -lms` while the
-    block runs; `means` is (clock, power) or None where nvidia-smi is missing or said nothing.
-    gpu: nvidia-smi's --id (an index, a UUID as GPU-..., or a PCI bus id)."""
+    """A GPU's readings sampled by `nvidia-smi -lms` while the block runs: by default the SM
+    clock (MHz) and board power (W). `samples` holds a tuple a sample; `means` is their
+    column means, or None where nvidia-smi is missing or said nothing.
+    gpu: nvidia-smi's --id (an index, a UUID as GPU-..., or a PCI bus id); query: its
+    --query-gpu fields (numeric ones)."""
 
-    QUERY = "clocks.sm,power.draw"
-
-    def __init__(self, gpu: str, period_ms: int = 100):
-        self.cmd = ["nvidia-smi", f"--id={gpu}", f"--query-gpu={self.QUERY}",
+    def __init__(self, gpu: str, period_ms: int = 100, query: str = "clocks.sm,power.draw"):
+        self.cmd = ["nvidia-smi", f"--id={gpu}", f"--query-gpu={query}",
                     "--format=csv,noheader,nounits", f"-lms={period_ms}"]
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, ...]] = []
         self.proc = self.reader = None
 
     def __enter__(self):
@@ -113,10 +113,10 @@ class GpuTelemetry:
     def _read(self):
         for line in self.proc.stdout:
             try:
-                clock, watts = (float(v) for v in line.split(","))
+                sample = tuple(float(v) for v in line.split(","))
             except ValueError:  # "[N/A]" or a message: not a sample
                 continue
-            self.samples.append((clock, watts))
+            self.samples.append(sample)
 
     def __exit__(self, *exc):
         if self.proc is not None:
@@ -130,7 +130,7 @@ class GpuTelemetry:
             self.proc.stdout.close()
 
     @property
-    def means(self) -> tuple[float, float] | None:
+    def means(self) -> tuple[float, ...] | None:
         if not self.samples:
             return None
         return tuple(sum(v) / len(self.samples) for v in zip(*self.samples))
@@ -169,18 +169,14 @@ def training_loss(model: torch.nn.Module, cuda_graph: bool):
     return GraphedLoss(loss_of, model.parameters()) if cuda_graph else loss_of
 
 
-def bench(model_kw: dict, seq_len: int, batch: int, steps: int, warmup: int, backend: str,
-          accum: int = 1, peer: bool = False, cuda_graph: bool = False):
-    """One model at one context; each optimizer step takes `batch` windows in `accum`
-    micro-batches (the same bytes per step when a whole batch does not fit). peer: mamba_ssm's
-    model of the same shape instead of ours. cuda_graph: forward and backward as CUDA graphs
-    (bytelm.training.cuda_graph.GraphedLoss), the optimizer eager."""
+def train_step(model_kw: dict, backend: str, accum: int = 1, peer: bool = False,
+               cuda_graph: bool = False):
+    """(model, optimizer, step): a model on the GPU (seeded), fused AdamW, and step(ids) for ids
+    (batch, length + 1): one optimizer step over `accum` micro-batches under bf16 autocast,
+    returning the loss. Arguments as `bench`'s."""
     torch.manual_seed(0)
     model = (PeerLM(model_kw) if peer else LM(ModelConfig(**model_kw, scan_backend=backend))).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    data = torch.randint(0, 256, (steps + warmup, batch, seq_len + 1), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
-
     loss_of = training_loss(model, cuda_graph)
 
     def step(ids):
@@ -193,6 +189,18 @@ def bench(model_kw: dict, seq_len: int, batch: int, steps: int, warmup: int, bac
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+    return model, opt, step
+
+
+def bench(model_kw: dict, seq_len: int, batch: int, steps: int, warmup: int, backend: str,
+          accum: int = 1, peer: bool = False, cuda_graph: bool = False):
+    """One model at one context; each optimizer step takes `batch` windows in `accum`
+    micro-batches (the same bytes per step when a whole batch does not fit). peer: mamba_ssm's
+    model of the same shape instead of ours. cuda_graph: forward and backward as CUDA graphs
+    (bytelm.training.cuda_graph.GraphedLoss), the optimizer eager."""
+    model, opt, step = train_step(model_kw, backend, accum, peer, cuda_graph)
+    data = torch.randint(0, 256, (steps + warmup, batch, seq_len + 1), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
 
     for i in range(warmup):
         step(data[i])

@@ -27,7 +27,6 @@ by triton.testing.do_bench (eager: milliseconds of GPU work a call, launches inc
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -36,33 +35,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, fmt, rel_err, table_head, timer  # noqa: E402
+from bytelm.ops.rotary import qkv_rotary_fn  # noqa: E402
+from bytelm.ops.swiglu import swiglu_fn  # noqa: E402
+from common import environment, fmt, rel_err, table_head, timer, write_report  # noqa: E402
 
 # (label, d_model, n_head, SwiGLU hidden): the throughput benchmark's Transformers
 SIZES = [("90m", 768, 12, 2048), ("350m", 1024, 16, 2816)]
 
 
-def rope_fns(qkv, n_head, douts, backend):
-    from bytelm.ops.rotary import qkv_rotary_fn
-
+def op_fns(op, x, douts):
+    """op(x)'s forward without autograd, and its forward then x's gradient for douts."""
     def fwd():
         with torch.no_grad():
-            return qkv_rotary_fn(qkv, n_head, 0, 10000.0, backend)
+            return op(x)
 
     def fwd_bwd():
-        return torch.autograd.grad(qkv_rotary_fn(qkv, n_head, 0, 10000.0, backend), qkv, douts)
-    return fwd, fwd_bwd
-
-
-def swiglu_fns(x, dout, backend):
-    from bytelm.ops.swiglu import swiglu_fn
-
-    def fwd():
-        with torch.no_grad():
-            return swiglu_fn(x, backend)
-
-    def fwd_bwd():
-        return torch.autograd.grad(swiglu_fn(x, backend), x, dout)
+        return torch.autograd.grad(op(x), x, douts)
     return fwd, fwd_bwd
 
 
@@ -176,17 +164,15 @@ def main(argv=None):
         douts = tuple(rnd(batch, length, n_head, d_model // n_head).transpose(1, 2) for _ in range(3))
         nb = 2 * qkv.numel() * 2
         rows.append(measure("rope", f"{batch} x {length} x 3 x {d_model}, {n_head} heads",
-                            lambda be: rope_fns(qkv, n_head, douts, be),
-                            nb, nb, bench))
+                            lambda be: op_fns(lambda t: qkv_rotary_fn(t, n_head, 0, 10000.0, be),
+                                              qkv, douts), nb, nb, bench))
         if args.tune and args.device == "cuda":
             tune_lines += [f"{name} rope:"] + tune_rope(qkv.detach(), n_head, douts, bench)
-        del qkv, douts
         x = rnd(args.tokens, 2 * hidden).requires_grad_()
         dout = rnd(args.tokens, hidden)
         rows.append(measure("swiglu", f"{args.tokens} x 2 x {hidden}",
-                            lambda be: swiglu_fns(x, dout, be), int(1.5 * x.numel() * 2),
+                            lambda be: op_fns(lambda t: swiglu_fn(t, be), x, dout), int(1.5 * x.numel() * 2),
                             int(2.5 * x.numel() * 2), bench))
-        del x, dout
     table = table_head("| op | shape (bf16) | fused fwd ms | GB/s | fused fwd+bwd ms | GB/s | "
                        "ref fwd ms | ref fwd+bwd ms | fwd+bwd speed-up | max rel diff |")
     for r in rows:
@@ -199,14 +185,9 @@ def main(argv=None):
                  + "\n".join(attention_rows(args.tokens, timer(args.device, args.reps))))
     print(text)
     if args.out:
-        cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))
-        parts = ["# Transformer element-wise ops: bytelm Triton vs the PyTorch references", "", *header,
-                 f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-                 f"- command: `{cmd}`", "", text]
-        if tune_lines:
-            parts += ["", "Tiles of the raw rotary kernels (same run):", "", "```", *tune_lines, "```"]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(parts) + "\n")
+        write_report(args.out, "Transformer element-wise ops: bytelm Triton vs the PyTorch references",
+                     header, argv, [], text, tune_lines,
+                     "Tiles of the raw rotary kernels (same run):")
     return rows
 
 

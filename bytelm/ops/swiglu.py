@@ -8,8 +8,9 @@ the backend switch.
 
 `swiglu_fn` picks a backend: "ref" (this file: PyTorch's silu and product, each rounded to
 x.dtype; autograd gives the gradient) or "triton" (bytelm/ops/triton/swiglu.py: one kernel a
-direction, fp32 inside (fp64 inputs take the reference), one rounding; the backward writes d(gate | up) in one buffer and
-saves only x); "auto" means triton on CUDA tensors and ref elsewhere.
+direction, fp32 inside (fp64 inputs take the reference), one rounding; the backward writes
+d(gate | up) in one buffer and saves only x); "auto" means triton on CUDA tensors and ref
+elsewhere.
 """
 
 from __future__ import annotations

@@ -37,6 +37,17 @@ def length_major(x: torch.Tensor | None) -> torch.Tensor | None:
     return x.contiguous()
 
 
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """t itself if its last dim's elements are adjacent (or it has one), else a contiguous copy:
+    what kernels that address rows through their other strides read."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """t (..., n) as (rows, n) with `unit_last_stride` (a view when the strides allow)."""
+    return unit_last_stride(t.reshape(-1, t.shape[-1]))
+
+
 def like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """x with exactly ref's strides (copied only if they differ), for kernels that address
     several tensors with one set of strides."""

@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 
 from bytelm.ops.backend import needs_autograd
-from bytelm.ops.triton.layout import cdiv, empty_output as _empty, next_pow2, sm_count
+from bytelm.ops.triton.layout import (as_rows as _rows, cdiv, empty_output as _empty, next_pow2,
+                                      sm_count)
 
 MAX_FUSED_DIM = 16384  # widest row held in registers; wider rows take the reference
 
@@ -148,12 +149,6 @@ def _n_programs(cfg, n_tiles, device) -> int:
     else:
         n = cfg["PROGRAMS_PER_SM"] * sm_count(device)
     return max(1, min(n, n_tiles))
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t (..., dim) as (rows, dim) with unit column stride (a view when possible)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
 def rms_norm_fwd(x, weight, eps, store_rstd=True, cfg=None):

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from bytelm.ops.backend import needs_autograd
-from bytelm.ops.triton.layout import cdiv, empty_output as _empty, next_pow2
+from bytelm.ops.triton.layout import (cdiv, empty_output as _empty, next_pow2,
+                                      unit_last_stride)
 
 BLOCK_R = 32  # positions a program
 
@@ -108,14 +109,10 @@ def rotary_fwd(qkv, cos, sin, n_head, block_r=BLOCK_R, num_warps=4):
     return q, k, v
 
 
-def _unit_last(g):
-    return g if g.stride(-1) == 1 else g.contiguous()
-
-
 def rotary_bwd(dq, dk, dv, cos, sin, dtype, block_r=BLOCK_R, num_warps=4):
     """dq, dk, dv (batch, n_head, length, head_dim), any strides -> d(qkv) (batch, length,
     3 * d_model) contiguous in dtype."""
-    dq, dk, dv = _unit_last(dq), _unit_last(dk), _unit_last(dv)
+    dq, dk, dv = unit_last_stride(dq), unit_last_stride(dk), unit_last_stride(dv)
     b, n_head, length, head_dim = dq.shape
     d_model = n_head * head_dim
     dqkv = _empty(b, length, 3 * d_model, device=dq.device, dtype=dtype)
@@ -156,8 +153,7 @@ def qkv_rotary_triton(qkv: torch.Tensor, n_head: int, start: int = 0, theta: flo
     head_dim = check_qkv(qkv, n_head)
     if qkv.numel() == 0:
         return qkv_rotary_ref(qkv, n_head, start, theta)
-    if qkv.stride(-1) != 1:
-        qkv = qkv.contiguous()
+    qkv = unit_last_stride(qkv)
     cos, sin = rope_tables(qkv.shape[1], start, head_dim, theta, qkv.device)
     if needs_autograd(qkv):
         q, k, v = QkvRotaryFn.apply(qkv, cos, sin, n_head)

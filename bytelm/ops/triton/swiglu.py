@@ -7,8 +7,8 @@ Maths and shapes as `bytelm.ops.swiglu.swiglu_ref` (the reference beside it):
     forward : out = g s u,                              s = sigmoid(g)
     backward: dg = dout u s (1 + g (1 - s)),  du = dout g s   -> d(x) (rows, 2 * hidden)
 
-All in fp32 (fp64 inputs take the reference), one rounding to x.dtype a result (the reference rounds silu(g) and then the
-product). A program takes a (BLOCK_R, BLOCK_C) tile of rows x hidden columns; the backward
+All in fp32 (fp64 inputs take the reference), one rounding to x.dtype a result (the reference
+rounds silu(g) and then the product). A program takes a (BLOCK_R, BLOCK_C) tile of rows x hidden columns; the backward
 saves only x (the reference also keeps silu(g), another (rows, hidden) tensor).
 """
 
@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from bytelm.ops.backend import needs_autograd
-from bytelm.ops.triton.layout import cdiv, empty_output as _empty, next_pow2
+from bytelm.ops.triton.layout import (as_rows, cdiv, empty_output as _empty, next_pow2,
+                                      unit_last_stride)
 
 BLOCK_ELEMS = 4096  # elements of out a program
 
@@ -63,12 +64,6 @@ def _tiles(n_rows, hidden):
     return block_r, block_c, (cdiv(n_rows, block_r), cdiv(hidden, block_c))
 
 
-def _rows(t):
-    """(..., n) -> (rows, n) with unit last stride (a view where the strides allow)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def swiglu_fwd(x2):
     """x2 (rows, 2 * hidden), unit last stride -> out (rows, hidden) contiguous, x2's dtype."""
     n_rows, hidden = x2.shape[0], x2.shape[1] // 2
@@ -103,7 +98,7 @@ class SwiGLUFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # no double backward: say so, not zeros
     def backward(ctx, dout):
         (x2,) = ctx.saved_tensors
-        return swiglu_bwd(x2, dout if dout.stride(-1) == 1 else dout.contiguous())
+        return swiglu_bwd(x2, unit_last_stride(dout))
 
 
 def swiglu_triton(x: torch.Tensor) -> torch.Tensor:
@@ -114,4 +109,4 @@ def swiglu_triton(x: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0 or x.dtype == torch.float64:  # the kernels compute in fp32
         return swiglu_ref(x)
     fwd = SwiGLUFn.apply if needs_autograd(x) else swiglu_fwd
-    return fwd(_rows(x)).view(*x.shape[:-1], hidden)
+    return fwd(as_rows(x)).view(*x.shape[:-1], hidden)
