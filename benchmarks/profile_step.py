@@ -29,10 +29,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bytelm.models.lm import LM, ModelConfig  # noqa: E402
-from throughput import CONTEXTS, SIZES, training_loss  # noqa: E402
+from throughput import CONTEXTS, MAMBA2, SIZES, training_loss  # noqa: E402
 
 # first matching pattern (on the lower-cased kernel name) names the family
 FAMILIES = [
+    ("ssd (triton)", r"_chunk_|_state_pass"),
     ("scan (triton)", r"_scan_|_state_update"),
     ("attention", r"sdpa|flash|fmha|attention|cudnn::fusion"),  # (cuDNN's dq cast, dot(do, o))
     ("rope / swiglu (triton)", r"_rotary_|_swiglu_"),
@@ -58,7 +59,7 @@ def family(name: str) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="90m", choices=sorted(SIZES))
-    p.add_argument("--model", default="Mamba", choices=["Mamba", "Transformer"])
+    p.add_argument("--model", default="Mamba", choices=["Mamba", "Mamba-2", "Transformer"])
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--batch", type=int, help="default: 65,536 bytes per step")
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
@@ -75,7 +76,8 @@ def main(argv=None):
         sys.exit("error: benchmarks/profile_step.py needs a CUDA GPU")
 
     batch = args.batch or CONTEXTS.get(args.context, max(1, 65536 // args.context))
-    kw = SIZES[args.size][0 if args.model == "Mamba" else 1]
+    kw = (MAMBA2[args.size] if args.model == "Mamba-2"
+          else SIZES[args.size][0 if args.model == "Mamba" else 1])
     torch.manual_seed(0)
     model = LM(ModelConfig(**kw, scan_backend=args.backend)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

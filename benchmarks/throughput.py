@@ -8,6 +8,7 @@ MambaLMHeadModel of the Mamba's shape gets a row too (the table says why when it
 
     python benchmarks/throughput.py                       # ~90M models, contexts 2K / 8K / 32K
     python benchmarks/throughput.py --sizes 90m,350m --steps 10 --out results/throughput.md
+    python benchmarks/throughput.py --contexts 8192 --mamba2   # also a Mamba-2 (SSD) row
 
 MFU = training FLOPs by formula (3 x LM.flops_per_token: every matmul, attention's causal
 quadratic term, the scan's element-wise work) x bytes / time / 989e12 (H100/H200 dense bf16
@@ -47,6 +48,9 @@ SIZES = {
     "350m": (dict(d_model=1024, n_layer=52, layer_pattern="M"),
              dict(d_model=1024, n_layer=27, layer_pattern="AF", n_head=16, d_ff=2816)),
 }
+# --mamba2: a Mamba-2 (SSD mixers, state 64, heads of 64) of about the Mamba's parameters
+MAMBA2 = {"90m": dict(d_model=768, n_layer=24, layer_pattern="S", d_state=64),
+          "350m": dict(d_model=1024, n_layer=54, layer_pattern="S", d_state=64)}
 CONTEXTS = {2048: 32, 8192: 8, 32768: 2}  # context -> batch: 65,536 bytes per step
 
 
@@ -254,6 +258,8 @@ def main(argv=None):
                    help="every model's forward and backward replayed from CUDA graphs "
                         "(train.cuda_graph); the optimizer stays eager")
     p.add_argument("--out", help="also write the table to this markdown file")
+    p.add_argument("--mamba2", action="store_true",
+                   help="also a Mamba-2 (SSD) model of about the Mamba's parameter count")
     p.add_argument("--no-peer", action="store_true",
                    help="skip mamba_ssm's MambaLMHeadModel even when it is importable")
     args = p.parse_args(argv)
@@ -276,6 +282,8 @@ def main(argv=None):
             batch = CONTEXTS.get(context, max(1, 65536 // context))
             rows = {}
             models = [("Mamba", SIZES[size][0], False), ("Transformer", SIZES[size][1], False)]
+            if args.mamba2:
+                models.insert(1, ("Mamba-2", MAMBA2[size], False))
             if not missing:
                 models.append(("mamba_ssm", SIZES[size][0], True))
             for name, kw, peer in models:

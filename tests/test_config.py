@@ -37,7 +37,8 @@ def test_named_parameter_counts():
 
     expected = {"mamba-tiny-shakespeare.yaml": 11.57e6, "mamba-20m.yaml": 20e6,
                 "mamba-125m.yaml": 125e6, "hybrid-3to1-20m.yaml": 18.54e6,
-                "hybrid-7to1-20m.yaml": 19.98e6, "mamba-mlp-20m.yaml": 20.69e6}
+                "hybrid-7to1-20m.yaml": 19.98e6, "mamba-mlp-20m.yaml": 20.69e6,
+                "mamba2-20m.yaml": 19.98e6}
     for name, count in expected.items():
         cfg = build_config(load_yaml(CONFIG_DIR / name))
         with torch.device("meta"):

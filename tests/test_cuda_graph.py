@@ -86,8 +86,9 @@ def test_eager_decode_step_is_model_step():
 @needs_cuda
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_graphed_steps_equal_eager_steps(autocast, batch):
-    model = tiny("MMF").cuda()
+@pytest.mark.parametrize("pattern", ["MMF", "SSF"], ids=["mamba", "mamba2"])
+def test_graphed_steps_equal_eager_steps(autocast, batch, pattern):
+    model = tiny(pattern).cuda()
     prompt = torch.randint(0, 256, (batch, 9), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         logits, states = model.prefill(prompt)
@@ -109,10 +110,11 @@ def test_graphed_steps_equal_eager_steps(autocast, batch):
 
 
 @needs_cuda
-def test_generate_with_and_without_graph_gives_the_same_bytes():
+@pytest.mark.parametrize("pattern", ["MMF", "SSF"], ids=["mamba", "mamba2"])
+def test_generate_with_and_without_graph_gives_the_same_bytes(pattern):
     # Greedy bytes match only while the logits match to the bit (argmax near-ties): the graph
     # runs the eager step's kernels, so they do; a mismatch here means the graph went stale.
-    model = tiny("MMF").cuda()
+    model = tiny(pattern).cuda()
     prompt = torch.randint(0, 256, (2, 17), device="cuda")
     runs = [torch.stack(list(generate(model, prompt, 3 * GRAPH_MIN_STEPS, temperature=0,
                                       cuda_graph=flag)), 1) for flag in (False, True)]

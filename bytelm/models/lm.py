@@ -2,6 +2,7 @@
 from a layer pattern, final RMSNorm, tied LM head. Imports nothing from Lightning.
 
     layer_pattern "M"  x n_layer  -> Mamba (the byte Mamba of mamba_ssm)
+    layer_pattern "S"  x n_layer  -> Mamba-2 (SSD mixers; d_state 64-128, head_dim 64)
     layer_pattern "MF" x n_layer  -> Mamba with a SwiGLU MLP after every mixer
     layer_pattern "AF" x n_layer  -> Transformer (pre-norm, RoPE, SwiGLU)
     layer_pattern "MMMA" / "MMMMMMMA" -> hybrids with one attention layer in 4 / in 8
@@ -27,10 +28,12 @@ from torch import nn
 from bytelm import codec
 from bytelm.modules.attention import Attention, KVCache
 from bytelm.modules.mamba import MambaMixer, MambaState
+from bytelm.modules.mamba2 import Mamba2Mixer, Mamba2State
 from bytelm.modules.mlp import SwiGLU, swiglu_hidden
 from bytelm.modules.norm import RMSNorm
 
-LAYER_KINDS = {"M": "Mamba mixer", "A": "attention", "F": "SwiGLU MLP"}
+LAYER_KINDS = {"M": "Mamba mixer", "S": "Mamba-2 (SSD) mixer", "A": "attention", "F": "SwiGLU MLP"}
+_LETTERS = "M Mamba mixer, S Mamba-2 mixer, A attention, F MLP"
 
 
 def _opt(default, text: str):
@@ -42,14 +45,17 @@ class ModelConfig:
     d_model: int = _opt(256, "width of the residual stream")
     n_layer: int = _opt(4, "how many times layer_pattern repeats")
     layer_pattern: str = _opt("M", "one letter per pre-norm residual block: M Mamba mixer, "
-                                   "A attention, F SwiGLU MLP (e.g. M, MF, AF, MMMA)")
-    d_state: int = _opt(16, "Mamba: SSM state size per channel")
+                                   "S Mamba-2 (SSD) mixer, A attention, F SwiGLU MLP "
+                                   "(e.g. M, S, MF, AF, MMMA)")
+    d_state: int = _opt(16, "Mamba: SSM state size per channel (Mamba-2: per head row; 64-128)")
     d_conv: int = _opt(4, "Mamba: width of the causal depthwise conv")
     expand: int = _opt(2, "Mamba: inner width / d_model")
     dt_rank: int | None = _opt(None, "Mamba: rank of the dt projection (None: ceil(d_model/16))")
     dt_min: float = _opt(0.001, "Mamba: smallest initial dt")
     dt_max: float = _opt(0.1, "Mamba: largest initial dt")
     dt_init_floor: float = _opt(1e-4, "Mamba: floor of the initial dt")
+    head_dim: int = _opt(64, "Mamba-2: channels per SSD head (heads = expand * d_model / head_dim)")
+    n_groups: int = _opt(1, "Mamba-2: groups of heads sharing B and C")
     scan_backend: str = _opt("auto", "kernels (scan, conv1d, RMSNorm, RoPE, SwiGLU): auto | ref | "
                                      "naive | triton")
     n_head: int = _opt(4, "attention heads (head_dim = d_model / n_head)")
@@ -86,11 +92,19 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not self.layer_pattern:
-            raise ValueError("model.layer_pattern is empty (letters: M Mamba mixer, A attention, F MLP)")
+            raise ValueError(f"model.layer_pattern is empty (letters: {_LETTERS})")
         for letter in self.layer_pattern:
             if letter not in LAYER_KINDS:
                 raise ValueError(f"model.layer_pattern: unknown layer {letter!r} in "
-                                 f"{self.layer_pattern!r} (M Mamba mixer, A attention, F MLP)")
+                                 f"{self.layer_pattern!r} ({_LETTERS})")
+        if "S" in self.layer_pattern:
+            inner = self.expand * self.d_model
+            if self.head_dim <= 0 or inner % self.head_dim:
+                raise ValueError(f"model.head_dim {self.head_dim} must divide the Mamba-2 inner "
+                                 f"width expand x d_model = {inner}")
+            if self.n_groups <= 0 or (inner // self.head_dim) % self.n_groups:
+                raise ValueError(f"model.n_groups {self.n_groups} must divide the Mamba-2 heads "
+                                 f"({inner // self.head_dim})")
         if "A" in self.layer_pattern:
             if self.n_head <= 0 or self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
                 raise ValueError(f"model.n_head {self.n_head} must split d_model {self.d_model} "
@@ -98,7 +112,8 @@ class ModelConfig:
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), where the mixer is a Mamba mixer ("M"), attention ("A") or an MLP ("F").
+    """x + mixer(norm(x)), where the mixer is a Mamba mixer ("M"), a Mamba-2 mixer ("S"),
+    attention ("A") or an MLP ("F").
 
     Takes and returns (hidden, residual): x = residual + hidden is formed by this block's norm
     (residual None: x = hidden, the embeddings), and the block returns its mixer's output
@@ -114,6 +129,12 @@ class Block(nn.Module):
                                     expand=cfg.expand, dt_rank=cfg.dt_rank, dt_min=cfg.dt_min,
                                     dt_max=cfg.dt_max, dt_init_floor=cfg.dt_init_floor,
                                     scan_backend=cfg.scan_backend)
+        elif kind == "S":
+            self.mixer = Mamba2Mixer(cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv,
+                                     expand=cfg.expand, head_dim=cfg.head_dim,
+                                     n_groups=cfg.n_groups, dt_min=cfg.dt_min, dt_max=cfg.dt_max,
+                                     dt_init_floor=cfg.dt_init_floor, norm_eps=cfg.norm_eps,
+                                     scan_backend=cfg.scan_backend)
         elif kind == "A":
             self.mixer = Attention(cfg.d_model, cfg.n_head, cfg.rope_theta, cfg.norm_backend)
         else:
@@ -143,7 +164,7 @@ class Block(nn.Module):
 
     def extra_flops_per_token(self, seq_len: int | None) -> int:
         """Forward FLOPs per token beyond the linear layers."""
-        if self.kind == "M":
+        if self.kind in "MS":
             return self.mixer.flops_per_token()
         if self.kind == "A":
             if seq_len is None:
@@ -152,7 +173,7 @@ class Block(nn.Module):
         return 0
 
 
-BlockState = MambaState | KVCache | None
+BlockState = MambaState | Mamba2State | KVCache | None
 
 
 class LM(nn.Module):

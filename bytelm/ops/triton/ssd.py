@@ -1,0 +1,551 @@
+"""Mamba-2's SSD scan as Triton kernels: chunks in parallel, states passed between them.
+
+Shapes and maths as bytelm/ops/ssd.py (the references). The length is cut into chunks of T steps;
+within a chunk (cs = running sum of dt * A, so exp(cs_t - cs_s) <= 1 for s <= t):
+
+    G   = C B^T                                    (T x T, tensor cores; one a group, not a head)
+    y   = (G * exp(cs_t - cs_s) [s <= t]) (dt x)   (T x head_dim)
+        + exp(cs_t) C H  + D x,   then * silu(z)
+    H'  = exp(cs_T) H + S,   S = (B * exp(cs_T - cs_s))^T (dt x)     (state x head_dim)
+
+where H is the state entering the chunk. Every product is a tl.dot of T x T, T x state or
+state x head_dim tiles: the state-expansion work that Mamba-1 does element by element on CUDA
+cores runs on tensor cores here. Dot operands are in the inputs' dtype (bf16 under autocast),
+accumulation in fp32; fp32 inputs use full fp32 products ("ieee").
+
+Forward, three launches:
+    _chunk_state_kernel  (batch x heads / HB, chunks): each chunk's own S and its decay exp(cs_T)
+    _state_pass_kernel   (batch x heads, state slices): H of every chunk by the recurrence
+                         above, written over S in place; the final state
+    _chunk_out_kernel    (batch x heads / HB, chunks): y
+Backward, three more (dy = dout * silu(z); dH = gradient of the state leaving a chunk):
+    _chunk_dstate_kernel (batch x heads / HB, chunks): each chunk's (C * exp(cs))^T dy
+    _state_pass_kernel   reversed: dH of every chunk, dH <- exp(cs_T) dH + (C * exp(cs))^T dy;
+                         what is left at the start is the initial state's gradient
+    _chunk_bwd_kernel    (batch x heads / HB, chunks), per chunk:
+        dxdt = (G * L)^T dy + (B * w) dH                      w_s = exp(cs_T - cs_s)
+        dC   = ((dy (dt x)^T) * L) B + exp(cs) * (dy H^T)
+        dB   = ((dy (dt x)^T) * L)^T C + w * ((dt x) dH^T)
+        dcs  = rows(M) - cols(M) + sum_p(dy * exp(cs) C H) - r,   M = G * L * (dy (dt x)^T),
+               r_s = w_s (dt x)_s . ((B dH)_s); the last step also gets sum(r) + exp(cs_T) <H, dH>
+        d(dt * A)_t = sum_{t' >= t} dcs_t'  (the running sum's adjoint)
+A program of the chunk kernels walks HB heads of one group: G is made once for them, and dB, dC
+sum over them in registers (then over a group's programs by torch; no atomics). dA, dD and dt_bias's gradient are per-(batch, chunk, head)
+partial sums, added up by torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from bytelm.ops.backend import needs_autograd
+from bytelm.ops.ssd import check_ssd_args, split_xbc, ssd_ref
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_empty = torch.empty  # outputs' allocation (tests swap in NaN-filled buffers)
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """a @ b accumulated in fp32. DOT_F32 (the interpreter with bf16 / fp16 operands, whose dot
+    multiplies their raw bits): the same rounded operands multiplied as fp32."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _softplus(v):
+    e = tl.exp(v)
+    # log(1 + e) loses e's digits for small e: two terms of its series there
+    return tl.where(v > 20.0, v, tl.where(v < -5.0, e * (1.0 - 0.5 * e), tl.log(1.0 + e)))
+
+
+@triton.jit
+def _head_steps(dt_ptr, sdt_l, t, mask_t, A_ptr, bias_ptr, h,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, T: tl.constexpr):
+    """One head's chunk: A, dt raw (+ bias) and after softplus (0 past the end), and the running
+    sum of dt * A in log2 units (exp2 of differences of it are the decays)."""
+    A = tl.load(A_ptr + h).to(tl.float32)
+    dt_raw = tl.load(dt_ptr + t * sdt_l, mask=mask_t, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt_raw += tl.load(bias_ptr + h).to(tl.float32)
+    dt = _softplus(dt_raw) if SOFTPLUS else dt_raw
+    dt = tl.where(mask_t, dt, 0.0)
+    # running sum as a masked T x T sum, not tl.cumsum: compiled by triton 3.6 for the H200,
+    # tl.cumsum here gave wrong sums for some tile shapes and even illegal memory accesses
+    # (benchmarks/NOTES.md, nineteenth session); the interpreter does not show it
+    a = dt * (A * 1.4426950408889634)
+    steps = tl.arange(0, T)
+    cs = tl.sum(tl.where(steps[:, None] >= steps[None, :], a[None, :], 0.0), axis=1)
+    cs_last = tl.sum(tl.where(tl.arange(0, T) == T - 1, cs, 0.0), axis=0)
+    return A, dt_raw, dt, cs, cs_last
+
+
+@triton.jit
+def _load_tile(ptr, t, s_l, offs, s_c, mask):
+    return tl.load(ptr + t[:, None] * s_l + offs[None, :] * s_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _chunk_state_kernel(
+    x_ptr, dt_ptr, A_ptr, bias_ptr, b_ptr, states_ptr, decay_ptr,
+    length, heads, heads_per_group, head_dim, dstate, n_chunks,
+    sx_b, sx_l, sx_h, sx_p, sdt_b, sdt_l, sdt_h, sb_b, sb_l, sb_g, sb_n,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    HB: tl.constexpr,
+):
+    """states: (batch x heads, chunks, BLOCK_N, BLOCK_P) fp32 <- S; decay: (batch x heads,
+    chunks) fp32 <- exp(cs_T)."""
+    pid, c = tl.program_id(0), tl.program_id(1)
+    blocks = heads // HB
+    b, blk = pid // blocks, pid % blocks
+    g = blk * HB // heads_per_group
+    t = c * T + tl.arange(0, T)
+    offs_p, offs_n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    mask_t = t < length
+    m_tp = mask_t[:, None] & (offs_p < head_dim)[None, :]
+    Bm = _load_tile(b_ptr + b * sb_b + g * sb_g, t, sb_l, offs_n, sb_n,
+                    mask_t[:, None] & (offs_n < dstate)[None, :]).to(tl.float32)
+    for i in range(0, HB):
+        h = blk * HB + i
+        A, dt_raw, dt, cs, cs_last = _head_steps(dt_ptr + b * sdt_b + h * sdt_h, sdt_l, t, mask_t,
+                                                 A_ptr, bias_ptr, h, HAS_BIAS, SOFTPLUS, T)
+        x = _load_tile(x_ptr + b * sx_b + h * sx_h, t, sx_l, offs_p, sx_p, m_tp)
+        xdt = (x.to(tl.float32) * dt[:, None]).to(x_ptr.dtype.element_ty)
+        Bw = (Bm * tl.exp2(cs_last - cs)[:, None]).to(x_ptr.dtype.element_ty)
+        S = _mm(tl.trans(Bw), xdt, PRECISION, DOT_F32)
+        row = (b * heads + h) * n_chunks + c
+        tl.store(states_ptr + row * BLOCK_N * BLOCK_P + offs_n[:, None] * BLOCK_P + offs_p[None, :], S)
+        tl.store(decay_ptr + row, tl.exp2(cs_last))
+
+
+@triton.jit
+def _state_pass_kernel(states_ptr, decay_ptr, h0_ptr, hT_ptr, n_chunks, head_dim, dstate,
+                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr,
+                       REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Per (batch x head, slice of BLOCK state cells): carry = init; for each chunk (last first
+    if REVERSE): read its contribution, write carry there, carry = decay * carry + contribution.
+    Then write carry to hT. h0 / hT: (batch x heads, head_dim, dstate) contiguous fp32."""
+    pid, blk = tl.program_id(0), tl.program_id(1)
+    cells = blk * BLOCK + tl.arange(0, BLOCK)  # index into (BLOCK_N, BLOCK_P)
+    n, p = cells // BLOCK_P, cells % BLOCK_P
+    valid = (n < dstate) & (p < head_dim) & (cells < BLOCK_N * BLOCK_P)
+    io = pid * head_dim * dstate + p * dstate + n
+    if HAS_INIT:
+        carry = tl.load(h0_ptr + io, mask=valid, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BLOCK,), dtype=tl.float32)
+    base = states_ptr + pid * n_chunks * BLOCK_N * BLOCK_P + cells
+    size: tl.constexpr = BLOCK_N * BLOCK_P
+    # the next chunk's contribution and decay are loaded a step ahead: the walk is a chain of
+    # loads otherwise, each waiting on memory
+    c = n_chunks - 1 if REVERSE else 0
+    contribution = tl.load(base + c * size)
+    decay = tl.load(decay_ptr + pid * n_chunks + c)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i if REVERSE else i
+        # (the last step loads its own chunk again: an address in bounds, a value unused)
+        c_next = tl.maximum(c - 1, 0) if REVERSE else tl.minimum(c + 1, n_chunks - 1)
+        next_contribution = tl.load(base + c_next * size)
+        next_decay = tl.load(decay_ptr + pid * n_chunks + c_next)
+        tl.store(base + c * size, carry)
+        carry = decay * carry + contribution
+        contribution, decay = next_contribution, next_decay
+    tl.store(hT_ptr + io, carry, mask=valid)
+
+
+@triton.jit
+def _chunk_out_kernel(
+    x_ptr, dt_ptr, A_ptr, bias_ptr, b_ptr, c_ptr, D_ptr, z_ptr, out_ptr, states_ptr,
+    length, heads, heads_per_group, head_dim, dstate, n_chunks,
+    sx_b, sx_l, sx_h, sx_p, sdt_b, sdt_l, sdt_h, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
+    sz_b, sz_l, sz_h, sz_p, so_b, so_l, so_h, so_p,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, HB: tl.constexpr,
+):
+    pid, c = tl.program_id(0), tl.program_id(1)
+    blocks = heads // HB
+    b, blk = pid // blocks, pid % blocks
+    g = blk * HB // heads_per_group
+    offs_t = tl.arange(0, T)
+    t = c * T + offs_t
+    offs_p, offs_n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    mask_t = t < length
+    m_tp = mask_t[:, None] & (offs_p < head_dim)[None, :]
+    m_tn = mask_t[:, None] & (offs_n < dstate)[None, :]
+    Bm = _load_tile(b_ptr + b * sb_b + g * sb_g, t, sb_l, offs_n, sb_n, m_tn)
+    Cm = _load_tile(c_ptr + b * sc_b + g * sc_g, t, sc_l, offs_n, sc_n, m_tn)
+    G = _mm(Cm, tl.trans(Bm), PRECISION, DOT_F32)
+    causal = offs_t[:, None] >= offs_t[None, :]
+    for i in range(0, HB):
+        h = blk * HB + i
+        A, dt_raw, dt, cs, cs_last = _head_steps(dt_ptr + b * sdt_b + h * sdt_h, sdt_l, t, mask_t,
+                                                 A_ptr, bias_ptr, h, HAS_BIAS, SOFTPLUS, T)
+        x = _load_tile(x_ptr + b * sx_b + h * sx_h, t, sx_l, offs_p, sx_p, m_tp)
+        xdt = (x.to(tl.float32) * dt[:, None]).to(x_ptr.dtype.element_ty)
+        L = tl.exp2(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+        y = _mm((G * L).to(xdt.dtype), xdt, PRECISION, DOT_F32)
+        row = (b * heads + h) * n_chunks + c
+        H = tl.load(states_ptr + row * BLOCK_N * BLOCK_P + offs_n[:, None] * BLOCK_P + offs_p[None, :])
+        y += tl.exp2(cs)[:, None] * _mm(Cm, H.to(Cm.dtype), PRECISION, DOT_F32)
+        if HAS_D:
+            y += tl.load(D_ptr + h).to(tl.float32) * x.to(tl.float32)
+        if HAS_Z:
+            z = _load_tile(z_ptr + b * sz_b + h * sz_h, t, sz_l, offs_p, sz_p, m_tp).to(tl.float32)
+            y *= z * tl.sigmoid(z)
+        tl.store(out_ptr + b * so_b + h * so_h + t[:, None] * so_l + offs_p[None, :] * so_p,
+                 y.to(out_ptr.dtype.element_ty), mask=m_tp)
+
+
+@triton.jit
+def _chunk_dstate_kernel(
+    dt_ptr, A_ptr, bias_ptr, c_ptr, z_ptr, dout_ptr, dstates_ptr,
+    length, heads, heads_per_group, head_dim, dstate, n_chunks,
+    sdt_b, sdt_l, sdt_h, sc_b, sc_l, sc_g, sc_n, sz_b, sz_l, sz_h, sz_p,
+    sdo_b, sdo_l, sdo_h, sdo_p,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    HB: tl.constexpr,
+):
+    """dstates: (batch x heads, chunks, BLOCK_N, BLOCK_P) fp32 <- (C * exp(cs))^T dy."""
+    pid, c = tl.program_id(0), tl.program_id(1)
+    blocks = heads // HB
+    b, blk = pid // blocks, pid % blocks
+    g = blk * HB // heads_per_group
+    t = c * T + tl.arange(0, T)
+    offs_p, offs_n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    mask_t = t < length
+    m_tp = mask_t[:, None] & (offs_p < head_dim)[None, :]
+    Cm = _load_tile(c_ptr + b * sc_b + g * sc_g, t, sc_l, offs_n, sc_n,
+                    mask_t[:, None] & (offs_n < dstate)[None, :]).to(tl.float32)
+    for i in range(0, HB):
+        h = blk * HB + i
+        A, dt_raw, dt, cs, cs_last = _head_steps(dt_ptr + b * sdt_b + h * sdt_h, sdt_l, t, mask_t,
+                                                 A_ptr, bias_ptr, h, HAS_BIAS, SOFTPLUS, T)
+        dy = _load_tile(dout_ptr + b * sdo_b + h * sdo_h, t, sdo_l, offs_p, sdo_p, m_tp).to(tl.float32)
+        if HAS_Z:
+            z = _load_tile(z_ptr + b * sz_b + h * sz_h, t, sz_l, offs_p, sz_p, m_tp).to(tl.float32)
+            dy *= z * tl.sigmoid(z)
+        Ce = (Cm * tl.exp2(cs)[:, None]).to(c_ptr.dtype.element_ty)
+        dS = _mm(tl.trans(Ce), dy.to(c_ptr.dtype.element_ty), PRECISION, DOT_F32)
+        row = (b * heads + h) * n_chunks + c
+        tl.store(dstates_ptr + row * BLOCK_N * BLOCK_P + offs_n[:, None] * BLOCK_P + offs_p[None, :], dS)
+
+
+@triton.jit
+def _chunk_bwd_kernel(
+    x_ptr, dt_ptr, A_ptr, bias_ptr, b_ptr, c_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr,
+    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, part_ptr, part_stride,
+    length, heads, heads_per_group, head_dim, dstate, n_chunks,
+    sx_b, sx_l, sx_h, sx_p, sdt_b, sdt_l, sdt_h, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
+    sz_b, sz_l, sz_h, sz_p, sdo_b, sdo_l, sdo_h, sdo_p, sdx_b, sdx_l, sdx_h, sdx_p,
+    sdz_b, sdz_l, sdz_h, sdz_p, sddt_b, sddt_l, sddt_h, sdb_b, sdb_l, sdb_k, sdb_n,
+    sdc_b, sdc_l, sdc_k, sdc_n,
+    T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr, HB: tl.constexpr,
+):
+    """dx, dz, ddt: any strides; dB, dC: (batch, length, heads / HB, dstate), the sums over each
+    program's HB heads (one group's gradient when HB = heads_per_group); part: (3, batch, chunks,
+    heads) fp32 <- partial sums of dA, dD and dt_bias's gradient."""
+    pid, c = tl.program_id(0), tl.program_id(1)
+    blocks = heads // HB
+    b, blk = pid // blocks, pid % blocks
+    g = blk * HB // heads_per_group
+    offs_t = tl.arange(0, T)
+    t = c * T + offs_t
+    offs_p, offs_n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    mask_t = t < length
+    m_tp = mask_t[:, None] & (offs_p < head_dim)[None, :]
+    m_tn = mask_t[:, None] & (offs_n < dstate)[None, :]
+    Bm = _load_tile(b_ptr + b * sb_b + g * sb_g, t, sb_l, offs_n, sb_n, m_tn)
+    Cm = _load_tile(c_ptr + b * sc_b + g * sc_g, t, sc_l, offs_n, sc_n, m_tn)
+    dt_ty = x_ptr.dtype.element_ty
+    G = _mm(Cm, tl.trans(Bm), PRECISION, DOT_F32)
+    causal = offs_t[:, None] >= offs_t[None, :]
+    dB = tl.zeros((T, BLOCK_N), dtype=tl.float32)
+    dC = tl.zeros((T, BLOCK_N), dtype=tl.float32)
+    st_offs = offs_n[:, None] * BLOCK_P + offs_p[None, :]
+    for i in range(0, HB):
+        h = blk * HB + i
+        A, dt_raw, dt, cs, cs_last = _head_steps(dt_ptr + b * sdt_b + h * sdt_h, sdt_l, t, mask_t,
+                                                 A_ptr, bias_ptr, h, HAS_BIAS, SOFTPLUS, T)
+        x32 = _load_tile(x_ptr + b * sx_b + h * sx_h, t, sx_l, offs_p, sx_p, m_tp).to(tl.float32)
+        xdt32 = x32 * dt[:, None]
+        xdt = xdt32.to(dt_ty)
+        row = (b * heads + h) * n_chunks + c
+        H = tl.load(states_ptr + row * BLOCK_N * BLOCK_P + st_offs)
+        dH = tl.load(dstates_ptr + row * BLOCK_N * BLOCK_P + st_offs)
+        L = tl.exp2(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+        GL = (G * L).to(dt_ty)
+        e = tl.exp2(cs)
+        eCH = e[:, None] * _mm(Cm, H.to(dt_ty), PRECISION, DOT_F32)
+        Dh = tl.load(D_ptr + h).to(tl.float32) if HAS_D else 0.0
+        dout = _load_tile(dout_ptr + b * sdo_b + h * sdo_h, t, sdo_l, offs_p, sdo_p, m_tp).to(tl.float32)
+        if HAS_Z:
+            z = _load_tile(z_ptr + b * sz_b + h * sz_h, t, sz_l, offs_p, sz_p, m_tp).to(tl.float32)
+            y = _mm(GL, xdt, PRECISION, DOT_F32) + eCH + Dh * x32
+            sig = tl.sigmoid(z)
+            tl.store(dz_ptr + b * sdz_b + h * sdz_h + t[:, None] * sdz_l + offs_p[None, :] * sdz_p,
+                     (dout * y * sig * (1.0 + z * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
+                     mask=m_tp)
+            dy = dout * z * sig
+        else:
+            dy = dout
+        dyc = dy.to(dt_ty)
+        w = tl.exp2(cs_last - cs)
+        BwdH = _mm((Bm.to(tl.float32) * w[:, None]).to(dt_ty), dH.to(dt_ty), PRECISION, DOT_F32)
+        dxdt = _mm(tl.trans(GL), dyc, PRECISION, DOT_F32) + BwdH
+        tl.store(dx_ptr + b * sdx_b + h * sdx_h + t[:, None] * sdx_l + offs_p[None, :] * sdx_p, (dxdt * dt[:, None] + Dh * dy).to(dx_ptr.dtype.element_ty), mask=m_tp)
+        dGL = _mm(dyc, tl.trans(xdt), PRECISION, DOT_F32) * L                       # (T, T)
+        dGLc = dGL.to(dt_ty)
+        dC += _mm(dGLc, Bm, PRECISION, DOT_F32) + e[:, None] * _mm(dyc, tl.trans(H.to(dt_ty)),
+                                                                   PRECISION, DOT_F32)
+        dB += _mm(tl.trans(dGLc), Cm, PRECISION, DOT_F32) + w[:, None] * _mm(
+            xdt, tl.trans(dH.to(dt_ty)), PRECISION, DOT_F32)
+        M = G * dGL
+        r = tl.sum(xdt32 * BwdH, axis=1)
+        dcs = tl.sum(M, axis=1) - tl.sum(M, axis=0) + tl.sum(dy * eCH, axis=1) - r
+        last = tl.sum(r, axis=0) + tl.exp2(cs_last) * tl.sum(tl.sum(H * dH, axis=1), axis=0)
+        # suffix sums (masked, as the running sum in _head_steps)
+        da = tl.sum(tl.where(offs_t[:, None] <= offs_t[None, :], dcs[None, :], 0.0), axis=1) + last
+        ddt = da * A + tl.sum(dxdt * x32, axis=1)
+        if SOFTPLUS:
+            ddt *= tl.sigmoid(dt_raw)
+        ddt = tl.where(mask_t, ddt, 0.0)
+        tl.store(ddt_ptr + b * sddt_b + h * sddt_h + t * sddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_t)
+        part = part_ptr + (b * n_chunks + c) * heads + h
+        tl.store(part, tl.sum(da * dt, axis=0))
+        tl.store(part + part_stride, tl.sum(tl.sum(dy * x32, axis=1), axis=0))
+        tl.store(part + 2 * part_stride, tl.sum(ddt, axis=0))
+    tl.store(dB_ptr + b * sdb_b + blk * sdb_k + t[:, None] * sdb_l + offs_n[None, :] * sdb_n,
+             dB.to(dB_ptr.dtype.element_ty), mask=m_tn)
+    tl.store(dC_ptr + b * sdc_b + blk * sdc_k + t[:, None] * sdc_l + offs_n[None, :] * sdc_n,
+             dC.to(dC_ptr.dtype.element_ty), mask=m_tn)
+
+
+def ssd_config(head_dim: int, dstate: int, heads_per_group: int, backward: bool = False) -> dict:
+    """Chunk length T, warps and pipeline stages of the chunk kernels (dot tiles need every
+    side >= 16), and HB, the heads a program walks (a divisor of heads_per_group: B, C and
+    C B^T are loaded and made once for them, and the backward sums their dB and dC in
+    registers). Measured on the H200 at 8 x 8192, 24 heads of 64, state 64 (`benchmarks/ssd.py
+    --tune`; results/ssd-h200.md): T=64 and 4 warps are best both ways; the forward is fastest
+    with 4 heads a program (1.27 ms against 1.52 with 1), the backward with 1 (4.67 ms against
+    6.15 with 4: its many live tiles leave no room for a second head's)."""
+    return dict(T=64, num_warps=4, num_stages=1,
+                HB=1 if backward else _divisor_at_most(heads_per_group, 4))
+
+
+def _divisor_at_most(n: int, most: int) -> int:
+    return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
+
+
+def _blocks(head_dim, dstate):
+    return max(16, triton.next_power_of_2(head_dim)), max(16, triton.next_power_of_2(dstate))
+
+
+def _launch_setup(x, B, cfg, backward=False):
+    """The kernels' constants and the grid for the chunk kernels."""
+    batch, length, heads, head_dim = x.shape
+    groups, dstate = B.shape[2], B.shape[3]
+    cfg = cfg or ssd_config(head_dim, dstate, heads // groups, backward)
+    hb = cfg.get("HB", 1)
+    if (heads // groups) % hb:
+        raise ValueError(f"ssd: HB {hb} does not divide the {heads // groups} heads of a group")
+    BLOCK_P, BLOCK_N = _blocks(head_dim, dstate)
+    k = dict(T=cfg["T"], BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, HB=hb,
+             PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+             DOT_F32=_INTERPRET and x.dtype != torch.float32, num_warps=cfg["num_warps"],
+             num_stages=cfg.get("num_stages", 1))
+    n_chunks = triton.cdiv(length, cfg["T"])
+    common = (length, heads, heads // groups, head_dim, dstate, n_chunks)
+    return k, (batch * heads // hb, n_chunks), common
+
+
+def dense_like(t: torch.Tensor) -> torch.Tensor:
+    """An empty dense tensor of t's shape and dtype whose dims are laid out in the order of t's
+    strides: a gradient written there is in its input's layout (e.g. rows of a channel-major
+    buffer), so the views and splits that made the input pass it back without a copy."""
+    order = sorted(range(t.dim()), key=lambda d: t.stride(d))  # innermost first
+    strides, step = [0] * t.dim(), 1
+    for d in order:
+        strides[d] = step
+        step *= t.shape[d]
+    return torch.empty_strided(t.shape, strides, device=t.device, dtype=t.dtype)
+
+
+def _state_pass(states, decay, h0, head_dim, dstate, reverse):
+    rows, n_chunks = decay.shape
+    _, _, BLOCK_N, BLOCK_P = states.shape
+    carry = _empty(rows, head_dim, dstate, device=states.device, dtype=torch.float32)
+    BLOCK = min(1024, BLOCK_N * BLOCK_P)
+    _state_pass_kernel[(rows, triton.cdiv(BLOCK_N * BLOCK_P, BLOCK))](
+        states, decay, h0 if h0 is not None else carry, carry, n_chunks, head_dim, dstate,
+        BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, BLOCK=BLOCK, REVERSE=reverse, HAS_INIT=h0 is not None,
+        num_warps=4)
+    return carry
+
+
+def _strides(t, n=4):
+    return t.stride() if t is not None else (0,) * n
+
+
+def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, cfg=None):
+    """Launch the forward. Returns out (batch, length, heads, head_dim) contiguous, the final
+    state, and what the backward reads: the state entering every chunk (batch x heads, chunks,
+    BLOCK_N, BLOCK_P) fp32 and the chunks' decays (batch x heads, chunks)."""
+    batch, length, heads, head_dim = x.shape
+    dstate = B.shape[3]
+    k, grid, common = _launch_setup(x, B, cfg)
+    dev = x.device
+    states = _empty(batch * heads, grid[1], k["BLOCK_N"], k["BLOCK_P"], device=dev, dtype=torch.float32)
+    decay = _empty(batch * heads, grid[1], device=dev, dtype=torch.float32)
+    _chunk_state_kernel[grid](x, dt, A, dt_bias if dt_bias is not None else A, B, states, decay,
+                              *common, *x.stride(), *dt.stride(), *B.stride(),
+                              HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, **k)
+    hT = _state_pass(states, decay, h0, head_dim, dstate, reverse=False)
+    out = _empty(x.shape, device=dev, dtype=x.dtype)
+    _chunk_out_kernel[grid](
+        x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
+        z if z is not None else x, out, states, *common,
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *_strides(z), *out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, **k)
+    return out, hT.view(batch, heads, head_dim, dstate), states, decay
+
+
+def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, states, decay, dout, dhT, cfg=None,
+            dx=None, dB=None, dC=None):
+    """Launch the backward. Returns dx, ddt, dA, dB, dC, dD, dz, dbias, dh0; dx, dB and dC are
+    written where given (views of one buffer, any strides), else into new tensors; dz and ddt
+    are laid out like z and dt (dense_like)."""
+    batch, length, heads, head_dim = x.shape
+    groups, dstate = B.shape[2], B.shape[3]
+    k, grid, common = _launch_setup(x, B, cfg, backward=True)
+    n_chunks = grid[1]
+    dev = x.device
+    dstates = torch.empty_like(states)
+    _chunk_dstate_kernel[grid](
+        dt, A, dt_bias if dt_bias is not None else A, C, z if z is not None else dout, dout, dstates,
+        *common, *dt.stride(), *C.stride(), *_strides(z), *dout.stride(),
+        HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, **k)
+    dh0 = _state_pass(dstates, decay, dhT.reshape(batch * heads, head_dim, dstate).contiguous()
+                      if dhT is not None else None, head_dim, dstate, reverse=True)
+    dx = dense_like(x) if dx is None else dx
+    dz = dense_like(z) if z is not None else None
+    ddt = dense_like(dt)
+    dB = dense_like(B) if dB is None else dB
+    dC = dense_like(C) if dC is None else dC
+    blocks_per_group = heads // groups // k["HB"]
+    if blocks_per_group == 1:  # a program's heads are its group's: it writes dB, dC itself
+        dB_part, dC_part = dB, dC
+    else:  # fp32 sums over each program's heads, added up over a group's programs below
+        dB_part = _empty(batch, length, groups * blocks_per_group, dstate, device=dev, dtype=torch.float32)
+        dC_part = torch.empty_like(dB_part)
+    part = _empty(3, batch, n_chunks, heads, device=dev, dtype=torch.float32)
+    _chunk_bwd_kernel[grid](
+        x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
+        z if z is not None else dout, dout, states, dstates, dx, ddt, dB_part, dC_part,
+        dz if dz is not None else dx, part, part[0].numel(), *common,
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *_strides(z), *dout.stride(),
+        *dx.stride(), *_strides(dz), *ddt.stride(), *dB_part.stride(), *dC_part.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, **k)
+    if blocks_per_group > 1:
+        for grad, sums in ((dB, dB_part), (dC, dC_part)):
+            grad.copy_(sums.view(batch, length, groups, blocks_per_group, dstate).sum(3))
+    dA, dD, dbias = part.sum((1, 2))
+    return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0.view(batch, heads, head_dim, dstate)
+
+
+def _save(ctx, softplus, h0, states, decay, *tensors):
+    ctx.save_for_backward(*tensors, states, decay)
+    ctx.softplus, ctx.has_h0 = softplus, h0 is not None
+
+
+class SSDFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, softplus, h0, return_final):
+        out, hT, states, decay = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0)
+        _save(ctx, softplus, h0, states, decay, x, dt, A, B, C, D, z, dt_bias)
+        return (out, hT) if return_final else out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dhT=None):
+        x, dt, A, B, C, D, z, dt_bias, states, decay = ctx.saved_tensors
+        dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = ssd_bwd(
+            x, dt, A, B, C, D, z, dt_bias, ctx.softplus, states, decay, dout, dhT)
+        return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz,
+                dbias if dt_bias is not None else None, None, dh0 if ctx.has_h0 else None, None)
+
+
+class SSDxBCFn(torch.autograd.Function):
+    """The scan reading x, B and C from one (batch, length, conv_dim) tensor (the Mamba-2
+    conv's output) and writing their gradients into one buffer laid out like it."""
+
+    @staticmethod
+    def forward(ctx, xbc, dt, A, D, z, dt_bias, softplus, h0, return_final, head_dim, groups,
+                dstate):
+        ctx.shape = (head_dim, groups, dstate)
+        x, B, C = split_xbc(xbc, *ctx.shape)
+        out, hT, states, decay = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0)
+        _save(ctx, softplus, h0, states, decay, xbc, dt, A, D, z, dt_bias)
+        return (out, hT) if return_final else out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dhT=None):
+        xbc, dt, A, D, z, dt_bias, states, decay = ctx.saved_tensors
+        dxbc = dense_like(xbc)
+        dx, dB, dC = split_xbc(dxbc, *ctx.shape)
+        x, B, C = split_xbc(xbc, *ctx.shape)
+        _, ddt, dA, _, _, dD, dz, dbias, dh0 = ssd_bwd(
+            x, dt, A, B, C, D, z, dt_bias, ctx.softplus, states, decay, dout, dhT,
+            dx=dx, dB=dB, dC=dC)
+        return (dxbc, ddt, dA, dD if D is not None else None, dz,
+                dbias if dt_bias is not None else None, None, dh0 if ctx.has_h0 else None,
+                None, None, None, None)
+
+
+def _params(A, D, dt_bias, initial_state):
+    """fp32 parameters; the initial state contiguous (the pass kernel reads it so)."""
+    return (A.float(), D.float() if D is not None else None,
+            dt_bias.float() if dt_bias is not None else None,
+            initial_state.float().contiguous() if initial_state is not None else None)
+
+
+def ssd_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
+               return_final_state=False):
+    """The SSD scan on the Triton kernels; arguments and results as bytelm.ops.ssd.ssd_ref.
+    fp64 inputs take the reference (the kernels compute in fp32)."""
+    check_ssd_args(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    if x.dtype == torch.float64 or x.shape[1] == 0:
+        return ssd_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state)
+    A, D, dt_bias, h0 = _params(A, D, dt_bias, initial_state)
+    B, C = B.to(x.dtype), C.to(x.dtype)  # dot operands share x's dtype
+    if not needs_autograd(x, dt, A, B, C, D, z, dt_bias, h0):
+        out, hT, _, _ = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0)
+        return (out, hT) if return_final_state else out
+    return SSDFn.apply(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, return_final_state)
+
+
+def ssd_xbc_triton(xbc, dt, A, D=None, z=None, dt_bias=None, dt_softplus=False, head_dim=64,
+                   n_groups=1, d_state=64, initial_state=None, return_final_state=False):
+    """As bytelm.ops.ssd.ssd_xbc_ref, on the Triton kernels: x, B and C's gradients land in one
+    buffer laid out like xbc."""
+    x, B, C = split_xbc(xbc, head_dim, n_groups, d_state)
+    check_ssd_args(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    if xbc.dtype == torch.float64 or xbc.shape[1] == 0:
+        return ssd_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state)
+    A, D, dt_bias, h0 = _params(A, D, dt_bias, initial_state)
+    if not needs_autograd(xbc, dt, A, D, z, dt_bias, h0):
+        out, hT, _, _ = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0)
+        return (out, hT) if return_final_state else out
+    return SSDxBCFn.apply(xbc, dt, A, D, z, dt_bias, dt_softplus, h0, return_final_state,
+                          head_dim, n_groups, d_state)
