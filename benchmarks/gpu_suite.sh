@@ -39,7 +39,7 @@ xdist=()
 python -c "import xdist" 2> /dev/null && xdist=(-n 8)
 stage tests 90 python -m pytest -q ${xdist[@]+"${xdist[@]}"} tests/test_triton_scan.py \
     tests/test_triton_conv1d.py tests/test_triton_rms_norm.py tests/test_triton_add_rms_norm.py \
-    tests/test_triton_mixer.py tests/test_triton_rotary_swiglu.py \
+    tests/test_triton_mixer.py tests/test_triton_rotary_swiglu.py tests/test_ssd.py \
     tests/test_channel_major.py tests/test_cuda_graph.py tests/test_graphed_loss.py \
     tests/test_metrics.py
 stage profile 30 python benchmarks/profile_step.py --context 8192 --top 20
@@ -52,4 +52,5 @@ stage conv1d 60 python benchmarks/conv1d.py --layout channel-major
 stage rms_norm 60 python benchmarks/rms_norm.py
 stage add_norm 60 python benchmarks/rms_norm.py --op add-norm
 stage transformer_ops 60 python benchmarks/transformer_ops.py
+stage ssd 90 python benchmarks/ssd.py
 exit $status

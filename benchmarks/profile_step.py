@@ -33,7 +33,7 @@ from throughput import CONTEXTS, MAMBA2, SIZES, training_loss  # noqa: E402
 
 # first matching pattern (on the lower-cased kernel name) names the family
 FAMILIES = [
-    ("ssd (triton)", r"_chunk_|_state_pass"),
+    ("ssd (triton)", r"_ssd_"),
     ("scan (triton)", r"_scan_|_state_update"),
     ("attention", r"sdpa|flash|fmha|attention|cudnn::fusion"),  # (cuDNN's dq cast, dot(do, o))
     ("rope / swiglu (triton)", r"_rotary_|_swiglu_"),

@@ -294,6 +294,16 @@ def test_transformer_ops_benchmark_runs_on_cpu(tmp_path):
     assert out.read_text().count("| rope |") == 1
 
 
+def test_ssd_benchmark_runs_on_cpu(tmp_path):
+    import ssd
+
+    out = tmp_path / "ssd.md"
+    rows = ssd.main(["--device", "cpu", "--shapes", "1x40x2x16x16", "--reps", "1", "--out", str(out)])
+    assert len(rows) == 1 and rows[0]["diff"] < 2e-2  # kernels and reference agree to bf16
+    assert rows[0]["triton"][1] > 0 and rows[0]["mamba1"][1] > 0
+    assert "| 1 x 40 x 2 x 16 x 16 |" in out.read_text()
+
+
 def test_profile_step_families_name_the_kernels():
     import profile_step
 
@@ -302,3 +312,5 @@ def test_profile_step_families_name_the_kernels():
     assert profile_step.family("void cudnn::fusion::convert_dq_to_16bits<true>(void const*") == "attention"
     assert profile_step.family("_conv_bwd_kernel") == "conv1d"
     assert profile_step.family("_scan_bwd_kernel") == "scan (triton)"
+    assert profile_step.family("_ssd_chunk_bwd_kernel") == "ssd (triton)"
+    assert profile_step.family("_ssd_state_pass_kernel") == "ssd (triton)"

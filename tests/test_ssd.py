@@ -122,7 +122,7 @@ def test_bad_shapes_are_one_line_errors():
     (2, 1, 4, 16, 2, 16),      # one step; two groups
     (1, 63, 2, 12, 1, 20),     # odd length, head_dim and state padded to the tiles
     (1, 200, 2, 64, 1, 32),    # four chunks of 64, the last partial; two slices of state cells
-    (1, 70, 8, 16, 1, 16),     # 8 heads a group: programs of 4 heads, dB and dC summed over 2
+    (1, 70, 8, 16, 1, 16),     # 8 heads a group: dB and dC summed over the heads' programs
 ])
 def test_triton_matches_reference(batch, length, heads, head_dim, groups, state, dtype):
     args = make_inputs(batch, length, heads, head_dim, groups, state, dtype, DEVICE, seed=length)

@@ -14,15 +14,15 @@ cores runs on tensor cores here. Dot operands are in the inputs' dtype (bf16 und
 accumulation in fp32; fp32 inputs use full fp32 products ("ieee").
 
 Forward, three launches:
-    _chunk_state_kernel  (batch x heads / HB, chunks): each chunk's own S and its decay exp(cs_T)
-    _state_pass_kernel   (batch x heads, state slices): H of every chunk by the recurrence
-                         above, written over S in place; the final state
-    _chunk_out_kernel    (batch x heads / HB, chunks): y
+    _ssd_chunk_state_kernel  (batch x heads / HB, chunks): each chunk's own S and exp(cs_T)
+    _ssd_state_pass_kernel   (batch x heads, state slices): H of every chunk by the recurrence
+                             above, written over S in place; the final state
+    _ssd_chunk_out_kernel    (batch x heads / HB, chunks): y
 Backward, three more (dy = dout * silu(z); dH = gradient of the state leaving a chunk):
-    _chunk_dstate_kernel (batch x heads / HB, chunks): each chunk's (C * exp(cs))^T dy
-    _state_pass_kernel   reversed: dH of every chunk, dH <- exp(cs_T) dH + (C * exp(cs))^T dy;
-                         what is left at the start is the initial state's gradient
-    _chunk_bwd_kernel    (batch x heads / HB, chunks), per chunk:
+    _ssd_chunk_dstate_kernel (batch x heads / HB, chunks): each chunk's (C * exp(cs))^T dy
+    _ssd_state_pass_kernel   reversed: dH of every chunk, dH <- exp(cs_T) dH + (C exp(cs))^T dy;
+                             what is left at the start is the initial state's gradient
+    _ssd_chunk_bwd_kernel    (batch x heads / HB, chunks), per chunk:
         dxdt = (G * L)^T dy + (B * w) dH                      w_s = exp(cs_T - cs_s)
         dC   = ((dy (dt x)^T) * L) B + exp(cs) * (dy H^T)
         dB   = ((dy (dt x)^T) * L)^T C + w * ((dt x) dH^T)
@@ -92,7 +92,7 @@ def _load_tile(ptr, t, s_l, offs, s_c, mask):
 
 
 @triton.jit
-def _chunk_state_kernel(
+def _ssd_chunk_state_kernel(
     x_ptr, dt_ptr, A_ptr, bias_ptr, b_ptr, states_ptr, decay_ptr,
     length, heads, heads_per_group, head_dim, dstate, n_chunks,
     sx_b, sx_l, sx_h, sx_p, sdt_b, sdt_l, sdt_h, sb_b, sb_l, sb_g, sb_n,
@@ -126,7 +126,7 @@ def _chunk_state_kernel(
 
 
 @triton.jit
-def _state_pass_kernel(states_ptr, decay_ptr, h0_ptr, hT_ptr, n_chunks, head_dim, dstate,
+def _ssd_state_pass_kernel(states_ptr, decay_ptr, h0_ptr, hT_ptr, n_chunks, head_dim, dstate,
                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr,
                        REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
     """Per (batch x head, slice of BLOCK state cells): carry = init; for each chunk (last first
@@ -161,7 +161,7 @@ def _state_pass_kernel(states_ptr, decay_ptr, h0_ptr, hT_ptr, n_chunks, head_dim
 
 
 @triton.jit
-def _chunk_out_kernel(
+def _ssd_chunk_out_kernel(
     x_ptr, dt_ptr, A_ptr, bias_ptr, b_ptr, c_ptr, D_ptr, z_ptr, out_ptr, states_ptr,
     length, heads, heads_per_group, head_dim, dstate, n_chunks,
     sx_b, sx_l, sx_h, sx_p, sdt_b, sdt_l, sdt_h, sb_b, sb_l, sb_g, sb_n, sc_b, sc_l, sc_g, sc_n,
@@ -205,7 +205,7 @@ def _chunk_out_kernel(
 
 
 @triton.jit
-def _chunk_dstate_kernel(
+def _ssd_chunk_dstate_kernel(
     dt_ptr, A_ptr, bias_ptr, c_ptr, z_ptr, dout_ptr, dstates_ptr,
     length, heads, heads_per_group, head_dim, dstate, n_chunks,
     sdt_b, sdt_l, sdt_h, sc_b, sc_l, sc_g, sc_n, sz_b, sz_l, sz_h, sz_p,
@@ -240,7 +240,7 @@ def _chunk_dstate_kernel(
 
 
 @triton.jit
-def _chunk_bwd_kernel(
+def _ssd_chunk_bwd_kernel(
     x_ptr, dt_ptr, A_ptr, bias_ptr, b_ptr, c_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr,
     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, part_ptr, part_stride,
     length, heads, heads_per_group, head_dim, dstate, n_chunks,
@@ -335,16 +335,11 @@ def ssd_config(head_dim: int, dstate: int, heads_per_group: int, backward: bool 
     """Chunk length T, warps and pipeline stages of the chunk kernels (dot tiles need every
     side >= 16), and HB, the heads a program walks (a divisor of heads_per_group: B, C and
     C B^T are loaded and made once for them, and the backward sums their dB and dC in
-    registers). Measured on the H200 at 8 x 8192, 24 heads of 64, state 64 (`benchmarks/ssd.py
-    --tune`; results/ssd-h200.md): T=64 and 4 warps are best both ways; the forward is fastest
-    with 4 heads a program (1.27 ms against 1.52 with 1), the backward with 1 (4.67 ms against
-    6.15 with 4: its many live tiles leave no room for a second head's)."""
-    return dict(T=64, num_warps=4, num_stages=1,
-                HB=1 if backward else _divisor_at_most(heads_per_group, 4))
-
-
-def _divisor_at_most(n: int, most: int) -> int:
-    return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
+    registers). Measured on the H200 at 8 x 8192, 24 heads of 64, state 64 (`python
+    benchmarks/ssd.py --shapes 1 --no-ref --tune`; results/ssd-h200.md): T=64 with 4 warps and
+    one head a program is fastest both ways (forward 1.17 ms against 1.50 with 4 heads; backward
+    4.71 against 7.08: the many live tiles of a second head leave the registers no room)."""
+    return dict(T=64, num_warps=4, num_stages=1, HB=1)
 
 
 def _blocks(head_dim, dstate):
@@ -386,7 +381,7 @@ def _state_pass(states, decay, h0, head_dim, dstate, reverse):
     _, _, BLOCK_N, BLOCK_P = states.shape
     carry = _empty(rows, head_dim, dstate, device=states.device, dtype=torch.float32)
     BLOCK = min(1024, BLOCK_N * BLOCK_P)
-    _state_pass_kernel[(rows, triton.cdiv(BLOCK_N * BLOCK_P, BLOCK))](
+    _ssd_state_pass_kernel[(rows, triton.cdiv(BLOCK_N * BLOCK_P, BLOCK))](
         states, decay, h0 if h0 is not None else carry, carry, n_chunks, head_dim, dstate,
         BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, BLOCK=BLOCK, REVERSE=reverse, HAS_INIT=h0 is not None,
         num_warps=4)
@@ -407,12 +402,12 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, cfg=None):
     dev = x.device
     states = _empty(batch * heads, grid[1], k["BLOCK_N"], k["BLOCK_P"], device=dev, dtype=torch.float32)
     decay = _empty(batch * heads, grid[1], device=dev, dtype=torch.float32)
-    _chunk_state_kernel[grid](x, dt, A, dt_bias if dt_bias is not None else A, B, states, decay,
+    _ssd_chunk_state_kernel[grid](x, dt, A, dt_bias if dt_bias is not None else A, B, states, decay,
                               *common, *x.stride(), *dt.stride(), *B.stride(),
                               HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, **k)
     hT = _state_pass(states, decay, h0, head_dim, dstate, reverse=False)
     out = _empty(x.shape, device=dev, dtype=x.dtype)
-    _chunk_out_kernel[grid](
+    _ssd_chunk_out_kernel[grid](
         x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
         z if z is not None else x, out, states, *common,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *_strides(z), *out.stride(),
@@ -431,7 +426,7 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, states, decay, dout, dhT, c
     n_chunks = grid[1]
     dev = x.device
     dstates = torch.empty_like(states)
-    _chunk_dstate_kernel[grid](
+    _ssd_chunk_dstate_kernel[grid](
         dt, A, dt_bias if dt_bias is not None else A, C, z if z is not None else dout, dout, dstates,
         *common, *dt.stride(), *C.stride(), *_strides(z), *dout.stride(),
         HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, **k)
@@ -449,7 +444,7 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, states, decay, dout, dhT, c
         dB_part = _empty(batch, length, groups * blocks_per_group, dstate, device=dev, dtype=torch.float32)
         dC_part = torch.empty_like(dB_part)
     part = _empty(3, batch, n_chunks, heads, device=dev, dtype=torch.float32)
-    _chunk_bwd_kernel[grid](
+    _ssd_chunk_bwd_kernel[grid](
         x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
         z if z is not None else dout, dout, states, dstates, dx, ddt, dB_part, dC_part,
         dz if dz is not None else dx, part, part[0].numel(), *common,
