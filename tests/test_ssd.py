@@ -20,8 +20,11 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # norm-relative error by dtype: fp32 differs by summation order; bf16 by the roundings of the
 # dot operands (dt x, the decayed scores, the state, dy) to bf16, as mamba_ssm's kernels do
-# (against the reference in fp64; dA and dt_bias's gradients sum every step of every row)
-TOL = {torch.float32: 5e-5, torch.bfloat16: 2.5e-2}
+# (against the reference in fp64)
+TOL = {torch.float32: 5e-5, torch.bfloat16: 1e-2}
+# the gradients of A, D and dt_bias are sums over every step of every row whose terms cancel:
+# their relative error in fp32 is that of the terms times the cancellation
+SUMMED = {"A": 10, "D": 10, "dt_bias": 10}
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 
@@ -30,8 +33,16 @@ def poison_outputs(monkeypatch):
     """Kernel outputs start as NaN, so an element a kernel forgot to write fails the test; bf16
     casts round to nearest even in the interpreter too, as on the GPU."""
     monkeypatch.setattr(tssd, "_empty", nan_empty)
+    monkeypatch.setattr(tssd, "_empty_strided",
+                        lambda *a, **kw: torch.empty_strided(*a, **kw).fill_(float("nan")))
     if not CUDA:
         round_bf16_like_the_gpu(monkeypatch.setattr)
+
+
+def randn(*shape, seed=1, dtype=torch.float32, device=DEVICE):
+    """Seeded: the tests' random numbers do not depend on which tests ran before (xdist)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64).to(device, dtype)
 
 
 def make_inputs(batch, length, heads, head_dim, groups, state, dtype=torch.float32, device="cpu",
@@ -80,15 +91,15 @@ def assert_close(got, want, tol, what=""):
     for k in grads:
         assert torch.isfinite(grads[k]).all(), f"{what}: non-finite d{k}"
         err = rel_err(grads[k], rgrads[k])
-        assert err < tol, f"{what}: d{k} relative error {err:.2e}"
+        assert err < tol * SUMMED.get(k, 1), f"{what}: d{k} relative error {err:.2e}"
 
 
 # ---- the references --------------------------------------------------------------------------
 @pytest.mark.parametrize("length, groups, chunk", [(1, 1, 16), (63, 2, 16), (130, 1, 64), (100, 2, 7)])
 def test_chunked_reference_matches_naive(length, groups, chunk):
     args = make_inputs(2, length, 4, 6, groups, 5, torch.float64)
-    dout = torch.randn(2, length, 4, 6, dtype=torch.float64)
-    dstate = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    dout = randn(2, length, 4, 6, dtype=torch.float64, device="cpu")
+    dstate = randn(2, 4, 6, 5, seed=2, dtype=torch.float64, device="cpu")
     want = run(ssd.ssd_naive, args, dout, dstate)
     got = run(lambda **kw: ssd.ssd_ref(**kw, chunk_size=chunk), args, dout, dstate)
     assert_close(got, want, 1e-10, "ref vs naive")
@@ -114,6 +125,16 @@ def test_bad_shapes_are_one_line_errors():
         ssd.ssd_fn(**dict(args, dt=args["dt"][:, :4]), backend="triton")
     with pytest.raises(ValueError, match="unknown ssd backend"):
         ssd.ssd_fn(**args, backend="cuda")
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        ssd.ssd_ref(**dict(args, x=args["x"].long()))
+    with pytest.raises(ValueError, match="must be fp32"):
+        ssd.ssd_state_update_ref(args["initial_state"].bfloat16(), args["x"][:, 0], args["dt"][:, 0],
+                                 args["A"], args["B"][:, 0], args["C"][:, 0])
+    with pytest.raises(ValueError, match="B and C must be"):
+        ssd.ssd_state_update_ref(args["initial_state"], args["x"][:, 0], args["dt"][:, 0],
+                                 args["A"], args["B"][:, 0, 0], args["C"][:, 0, 0])
+    with pytest.raises(ValueError, match="index with 32 bits"):  # shapes only: no memory
+        tssd.check_offsets(torch.empty_strided((2, 2), (2**31, 1), device="meta"))
 
 
 # ---- the Triton kernels ----------------------------------------------------------------------
@@ -123,6 +144,7 @@ def test_bad_shapes_are_one_line_errors():
     (1, 63, 2, 12, 1, 20),     # odd length, head_dim and state padded to the tiles
     (1, 200, 2, 64, 1, 32),    # four chunks of 64, the last partial; two slices of state cells
     (1, 70, 8, 16, 1, 16),     # 8 heads a group: dB and dC summed over the heads' programs
+    (1, 75, 4, 16, 2, 16),     # two groups over two chunks
 ])
 def test_triton_matches_reference(batch, length, heads, head_dim, groups, state, dtype):
     args = make_inputs(batch, length, heads, head_dim, groups, state, dtype, DEVICE, seed=length)
@@ -138,47 +160,69 @@ def test_triton_matches_reference(batch, length, heads, head_dim, groups, state,
 @pytest.mark.skipif(not CUDA, reason="a long sequence is slow in the interpreter; fp32 1000 steps on the GPU")
 def test_triton_long_sequence():
     args = make_inputs(2, 1000, 4, 64, 1, 64, torch.float32, DEVICE)
-    dout = torch.randn(2, 1000, 4, 64, device=DEVICE)
-    dstate = torch.randn(2, 4, 64, 64, device=DEVICE)
+    dout = randn(2, 1000, 4, 64)
+    dstate = randn(2, 4, 64, 64, seed=2)
     assert_close(run(tssd.ssd_triton, args, dout, dstate), run(ref64, args, dout, dstate),
                  TOL[torch.float32], "L=1000")
 
 
-@pytest.mark.parametrize("cfg", [dict(T=16, num_warps=4, HB=1), dict(T=32, num_warps=2, HB=2),
-                                 dict(T=64, num_warps=4, HB=6)])
-def test_triton_launch_configs(cfg):
+@pytest.mark.parametrize("cfg, groups, dtype", [
+    (dict(T=16, num_warps=4, HB=1), 1, torch.float32), (dict(T=32, num_warps=2, HB=2), 1, torch.float32),
+    (dict(T=64, num_warps=4, HB=6), 1, torch.float32), (dict(T=32, num_warps=4, HB=3), 2, torch.bfloat16)])
+def test_triton_launch_configs(cfg, groups, dtype):
     """Chunk lengths and heads a program (HB) other than the defaults give the same results."""
-    args = make_inputs(2, 45, 6, 16, 1, 16, torch.float32, DEVICE, seed=7)
+    args = make_inputs(2, 45, 6, 16, groups, 16, dtype, DEVICE, seed=7)
     x, dt, A, B, C, D, z, bias, h0 = (args[k] for k in NAMES)
-    dout = torch.randn(2, 45, 6, 16, device=DEVICE)
+    dout = randn(2, 45, 6, 16, dtype=dtype)
     out, hT, states, decay = tssd.ssd_fwd(x, dt, A, B, C, D, z, bias, True, h0, cfg=cfg)
     grads = tssd.ssd_bwd(x, dt, A, B, C, D, z, bias, True, states, decay, dout, None, cfg=cfg)
     want = run(ref64, args, dout, torch.zeros_like(hT))
-    assert rel_err(out, want[0]) < TOL[torch.float32] and rel_err(hT, want[1]) < TOL[torch.float32]
-    for name, got in zip(("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state"), grads):
-        assert rel_err(got, want[2][name]) < TOL[torch.float32], name
+    assert rel_err(out, want[0]) < TOL[dtype] and rel_err(hT, want[1]) < TOL[dtype]
+    for name, got in zip(NAMES, grads):
+        assert rel_err(got, want[2][name]) < TOL[dtype] * SUMMED.get(name, 1), name
 
 
-def test_xbc_op_writes_gradients_in_the_inputs_layout():
-    """ssd_xbc_fn: x, B, C read from one channel-major conv output; its gradient comes back as one
-    tensor in that layout, and z's and dt's in theirs (the rows come back contiguous)."""
-    batch, length, heads, p, n = 2, 50, 4, 16, 16
+@pytest.mark.parametrize("dtype, groups", [(torch.float32, 1), (torch.bfloat16, 1), (torch.bfloat16, 2)])
+def test_xbc_op_writes_gradients_in_the_inputs_layout(dtype, groups):
+    """ssd_xbc_fn: x, B, C read from one channel-major conv output (the mixer's layout, over two
+    chunks, with an initial state); its gradient comes back as one tensor in that layout, and
+    z's and dt's in theirs (the rows come back contiguous)."""
+    batch, length, heads, p, n = 2, 90, 4, 32, 64
     g = torch.Generator().manual_seed(2)
-    rows = torch.randn(heads * p + 2 * n + heads * p + heads, batch, length, generator=g).to(DEVICE)
-    xbc_rows, z_rows, dt_rows = rows.split([heads * p + 2 * n, heads * p, heads])
+    width = heads * p + 2 * groups * n
+    rows = torch.randn(width + heads * p + heads, batch, length, generator=g).to(DEVICE, dtype)
+    xbc_rows, z_rows, dt_rows = rows.split([width, heads * p, heads])
     leaves = [t.detach().clone().requires_grad_() for t in (xbc_rows, z_rows, dt_rows)]
-    args = make_inputs(batch, length, heads, p, 1, n, torch.float32, DEVICE)
+    args = make_inputs(batch, length, heads, p, groups, n, torch.float32, DEVICE)
+    h0 = args["initial_state"].requires_grad_()
     outs = []
     for backend in ("ref", "triton"):
         xbc, z, dt = (t.permute(1, 2, 0) for t in leaves)
         y, hT = ssd.ssd_xbc_fn(xbc, dt - 1, args["A"], args["D"], z.unflatten(-1, (heads, p)),
-                               args["dt_bias"], True, p, 1, n, return_final_state=True,
-                               backend=backend)
-        grads = torch.autograd.grad(y.square().sum() + hT.sum(), leaves)
+                               args["dt_bias"], True, p, groups, n, initial_state=h0,
+                               return_final_state=True, backend=backend)
+        grads = torch.autograd.grad(y.float().square().sum() + hT.sum(), leaves + [h0])
         outs.append((y, hT, grads))
     for want, got in zip(outs[0][2], outs[1][2]):
-        assert got.is_contiguous() and rel_err(got, want) < TOL[torch.float32]
-    assert rel_err(outs[1][0], outs[0][0]) < TOL[torch.float32]
+        assert got.is_contiguous() and rel_err(got, want) < TOL[dtype]
+    assert rel_err(outs[1][0], outs[0][0]) < TOL[dtype] and rel_err(outs[1][1], outs[0][1]) < TOL[dtype]
+
+
+def test_unused_outputs_send_no_gradient():
+    """Only the final state in the loss (the output's gradient arrives as None), then only the
+    output (the final state's): the kernels' gradients still match the reference's."""
+    args = make_inputs(1, 70, 2, 16, 1, 16, torch.float32, DEVICE, seed=9)
+    for pick in (1, 0):
+        got, want = [], []
+        for fn, acc in ((tssd.ssd_triton, got), (ref64, want)):
+            leaves = {k: v.detach().requires_grad_() for k, v in args.items()}
+            res = fn(**leaves, dt_softplus=True, return_final_state=True)
+            grads = torch.autograd.grad(res[pick].double().sum(), list(leaves.values()),
+                                        allow_unused=True)  # C, D, z do not reach the state
+            acc.extend(torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves.values()))
+        for name, a, b in zip(NAMES, got, want):
+            tol = TOL[torch.float32] * SUMMED.get(name, 1)
+            assert torch.isfinite(a).all() and rel_err(a, b, scale=max(b.norm(), 1.0)) < tol, (pick, name)
 
 
 @pytest.mark.parametrize("drop", ["z", "D", "dt_bias", "initial_state", "softplus", "final"])
@@ -189,8 +233,8 @@ def test_triton_optional_inputs(drop):
     softplus, final = drop != "softplus", drop != "final"
     if not softplus:  # raw dt must be positive
         args["dt"] = args["dt"].abs() * 0.1
-    dout = torch.randn(1, 70, 2, 16, device=DEVICE)
-    dstate = torch.randn(1, 2, 16, 16, device=DEVICE)
+    dout = randn(1, 70, 2, 16)
+    dstate = randn(1, 2, 16, 16, seed=2)
     assert_close(run(tssd.ssd_triton, args, dout, dstate, softplus, final),
                  run(ref64, args, dout, dstate, softplus, final), TOL[torch.float32], drop)
 
@@ -222,7 +266,7 @@ def test_triton_without_autograd_matches_and_refuses_double_backward():
     x = args.pop("x").requires_grad_()
     y = tssd.ssd_triton(x, **args, dt_softplus=True)
     (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="once_differentiable"):
         dx.sum().backward()
 
 
@@ -237,7 +281,7 @@ def _mixer_pair():
 
 def test_mixer_triton_matches_reference_with_gradients():
     ref, fused = _mixer_pair()
-    hidden = torch.randn(2, 67, 32, device=DEVICE)
+    hidden = randn(2, 67, 32)
     outs = []
     for m in (ref, fused):
         m.zero_grad()
@@ -250,17 +294,49 @@ def test_mixer_triton_matches_reference_with_gradients():
 
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
-def test_mamba2_prefill_then_steps_match_the_parallel_forward(backend):
+@pytest.mark.parametrize("prompt", [2, 70])  # shorter than the conv; across a chunk of 64
+def test_mamba2_prefill_then_steps_match_the_parallel_forward(backend, prompt):
     torch.manual_seed(0)
     model = LM(ModelConfig(d_model=32, n_layer=2, layer_pattern="SA", n_head=2, d_state=16,
                            head_dim=16, scan_backend=backend)).to(DEVICE).eval()
-    ids = torch.randint(0, 256, (2, 30), device=DEVICE)
+    ids = torch.randint(0, 256, (2, prompt + 6), device=DEVICE)
     with torch.no_grad():
         full = model(ids)
-        logits, states = model.prefill(ids[:, :20])
-        assert rel_err(logits, full[:, 19]) < 1e-5
-        for t in range(20, 30):
+        logits, states = model.prefill(ids[:, :prompt])
+        assert rel_err(logits, full[:, prompt - 1]) < 1e-5
+        for t in range(prompt, prompt + 6):
             assert rel_err(model.step(ids[:, t], states), full[:, t]) < 1e-5, t
+
+
+def test_mamba2_bf16_autocast_forward_matches_the_reference():
+    """Several heads of 32, state 64, three chunks (the last partial), bf16 under autocast: the
+    shape at which a review saw an illegal memory access on the H200 (nineteenth session)."""
+    torch.manual_seed(0)
+    cfg = dict(d_model=64, n_layer=2, layer_pattern="S", d_state=64, head_dim=32)
+    ref = LM(ModelConfig(**cfg, scan_backend="ref")).to(DEVICE).eval()
+    fused = LM(ModelConfig(**cfg, scan_backend="triton")).to(DEVICE).eval()
+    fused.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 256, (2, 150), device=DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        want, got = ref(ids).float(), fused(ids).float()
+    assert torch.isfinite(got).all() and rel_err(got, want) < 2e-2  # two layers of bf16 matmuls
+
+
+def test_grouped_gated_norm_normalises_each_group():
+    """With n_groups > 1 the gated RMSNorm runs over each group's channels (mamba_ssm's
+    RMSNormGated), not over all of d_inner."""
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(32, d_state=16, head_dim=16, n_groups=2, scan_backend="ref")
+    with torch.no_grad():
+        mixer.norm_weight.uniform_(0.5, 1.5)
+        y = randn(3, 64, device="cpu") * torch.cat([torch.full((32,), 5.0), torch.ones(32)])
+        halves = [h * torch.rsqrt(h.square().mean(-1, keepdim=True) + mixer.norm_eps) for h in y.split(32, -1)]
+        want = mixer.out_proj(torch.cat(halves, -1) * mixer.norm_weight)
+        whole = mixer.out_proj(y * torch.rsqrt(y.square().mean(-1, keepdim=True) + mixer.norm_eps)
+                               * mixer.norm_weight)
+        got = mixer._out(y)
+    torch.testing.assert_close(got, want)
+    assert rel_err(got, whole) > 0.1  # the whole-width norm is a different model
 
 
 @pytest.mark.parametrize("field, value, message", [

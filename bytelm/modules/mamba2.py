@@ -63,8 +63,13 @@ class Mamba2Mixer(nn.Module):
         return zxbcdt.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
-        """y (..., d_inner), already gated -> RMSNorm -> out_proj."""
-        return self.out_proj(rms_norm_fn(y, self.norm_weight, self.norm_eps, self._norm_backend))
+        """y (..., d_inner), already gated -> RMSNorm -> out_proj. As mamba_ssm's RMSNormGated,
+        the norm runs over each group's channels (all of d_inner for one group)."""
+        if self.n_groups == 1:
+            return self.out_proj(rms_norm_fn(y, self.norm_weight, self.norm_eps, self._norm_backend))
+        g = y.unflatten(-1, (self.n_groups, -1)).float()
+        normed = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.norm_eps)).flatten(-2)
+        return self.out_proj((normed * self.norm_weight.float()).to(y.dtype))
 
     def forward(self, hidden: torch.Tensor, return_state: bool = False):
         """hidden: (batch, length, d_model) -> (batch, length, d_model) [, Mamba2State].

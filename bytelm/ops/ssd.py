@@ -37,7 +37,15 @@ BACKENDS = ("auto", "ref", "naive", "triton")
 
 
 def check_ssd_args(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None):
-    """One-line ValueErrors for shapes that do not fit together; returns (groups, state)."""
+    """One-line ValueErrors for inputs that do not fit together (shapes, devices, dtypes);
+    returns (groups, state)."""
+    named = (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+             ("dt_bias", dt_bias), ("initial_state", initial_state))
+    for name, t in named:
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"ssd: {name} must be a floating-point tensor, got {t.dtype}")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"ssd: {name} is on {t.device}, x on {x.device}")
     if x.dim() != 4:
         raise ValueError(f"ssd: x must be (batch, length, heads, head_dim), got {tuple(x.shape)}")
     batch, length, heads, head_dim = x.shape
@@ -158,8 +166,16 @@ def ssd_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt
     state: (batch, heads, head_dim, state) fp32, updated in place; x, z: (batch, heads, head_dim);
     dt: (batch, heads); A, D, dt_bias: (heads,); B, C: (batch, groups, state).
     Returns out (batch, heads, head_dim) in x.dtype."""
+    if state.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"ssd_state_update: the state must be fp32 (or fp64), got {state.dtype}")
+    batch, heads, head_dim, _ = state.shape
+    if tuple(x.shape) != (batch, heads, head_dim) or tuple(dt.shape) != (batch, heads):
+        raise ValueError(f"ssd_state_update: x {tuple(x.shape)} and dt {tuple(dt.shape)} do not "
+                         f"fit the state {tuple(state.shape)}")
+    if B.dim() != 3 or B.shape[0] != batch or B.shape[2] != state.shape[3] or C.shape != B.shape:
+        raise ValueError(f"ssd_state_update: B and C must be (batch, groups, state), got "
+                         f"{tuple(B.shape)} and {tuple(C.shape)}")
     cdt = state.dtype
-    heads = x.shape[1]
     dt = _dt(dt, dt_bias, dt_softplus, cdt)
     x32 = x.to(cdt)
     B, C = _heads(B[:, None].to(cdt), heads)[:, 0], _heads(C[:, None].to(cdt), heads)[:, 0]

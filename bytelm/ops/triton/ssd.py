@@ -46,7 +46,8 @@ from bytelm.ops.backend import needs_autograd
 from bytelm.ops.ssd import check_ssd_args, split_xbc, ssd_ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_empty = torch.empty  # outputs' allocation (tests swap in NaN-filled buffers)
+# outputs' allocation (tests swap in NaN-filled buffers)
+_empty, _empty_strided = torch.empty, torch.empty_strided
 
 
 @triton.jit
@@ -92,6 +93,32 @@ def _load_tile(ptr, t, s_l, offs, s_c, mask):
 
 
 @triton.jit
+def _chunk_coords(heads, heads_per_group, head_dim, dstate, length, T: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr):
+    """A chunk kernel program's place: batch row b, head block blk (heads blk*HB ...), group g,
+    chunk c, its steps t, and the masks of its (step, head_dim) and (step, state) tiles."""
+    pid, c = tl.program_id(0), tl.program_id(1)
+    blocks = heads // HB
+    b, blk = pid // blocks, pid % blocks
+    g = blk * HB // heads_per_group
+    t = c * T + tl.arange(0, T)
+    offs_p, offs_n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    mask_t = t < length
+    m_tp = mask_t[:, None] & (offs_p < head_dim)[None, :]
+    m_tn = mask_t[:, None] & (offs_n < dstate)[None, :]
+    return b, blk, g, c, t, offs_p, offs_n, mask_t, m_tp, m_tn
+
+
+@triton.jit
+def _state_tile(ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """Pointers to one head's (BLOCK_N, BLOCK_P) state tile of chunk c in a (batch x heads,
+    chunks, BLOCK_N, BLOCK_P) buffer."""
+    row = ((b * heads + h) * n_chunks + c).to(tl.int64)  # the buffer can pass 2**31 elements
+    return ptr + row * BLOCK_N * BLOCK_P + offs_n[:, None] * BLOCK_P + offs_p[None, :]
+
+
+@triton.jit
 def _ssd_chunk_state_kernel(
     x_ptr, dt_ptr, A_ptr, bias_ptr, b_ptr, states_ptr, decay_ptr,
     length, heads, heads_per_group, head_dim, dstate, n_chunks,
@@ -102,16 +129,9 @@ def _ssd_chunk_state_kernel(
 ):
     """states: (batch x heads, chunks, BLOCK_N, BLOCK_P) fp32 <- S; decay: (batch x heads,
     chunks) fp32 <- exp(cs_T)."""
-    pid, c = tl.program_id(0), tl.program_id(1)
-    blocks = heads // HB
-    b, blk = pid // blocks, pid % blocks
-    g = blk * HB // heads_per_group
-    t = c * T + tl.arange(0, T)
-    offs_p, offs_n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    mask_t = t < length
-    m_tp = mask_t[:, None] & (offs_p < head_dim)[None, :]
-    Bm = _load_tile(b_ptr + b * sb_b + g * sb_g, t, sb_l, offs_n, sb_n,
-                    mask_t[:, None] & (offs_n < dstate)[None, :]).to(tl.float32)
+    b, blk, g, c, t, offs_p, offs_n, mask_t, m_tp, m_tn = _chunk_coords(
+        heads, heads_per_group, head_dim, dstate, length, T, BLOCK_P, BLOCK_N, HB)
+    Bm = _load_tile(b_ptr + b * sb_b + g * sb_g, t, sb_l, offs_n, sb_n, m_tn).to(tl.float32)
     for i in range(0, HB):
         h = blk * HB + i
         A, dt_raw, dt, cs, cs_last = _head_steps(dt_ptr + b * sdt_b + h * sdt_h, sdt_l, t, mask_t,
@@ -120,9 +140,8 @@ def _ssd_chunk_state_kernel(
         xdt = (x.to(tl.float32) * dt[:, None]).to(x_ptr.dtype.element_ty)
         Bw = (Bm * tl.exp2(cs_last - cs)[:, None]).to(x_ptr.dtype.element_ty)
         S = _mm(tl.trans(Bw), xdt, PRECISION, DOT_F32)
-        row = (b * heads + h) * n_chunks + c
-        tl.store(states_ptr + row * BLOCK_N * BLOCK_P + offs_n[:, None] * BLOCK_P + offs_p[None, :], S)
-        tl.store(decay_ptr + row, tl.exp2(cs_last))
+        tl.store(_state_tile(states_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P), S)
+        tl.store(decay_ptr + (b * heads + h) * n_chunks + c, tl.exp2(cs_last))
 
 
 @triton.jit
@@ -141,7 +160,7 @@ def _ssd_state_pass_kernel(states_ptr, decay_ptr, h0_ptr, hT_ptr, n_chunks, head
         carry = tl.load(h0_ptr + io, mask=valid, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros((BLOCK,), dtype=tl.float32)
-    base = states_ptr + pid * n_chunks * BLOCK_N * BLOCK_P + cells
+    base = states_ptr + pid.to(tl.int64) * n_chunks * BLOCK_N * BLOCK_P + cells
     size: tl.constexpr = BLOCK_N * BLOCK_P
     # the next chunk's contribution and decay are loaded a step ahead: the walk is a chain of
     # loads otherwise, each waiting on memory
@@ -170,16 +189,9 @@ def _ssd_chunk_out_kernel(
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr, HB: tl.constexpr,
 ):
-    pid, c = tl.program_id(0), tl.program_id(1)
-    blocks = heads // HB
-    b, blk = pid // blocks, pid % blocks
-    g = blk * HB // heads_per_group
+    b, blk, g, c, t, offs_p, offs_n, mask_t, m_tp, m_tn = _chunk_coords(
+        heads, heads_per_group, head_dim, dstate, length, T, BLOCK_P, BLOCK_N, HB)
     offs_t = tl.arange(0, T)
-    t = c * T + offs_t
-    offs_p, offs_n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    mask_t = t < length
-    m_tp = mask_t[:, None] & (offs_p < head_dim)[None, :]
-    m_tn = mask_t[:, None] & (offs_n < dstate)[None, :]
     Bm = _load_tile(b_ptr + b * sb_b + g * sb_g, t, sb_l, offs_n, sb_n, m_tn)
     Cm = _load_tile(c_ptr + b * sc_b + g * sc_g, t, sc_l, offs_n, sc_n, m_tn)
     G = _mm(Cm, tl.trans(Bm), PRECISION, DOT_F32)
@@ -192,8 +204,7 @@ def _ssd_chunk_out_kernel(
         xdt = (x.to(tl.float32) * dt[:, None]).to(x_ptr.dtype.element_ty)
         L = tl.exp2(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
         y = _mm((G * L).to(xdt.dtype), xdt, PRECISION, DOT_F32)
-        row = (b * heads + h) * n_chunks + c
-        H = tl.load(states_ptr + row * BLOCK_N * BLOCK_P + offs_n[:, None] * BLOCK_P + offs_p[None, :])
+        H = tl.load(_state_tile(states_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P))
         y += tl.exp2(cs)[:, None] * _mm(Cm, H.to(Cm.dtype), PRECISION, DOT_F32)
         if HAS_D:
             y += tl.load(D_ptr + h).to(tl.float32) * x.to(tl.float32)
@@ -215,16 +226,9 @@ def _ssd_chunk_dstate_kernel(
     HB: tl.constexpr,
 ):
     """dstates: (batch x heads, chunks, BLOCK_N, BLOCK_P) fp32 <- (C * exp(cs))^T dy."""
-    pid, c = tl.program_id(0), tl.program_id(1)
-    blocks = heads // HB
-    b, blk = pid // blocks, pid % blocks
-    g = blk * HB // heads_per_group
-    t = c * T + tl.arange(0, T)
-    offs_p, offs_n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    mask_t = t < length
-    m_tp = mask_t[:, None] & (offs_p < head_dim)[None, :]
-    Cm = _load_tile(c_ptr + b * sc_b + g * sc_g, t, sc_l, offs_n, sc_n,
-                    mask_t[:, None] & (offs_n < dstate)[None, :]).to(tl.float32)
+    b, blk, g, c, t, offs_p, offs_n, mask_t, m_tp, m_tn = _chunk_coords(
+        heads, heads_per_group, head_dim, dstate, length, T, BLOCK_P, BLOCK_N, HB)
+    Cm = _load_tile(c_ptr + b * sc_b + g * sc_g, t, sc_l, offs_n, sc_n, m_tn).to(tl.float32)
     for i in range(0, HB):
         h = blk * HB + i
         A, dt_raw, dt, cs, cs_last = _head_steps(dt_ptr + b * sdt_b + h * sdt_h, sdt_l, t, mask_t,
@@ -235,8 +239,7 @@ def _ssd_chunk_dstate_kernel(
             dy *= z * tl.sigmoid(z)
         Ce = (Cm * tl.exp2(cs)[:, None]).to(c_ptr.dtype.element_ty)
         dS = _mm(tl.trans(Ce), dy.to(c_ptr.dtype.element_ty), PRECISION, DOT_F32)
-        row = (b * heads + h) * n_chunks + c
-        tl.store(dstates_ptr + row * BLOCK_N * BLOCK_P + offs_n[:, None] * BLOCK_P + offs_p[None, :], dS)
+        tl.store(_state_tile(dstates_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P), dS)
 
 
 @triton.jit
@@ -255,16 +258,9 @@ def _ssd_chunk_bwd_kernel(
     """dx, dz, ddt: any strides; dB, dC: (batch, length, heads / HB, dstate), the sums over each
     program's HB heads (one group's gradient when HB = heads_per_group); part: (3, batch, chunks,
     heads) fp32 <- partial sums of dA, dD and dt_bias's gradient."""
-    pid, c = tl.program_id(0), tl.program_id(1)
-    blocks = heads // HB
-    b, blk = pid // blocks, pid % blocks
-    g = blk * HB // heads_per_group
+    b, blk, g, c, t, offs_p, offs_n, mask_t, m_tp, m_tn = _chunk_coords(
+        heads, heads_per_group, head_dim, dstate, length, T, BLOCK_P, BLOCK_N, HB)
     offs_t = tl.arange(0, T)
-    t = c * T + offs_t
-    offs_p, offs_n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    mask_t = t < length
-    m_tp = mask_t[:, None] & (offs_p < head_dim)[None, :]
-    m_tn = mask_t[:, None] & (offs_n < dstate)[None, :]
     Bm = _load_tile(b_ptr + b * sb_b + g * sb_g, t, sb_l, offs_n, sb_n, m_tn)
     Cm = _load_tile(c_ptr + b * sc_b + g * sc_g, t, sc_l, offs_n, sc_n, m_tn)
     dt_ty = x_ptr.dtype.element_ty
@@ -272,7 +268,6 @@ def _ssd_chunk_bwd_kernel(
     causal = offs_t[:, None] >= offs_t[None, :]
     dB = tl.zeros((T, BLOCK_N), dtype=tl.float32)
     dC = tl.zeros((T, BLOCK_N), dtype=tl.float32)
-    st_offs = offs_n[:, None] * BLOCK_P + offs_p[None, :]
     for i in range(0, HB):
         h = blk * HB + i
         A, dt_raw, dt, cs, cs_last = _head_steps(dt_ptr + b * sdt_b + h * sdt_h, sdt_l, t, mask_t,
@@ -280,9 +275,8 @@ def _ssd_chunk_bwd_kernel(
         x32 = _load_tile(x_ptr + b * sx_b + h * sx_h, t, sx_l, offs_p, sx_p, m_tp).to(tl.float32)
         xdt32 = x32 * dt[:, None]
         xdt = xdt32.to(dt_ty)
-        row = (b * heads + h) * n_chunks + c
-        H = tl.load(states_ptr + row * BLOCK_N * BLOCK_P + st_offs)
-        dH = tl.load(dstates_ptr + row * BLOCK_N * BLOCK_P + st_offs)
+        H = tl.load(_state_tile(states_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P))
+        dH = tl.load(_state_tile(dstates_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P))
         L = tl.exp2(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
         GL = (G * L).to(dt_ty)
         e = tl.exp2(cs)
@@ -364,6 +358,15 @@ def _launch_setup(x, B, cfg, backward=False):
     return k, (batch * heads // hb, n_chunks), common
 
 
+def check_offsets(*tensors):
+    """The kernels index their inputs and outputs with 32-bit offsets: a one-line error, not a
+    silent wrap, for a tensor whose elements lie 2**31 or more apart."""
+    for t in tensors:
+        if t is not None and t.numel() and sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31:
+            raise ValueError(f"ssd: a {tuple(t.shape)} tensor spans 2**31 elements or more; the "
+                             f"Triton kernels index with 32 bits: split the batch")
+
+
 def dense_like(t: torch.Tensor) -> torch.Tensor:
     """An empty dense tensor of t's shape and dtype whose dims are laid out in the order of t's
     strides: a gradient written there is in its input's layout (e.g. rows of a channel-major
@@ -373,7 +376,7 @@ def dense_like(t: torch.Tensor) -> torch.Tensor:
     for d in order:
         strides[d] = step
         step *= t.shape[d]
-    return torch.empty_strided(t.shape, strides, device=t.device, dtype=t.dtype)
+    return _empty_strided(t.shape, strides, device=t.device, dtype=t.dtype)
 
 
 def _state_pass(states, decay, h0, head_dim, dstate, reverse):
@@ -425,7 +428,7 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, states, decay, dout, dhT, c
     k, grid, common = _launch_setup(x, B, cfg, backward=True)
     n_chunks = grid[1]
     dev = x.device
-    dstates = torch.empty_like(states)
+    dstates = _empty(states.shape, device=dev, dtype=states.dtype)
     _ssd_chunk_dstate_kernel[grid](
         dt, A, dt_bias if dt_bias is not None else A, C, z if z is not None else dout, dout, dstates,
         *common, *dt.stride(), *C.stride(), *_strides(z), *dout.stride(),
@@ -461,6 +464,9 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, states, decay, dout, dhT, c
 def _save(ctx, softplus, h0, states, decay, *tensors):
     ctx.save_for_backward(*tensors, states, decay)
     ctx.softplus, ctx.has_h0 = softplus, h0 is not None
+    # an unused output's gradient arrives as None, not as zeros: an unused final state then
+    # sends nothing through the reverse pass
+    ctx.set_materialize_grads(False)
 
 
 class SSDFn(torch.autograd.Function):
@@ -474,6 +480,7 @@ class SSDFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dhT=None):
         x, dt, A, B, C, D, z, dt_bias, states, decay = ctx.saved_tensors
+        dout = torch.zeros_like(x) if dout is None else dout
         dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = ssd_bwd(
             x, dt, A, B, C, D, z, dt_bias, ctx.softplus, states, decay, dout, dhT)
         return (dx, ddt, dA, dB, dC, dD if D is not None else None, dz,
@@ -500,6 +507,7 @@ class SSDxBCFn(torch.autograd.Function):
         dxbc = dense_like(xbc)
         dx, dB, dC = split_xbc(dxbc, *ctx.shape)
         x, B, C = split_xbc(xbc, *ctx.shape)
+        dout = x.new_zeros(x.shape) if dout is None else dout
         _, ddt, dA, _, _, dD, dz, dbias, dh0 = ssd_bwd(
             x, dt, A, B, C, D, z, dt_bias, ctx.softplus, states, decay, dout, dhT,
             dx=dx, dB=dB, dC=dC)
@@ -524,6 +532,7 @@ def ssd_triton(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, 
         return ssd_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state)
     A, D, dt_bias, h0 = _params(A, D, dt_bias, initial_state)
     B, C = B.to(x.dtype), C.to(x.dtype)  # dot operands share x's dtype
+    check_offsets(x, dt, B, C, z)
     if not needs_autograd(x, dt, A, B, C, D, z, dt_bias, h0):
         out, hT, _, _ = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0)
         return (out, hT) if return_final_state else out
@@ -539,6 +548,7 @@ def ssd_xbc_triton(xbc, dt, A, D=None, z=None, dt_bias=None, dt_softplus=False, 
     if xbc.dtype == torch.float64 or xbc.shape[1] == 0:
         return ssd_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state)
     A, D, dt_bias, h0 = _params(A, D, dt_bias, initial_state)
+    check_offsets(xbc, dt, z)
     if not needs_autograd(xbc, dt, A, D, z, dt_bias, h0):
         out, hT, _, _ = ssd_fwd(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0)
         return (out, hT) if return_final_state else out
