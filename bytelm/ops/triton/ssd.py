@@ -83,7 +83,7 @@ def _head_steps(dt_ptr, sdt_l, t, mask_t, A_ptr, bias_ptr, h,
     a = dt * (A * 1.4426950408889634)
     steps = tl.arange(0, T)
     cs = tl.sum(tl.where(steps[:, None] >= steps[None, :], a[None, :], 0.0), axis=1)
-    cs_last = tl.sum(tl.where(tl.arange(0, T) == T - 1, cs, 0.0), axis=0)
+    cs_last = tl.sum(tl.where(steps == T - 1, cs, 0.0), axis=0)
     return A, dt_raw, dt, cs, cs_last
 
 
@@ -263,7 +263,7 @@ def _ssd_chunk_bwd_kernel(
     offs_t = tl.arange(0, T)
     Bm = _load_tile(b_ptr + b * sb_b + g * sb_g, t, sb_l, offs_n, sb_n, m_tn)
     Cm = _load_tile(c_ptr + b * sc_b + g * sc_g, t, sc_l, offs_n, sc_n, m_tn)
-    dt_ty = x_ptr.dtype.element_ty
+    mm_ty = x_ptr.dtype.element_ty  # the dot operands' dtype
     G = _mm(Cm, tl.trans(Bm), PRECISION, DOT_F32)
     causal = offs_t[:, None] >= offs_t[None, :]
     dB = tl.zeros((T, BLOCK_N), dtype=tl.float32)
@@ -274,13 +274,13 @@ def _ssd_chunk_bwd_kernel(
                                                  A_ptr, bias_ptr, h, HAS_BIAS, SOFTPLUS, T)
         x32 = _load_tile(x_ptr + b * sx_b + h * sx_h, t, sx_l, offs_p, sx_p, m_tp).to(tl.float32)
         xdt32 = x32 * dt[:, None]
-        xdt = xdt32.to(dt_ty)
+        xdt = xdt32.to(mm_ty)
         H = tl.load(_state_tile(states_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P))
         dH = tl.load(_state_tile(dstates_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P))
         L = tl.exp2(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
-        GL = (G * L).to(dt_ty)
+        GL = (G * L).to(mm_ty)
         e = tl.exp2(cs)
-        eCH = e[:, None] * _mm(Cm, H.to(dt_ty), PRECISION, DOT_F32)
+        eCH = e[:, None] * _mm(Cm, H.to(mm_ty), PRECISION, DOT_F32)
         Dh = tl.load(D_ptr + h).to(tl.float32) if HAS_D else 0.0
         dout = _load_tile(dout_ptr + b * sdo_b + h * sdo_h, t, sdo_l, offs_p, sdo_p, m_tp).to(tl.float32)
         if HAS_Z:
@@ -293,17 +293,17 @@ def _ssd_chunk_bwd_kernel(
             dy = dout * z * sig
         else:
             dy = dout
-        dyc = dy.to(dt_ty)
+        dyc = dy.to(mm_ty)
         w = tl.exp2(cs_last - cs)
-        BwdH = _mm((Bm.to(tl.float32) * w[:, None]).to(dt_ty), dH.to(dt_ty), PRECISION, DOT_F32)
+        BwdH = _mm((Bm.to(tl.float32) * w[:, None]).to(mm_ty), dH.to(mm_ty), PRECISION, DOT_F32)
         dxdt = _mm(tl.trans(GL), dyc, PRECISION, DOT_F32) + BwdH
         tl.store(dx_ptr + b * sdx_b + h * sdx_h + t[:, None] * sdx_l + offs_p[None, :] * sdx_p, (dxdt * dt[:, None] + Dh * dy).to(dx_ptr.dtype.element_ty), mask=m_tp)
         dGL = _mm(dyc, tl.trans(xdt), PRECISION, DOT_F32) * L                       # (T, T)
-        dGLc = dGL.to(dt_ty)
-        dC += _mm(dGLc, Bm, PRECISION, DOT_F32) + e[:, None] * _mm(dyc, tl.trans(H.to(dt_ty)),
+        dGLc = dGL.to(mm_ty)
+        dC += _mm(dGLc, Bm, PRECISION, DOT_F32) + e[:, None] * _mm(dyc, tl.trans(H.to(mm_ty)),
                                                                    PRECISION, DOT_F32)
         dB += _mm(tl.trans(dGLc), Cm, PRECISION, DOT_F32) + w[:, None] * _mm(
-            xdt, tl.trans(dH.to(dt_ty)), PRECISION, DOT_F32)
+            xdt, tl.trans(dH.to(mm_ty)), PRECISION, DOT_F32)
         M = G * dGL
         r = tl.sum(xdt32 * BwdH, axis=1)
         dcs = tl.sum(M, axis=1) - tl.sum(M, axis=0) + tl.sum(dy * eCH, axis=1) - r
