@@ -336,8 +336,29 @@ def ssd_config(head_dim: int, dstate: int, heads_per_group: int, backward: bool 
     return dict(T=64, num_warps=4, num_stages=1, HB=1)
 
 
-def _blocks(head_dim, dstate):
-    return max(16, triton.next_power_of_2(head_dim)), max(16, triton.next_power_of_2(dstate))
+# the largest (head_dim x state) tile: the backward at 128 x 256 asks the H200 for 272 KB of
+# shared memory (it has 227 KB)
+MAX_TILE_CELLS = 64 * 256
+
+
+def tile_sizes(head_dim: int, dstate: int) -> tuple[int, int]:
+    """BLOCK_P, BLOCK_N: head_dim and dstate padded to powers of two (dot tiles need >= 16).
+
+    With a state of 64 or more, head_dim's tile is at least 64. Triton 3.6 on the H200 compiled
+    the output kernel wrong for head_dim 16 or 32 with state 64 or 128 in bf16: C's shared-memory
+    tile, read by two tensor-core products of different widths (C B^T, 64 wide, and C H,
+    head_dim wide), gave wrong outputs and out-of-bounds shared-memory reads (compute-sanitizer:
+    `Invalid __shared__ read`, in the dot of `_mm`). A 64-wide head tile makes every product of
+    the kernel the same width; the extra columns are masked (benchmarks/NOTES.md, twentieth
+    session)."""
+    block_p, block_n = max(16, triton.next_power_of_2(head_dim)), max(16, triton.next_power_of_2(dstate))
+    if block_n >= 64:
+        block_p = max(block_p, 64)
+    if block_p * block_n > MAX_TILE_CELLS:
+        raise ValueError(f"ssd: head_dim {head_dim} with d_state {dstate} needs more shared memory "
+                         f"than the Triton kernels fit (head_dim x d_state tiles up to 64 x 256 or "
+                         f"128 x 128); use scan_backend='ref' or smaller heads")
+    return block_p, block_n
 
 
 def _launch_setup(x, B, cfg, backward=False):
@@ -348,7 +369,7 @@ def _launch_setup(x, B, cfg, backward=False):
     hb = cfg.get("HB", 1)
     if (heads // groups) % hb:
         raise ValueError(f"ssd: HB {hb} does not divide the {heads // groups} heads of a group")
-    BLOCK_P, BLOCK_N = _blocks(head_dim, dstate)
+    BLOCK_P, BLOCK_N = tile_sizes(head_dim, dstate)
     k = dict(T=cfg["T"], BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, HB=hb,
              PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
              DOT_F32=_INTERPRET and x.dtype != torch.float32, num_warps=cfg["num_warps"],
