@@ -170,10 +170,11 @@ def test_head_tile_is_64_wide_with_a_state_of_64_or_more():
 
 
 @pytest.mark.skipif(not CUDA, reason="large tiles are slow in the interpreter; run on the GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim, state", [(128, 128), (64, 256), (128, 16)])
-def test_triton_large_tiles(head_dim, state, dtype):
-    """The largest tiles the kernels take, and a wide head with a narrow state."""
+def test_triton_large_tiles(head_dim, state):
+    """The largest tiles the kernels take, and a wide head with a narrow state, in bf16 (what
+    autocast feeds them; fp32 at these tiles is not verified on the GPU: results/ssd-h200.md)."""
+    dtype = torch.bfloat16
     args = make_inputs(2, 150, 2, head_dim, 1, state, dtype, DEVICE, seed=3)
     dout = randn(2, 150, 2, head_dim, dtype=dtype)
     dstate = randn(2, 2, head_dim, state, seed=2)

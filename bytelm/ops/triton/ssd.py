@@ -275,12 +275,17 @@ def _ssd_chunk_bwd_kernel(
         x32 = _load_tile(x_ptr + b * sx_b + h * sx_h, t, sx_l, offs_p, sx_p, m_tp).to(tl.float32)
         xdt32 = x32 * dt[:, None]
         xdt = xdt32.to(mm_ty)
+        # each fp32 tile is reduced as soon as it is read, so only the dot operands stay live
         H = tl.load(_state_tile(states_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P))
         dH = tl.load(_state_tile(dstates_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P))
-        L = tl.exp2(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
-        GL = (G * L).to(mm_ty)
+        last = tl.exp2(cs_last) * tl.sum(tl.sum(H * dH, axis=1), axis=0)
+        H, dH = H.to(mm_ty), dH.to(mm_ty)
+        # G * L (fp32) is all the rest needs of G and L: dGL = P * L and M = G * dGL = GL * P
+        # with P = dy xdt^T, and L is made again from cs where it is needed
+        GL32 = G * tl.exp2(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+        GL = GL32.to(mm_ty)
         e = tl.exp2(cs)
-        eCH = e[:, None] * _mm(Cm, H.to(mm_ty), PRECISION, DOT_F32)
+        eCH = e[:, None] * _mm(Cm, H, PRECISION, DOT_F32)
         Dh = tl.load(D_ptr + h).to(tl.float32) if HAS_D else 0.0
         dout = _load_tile(dout_ptr + b * sdo_b + h * sdo_h, t, sdo_l, offs_p, sdo_p, m_tp).to(tl.float32)
         if HAS_Z:
@@ -293,32 +298,36 @@ def _ssd_chunk_bwd_kernel(
             dy = dout * z * sig
         else:
             dy = dout
+        dcs = tl.sum(dy * eCH, axis=1)
+        dD_part = tl.sum(tl.sum(dy * x32, axis=1), axis=0)
         dyc = dy.to(mm_ty)
         w = tl.exp2(cs_last - cs)
-        BwdH = _mm((Bm.to(tl.float32) * w[:, None]).to(mm_ty), dH.to(mm_ty), PRECISION, DOT_F32)
+        BwdH = _mm((Bm.to(tl.float32) * w[:, None]).to(mm_ty), dH, PRECISION, DOT_F32)
         dxdt = _mm(tl.trans(GL), dyc, PRECISION, DOT_F32) + BwdH
         tl.store(dx_ptr + b * sdx_b + h * sdx_h + t[:, None] * sdx_l + offs_p[None, :] * sdx_p, (dxdt * dt[:, None] + Dh * dy).to(dx_ptr.dtype.element_ty), mask=m_tp)
-        dGL = _mm(dyc, tl.trans(xdt), PRECISION, DOT_F32) * L                       # (T, T)
-        dGLc = dGL.to(mm_ty)
-        dC += _mm(dGLc, Bm, PRECISION, DOT_F32) + e[:, None] * _mm(dyc, tl.trans(H.to(mm_ty)),
-                                                                   PRECISION, DOT_F32)
-        dB += _mm(tl.trans(dGLc), Cm, PRECISION, DOT_F32) + w[:, None] * _mm(
-            xdt, tl.trans(dH.to(mm_ty)), PRECISION, DOT_F32)
-        M = G * dGL
+        ddt_x = tl.sum(dxdt * x32, axis=1)
         r = tl.sum(xdt32 * BwdH, axis=1)
-        dcs = tl.sum(M, axis=1) - tl.sum(M, axis=0) + tl.sum(dy * eCH, axis=1) - r
-        last = tl.sum(r, axis=0) + tl.exp2(cs_last) * tl.sum(tl.sum(H * dH, axis=1), axis=0)
+        dcs -= r
+        last += tl.sum(r, axis=0)
+        P = _mm(dyc, tl.trans(xdt), PRECISION, DOT_F32)                             # (T, T)
+        dGLc = (P * tl.exp2(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))).to(mm_ty)
+        M = GL32 * P
+        dcs += tl.sum(M, axis=1) - tl.sum(M, axis=0)
         # suffix sums (masked, as the running sum in _head_steps)
         da = tl.sum(tl.where(offs_t[:, None] <= offs_t[None, :], dcs[None, :], 0.0), axis=1) + last
-        ddt = da * A + tl.sum(dxdt * x32, axis=1)
+        ddt = da * A + ddt_x
         if SOFTPLUS:
             ddt *= tl.sigmoid(dt_raw)
         ddt = tl.where(mask_t, ddt, 0.0)
         tl.store(ddt_ptr + b * sddt_b + h * sddt_h + t * sddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_t)
         part = part_ptr + (b * n_chunks + c) * heads + h
         tl.store(part, tl.sum(da * dt, axis=0))
-        tl.store(part + part_stride, tl.sum(tl.sum(dy * x32, axis=1), axis=0))
+        tl.store(part + part_stride, dD_part)
         tl.store(part + 2 * part_stride, tl.sum(ddt, axis=0))
+        # dB and dC last: their fp32 tiles are not live through the step sums above
+        dC += _mm(dGLc, Bm, PRECISION, DOT_F32) + e[:, None] * _mm(dyc, tl.trans(H), PRECISION, DOT_F32)
+        dB += _mm(tl.trans(dGLc), Cm, PRECISION, DOT_F32) + w[:, None] * _mm(
+            xdt, tl.trans(dH), PRECISION, DOT_F32)
     tl.store(dB_ptr + b * sdb_b + blk * sdb_k + t[:, None] * sdb_l + offs_n[None, :] * sdb_n,
              dB.to(dB_ptr.dtype.element_ty), mask=m_tn)
     tl.store(dC_ptr + b * sdc_b + blk * sdc_k + t[:, None] * sdc_l + offs_n[None, :] * sdc_n,
