@@ -59,10 +59,10 @@ def sass_stats(k):
     sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
     os.unlink(f.name)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
-    lines = [l for l in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", l)]
-    ops = [re.sub(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?", "", l).split()[0] for l in lines]
+    lines = [l for l in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", l)]
+    ops = [re.sub(r"^\s+/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?", "", l).split()[0] for l in lines]
     # the main loop: the longest backward branch's body (target address <= its own address)
-    addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", l).group(1), 16) for l in lines]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]{4,})\*/", l).group(1), 16) for l in lines]
     best = (0, 0)
     for i, l in enumerate(lines):
         b = re.search(r"BRA\s+(?:`\(.*?\)\s*)?0x([0-9a-f]+)", l)

@@ -1,5 +1,6 @@
 """The benchmark scripts still run (tiny sizes on the CPU); their numbers are not checked here."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -302,6 +303,27 @@ def test_ssd_benchmark_runs_on_cpu(tmp_path):
     assert len(rows) == 1 and rows[0]["diff"] < 2e-2  # kernels and reference agree to bf16
     assert rows[0]["triton"][1] > 0 and rows[0]["mamba1"][1] > 0
     assert "| 1 x 40 x 2 x 16 x 16 |" in out.read_text()
+
+
+def test_ssd_sass_compiles_every_kernel_for_sm90():
+    """The offline statistics: one row a kernel of a forward + backward (the state pass twice),
+    each with registers and instructions. A process of its own: the tests' interpreter mode
+    gives kernels that cannot be compiled."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ssd_sass.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(script), "--shape", "1x40x2x16x16"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [r for r in res.stdout.splitlines() if r.startswith("| _ssd")]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names == ["_ssd_chunk_state_kernel", "_ssd_state_pass_kernel", "_ssd_state_pass_kernel (reverse)",
+                     "_ssd_chunk_out_kernel", "_ssd_chunk_dstate_kernel", "_ssd_chunk_bwd_kernel"]
+    for r in rows:
+        regs, stack, shared, instr = (int(v) for v in r.split("|")[2:6])
+        assert 0 < regs <= 255 and instr > 0 and stack >= 0
+    bad = subprocess.run([sys.executable, str(script), "--shape", "2x256x4"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "want batch x length x heads x head_dim x state" in bad.stderr
 
 
 def test_profile_step_families_name_the_kernels():
