@@ -165,8 +165,13 @@ def test_head_tile_is_64_wide_with_a_state_of_64_or_more():
     """The workaround above lives in tile_sizes; CPU CI cannot see the bug, so this pins it."""
     assert tssd.tile_sizes(32, 64) == (64, 64) and tssd.tile_sizes(16, 128) == (64, 128)
     assert tssd.tile_sizes(12, 20) == (16, 32) and tssd.tile_sizes(128, 64) == (128, 64)
-    with pytest.raises(ValueError, match="head_dim 128 with d_state 256 needs more shared memory"):
+    with pytest.raises(ValueError, match="head_dim 128 with d_state 256 makes a 128 x 256 tile"):
         tssd.tile_sizes(128, 256)
+    with pytest.raises(ValueError, match="head_dim 16 with d_state 512 makes a 64 x 512 tile"):
+        tssd.tile_sizes(16, 512)  # the widened head tile is what does not fit
+    assert tssd.tile_sizes(64, 128, itemsize=4) == (64, 128)
+    with pytest.raises(ValueError, match="in 4-byte elements"):
+        tssd.tile_sizes(128, 128, itemsize=4)
 
 
 @pytest.mark.skipif(not CUDA, reason="large tiles are slow in the interpreter; run on the GPU")
@@ -372,6 +377,15 @@ def test_mamba2_config_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
         LM(ModelConfig(**{"d_model": 64, "n_layer": 1, "layer_pattern": "S", "head_dim": 32,
                           field: value}))
+
+
+def test_mamba2_tile_that_cannot_fit_fails_at_construction():
+    """On the Triton backend a head x state tile past the kernels' shared memory is a one-line
+    error when the model is built; the reference backend takes any size."""
+    cfg = {"d_model": 64, "n_layer": 1, "layer_pattern": "S", "head_dim": 128, "d_state": 256}
+    with pytest.raises(ValueError, match="makes a 128 x 256 tile"):
+        LM(ModelConfig(**cfg, scan_backend="triton"))
+    LM(ModelConfig(**cfg, scan_backend="ref"))
 
 
 def test_mamba2_counts_its_flops_and_trains():

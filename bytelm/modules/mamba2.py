@@ -40,6 +40,9 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"Mamba-2: n_groups {n_groups} does not divide {self.n_heads} heads")
         self.conv_dim = self.d_inner + 2 * n_groups * d_state
         self.norm_eps, self.scan_backend = norm_eps, scan_backend
+        if scan_backend == "triton":  # a head x state tile that cannot fit fails here, not at step 1
+            from bytelm.ops.triton.ssd import tile_sizes
+            tile_sizes(head_dim, d_state)  # bf16 operands, the loosest bound
 
         self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.n_heads, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,

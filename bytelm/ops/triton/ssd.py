@@ -345,28 +345,33 @@ def ssd_config(head_dim: int, dstate: int, heads_per_group: int, backward: bool 
     return dict(T=64, num_warps=4, num_stages=1, HB=1)
 
 
-# the largest (head_dim x state) tile: the backward at 128 x 256 asks the H200 for 272 KB of
-# shared memory (it has 227 KB)
-MAX_TILE_CELLS = 64 * 256
+# the largest (head_dim x state) tile in bytes of the dot operands' dtype: bf16 64 x 256 and
+# 128 x 128 train on the H200 (twentieth session); the backward at bf16 128 x 256 asks for
+# 272 KB of shared memory (it has 227 KB). fp32 tiles count twice: 64 x 128 and 128 x 64 pass
+# (not verified on the GPU at that size), 128 x 128 does not (~272 KB by an offline compile).
+MAX_TILE_BYTES = 64 * 256 * 2
 
 
-def tile_sizes(head_dim: int, dstate: int) -> tuple[int, int]:
+def tile_sizes(head_dim: int, dstate: int, itemsize: int = 2) -> tuple[int, int]:
     """BLOCK_P, BLOCK_N: head_dim and dstate padded to powers of two (dot tiles need >= 16).
+    itemsize: bytes an element of the dot operands (x's dtype).
 
     With a state of 64 or more, head_dim's tile is at least 64. Triton 3.6 on the H200 compiled
     the output kernel wrong for head_dim 16 or 32 with state 64 or 128 in bf16: C's shared-memory
     tile, read by two tensor-core products of different widths (C B^T, 64 wide, and C H,
     head_dim wide), gave wrong outputs and out-of-bounds shared-memory reads (compute-sanitizer:
-    `Invalid __shared__ read`, in the dot of `_mm`). A 64-wide head tile makes every product of
-    the kernel the same width; the extra columns are masked (benchmarks/NOTES.md, twentieth
-    session)."""
+    `Invalid __shared__ read`, in the dot of `_mm`). A 64-wide head tile gives every product of
+    the kernel the same width; the extra columns are masked, at the cost of 2-4x the work and
+    the saved fp32 states for head_dim 32 or 16 (benchmarks/NOTES.md, twentieth session)."""
     block_p, block_n = max(16, triton.next_power_of_2(head_dim)), max(16, triton.next_power_of_2(dstate))
     if block_n >= 64:
         block_p = max(block_p, 64)
-    if block_p * block_n > MAX_TILE_CELLS:
-        raise ValueError(f"ssd: head_dim {head_dim} with d_state {dstate} needs more shared memory "
-                         f"than the Triton kernels fit (head_dim x d_state tiles up to 64 x 256 or "
-                         f"128 x 128); use scan_backend='ref' or smaller heads")
+    if block_p * block_n * itemsize > MAX_TILE_BYTES:
+        raise ValueError(
+            f"ssd: head_dim {head_dim} with d_state {dstate} makes a {block_p} x {block_n} tile that "
+            f"does not fit the Triton kernels' shared memory in {itemsize}-byte elements (at most "
+            f"{MAX_TILE_BYTES // itemsize} cells, e.g. 64 x 256 in bf16); use scan_backend='ref' "
+            f"or a smaller head_dim or d_state")
     return block_p, block_n
 
 
@@ -378,7 +383,7 @@ def _launch_setup(x, B, cfg, backward=False):
     hb = cfg.get("HB", 1)
     if (heads // groups) % hb:
         raise ValueError(f"ssd: HB {hb} does not divide the {heads // groups} heads of a group")
-    BLOCK_P, BLOCK_N = tile_sizes(head_dim, dstate)
+    BLOCK_P, BLOCK_N = tile_sizes(head_dim, dstate, x.element_size())
     k = dict(T=cfg["T"], BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, HB=hb,
              PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
              DOT_F32=_INTERPRET and x.dtype != torch.float32, num_warps=cfg["num_warps"],
