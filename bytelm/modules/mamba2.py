@@ -61,9 +61,9 @@ class Mamba2Mixer(nn.Module):
     def _norm_backend(self) -> str:
         return "ref" if self.scan_backend == "naive" else self.scan_backend
 
-    def _split(self, zxbcdt: torch.Tensor):
-        """(..., in_proj width) -> z (..., d_inner), xBC (..., conv_dim), dt (..., heads)."""
-        return zxbcdt.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+    def _split(self, zxbcdt: torch.Tensor, dim: int = -1):
+        """in_proj's output, its channels along `dim` -> z (d_inner), xBC (conv_dim), dt (heads)."""
+        return zxbcdt.split([self.d_inner, self.conv_dim, self.n_heads], dim=dim)
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
         """y (..., d_inner), already gated -> RMSNorm -> out_proj. As mamba_ssm's RMSNormGated,
@@ -84,7 +84,7 @@ class Mamba2Mixer(nn.Module):
         batch, length, _ = hidden.shape
         zxbcdt = linear_to_cm(hidden.reshape(-1, self.d_model), self.in_proj.weight, self.in_proj.bias)
         z, xbc_in, dt = (t.view(-1, batch, length).permute(1, 2, 0)  # (b, l, channels) views
-                         for t in zxbcdt.split([self.d_inner, self.conv_dim, self.n_heads]))
+                         for t in self._split(zxbcdt, dim=0))
         xbc = causal_conv1d_fn(xbc_in.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
                                activation="silu", backend=self._norm_backend).transpose(1, 2)
         y = ssd_xbc_fn(xbc, dt, -torch.exp(self.A_log.float()), D=self.D.float(),

@@ -218,8 +218,10 @@ def ssd_xbc_fn(xbc, dt, A, D=None, z=None, dt_bias=None, dt_softplus=False, head
     if backend == "triton":
         from bytelm.ops.triton.ssd import ssd_xbc_triton
         return ssd_xbc_triton(xbc, dt, A, head_dim=head_dim, n_groups=n_groups, d_state=d_state, **kw)
+    if backend == "ref":
+        return ssd_xbc_ref(xbc, dt, A, head_dim=head_dim, n_groups=n_groups, d_state=d_state, **kw)
     x, B, C = split_xbc(xbc, head_dim, n_groups, d_state)
-    return (ssd_naive if backend == "naive" else ssd_ref)(x, dt, A, B, C, **kw)
+    return ssd_naive(x, dt, A, B, C, **kw)
 
 
 def ssd_fn(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,

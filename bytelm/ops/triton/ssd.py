@@ -88,6 +88,12 @@ def _head_steps(dt_ptr, sdt_l, t, mask_t, A_ptr, bias_ptr, h,
 
 
 @triton.jit
+def _decays(cs, causal):
+    """(T, T) exp(cs_t - cs_s) for s <= t, 0 above the diagonal: the within-chunk decays."""
+    return tl.exp2(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+
+
+@triton.jit
 def _load_tile(ptr, t, s_l, offs, s_c, mask):
     return tl.load(ptr + t[:, None] * s_l + offs[None, :] * s_c, mask=mask, other=0.0)
 
@@ -202,7 +208,7 @@ def _ssd_chunk_out_kernel(
                                                  A_ptr, bias_ptr, h, HAS_BIAS, SOFTPLUS, T)
         x = _load_tile(x_ptr + b * sx_b + h * sx_h, t, sx_l, offs_p, sx_p, m_tp)
         xdt = (x.to(tl.float32) * dt[:, None]).to(x_ptr.dtype.element_ty)
-        L = tl.exp2(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+        L = _decays(cs, causal)
         y = _mm((G * L).to(xdt.dtype), xdt, PRECISION, DOT_F32)
         H = tl.load(_state_tile(states_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P))
         y += tl.exp2(cs)[:, None] * _mm(Cm, H.to(Cm.dtype), PRECISION, DOT_F32)
@@ -282,7 +288,7 @@ def _ssd_chunk_bwd_kernel(
         H, dH = H.to(mm_ty), dH.to(mm_ty)
         # G * L (fp32) is all the rest needs of G and L: dGL = P * L and M = G * dGL = GL * P
         # with P = dy xdt^T, and L is made again from cs where it is needed
-        GL32 = G * tl.exp2(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))
+        GL32 = G * _decays(cs, causal)
         GL = GL32.to(mm_ty)
         e = tl.exp2(cs)
         eCH = e[:, None] * _mm(Cm, H, PRECISION, DOT_F32)
@@ -310,7 +316,7 @@ def _ssd_chunk_bwd_kernel(
         dcs -= r
         last += tl.sum(r, axis=0)
         P = _mm(dyc, tl.trans(xdt), PRECISION, DOT_F32)                             # (T, T)
-        dGLc = (P * tl.exp2(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))).to(mm_ty)
+        dGLc = (P * _decays(cs, causal)).to(mm_ty)
         M = GL32 * P
         dcs += tl.sum(M, axis=1) - tl.sum(M, axis=0)
         # suffix sums (masked, as the running sum in _head_steps)
