@@ -175,11 +175,12 @@ def test_head_tile_is_64_wide_with_a_state_of_64_or_more():
 
 
 @pytest.mark.skipif(not CUDA, reason="large tiles are slow in the interpreter; run on the GPU")
-@pytest.mark.parametrize("head_dim, state", [(128, 128), (64, 256), (128, 16)])
-def test_triton_large_tiles(head_dim, state):
-    """The largest tiles the kernels take, and a wide head with a narrow state, in bf16 (what
-    autocast feeds them; fp32 at these tiles is not verified on the GPU: results/ssd-h200.md)."""
-    dtype = torch.bfloat16
+@pytest.mark.parametrize("head_dim, state, dtype", [
+    (128, 128, torch.bfloat16), (64, 256, torch.bfloat16), (128, 16, torch.bfloat16),
+    (64, 128, torch.float32), (128, 64, torch.float32)])
+def test_triton_large_tiles(head_dim, state, dtype):
+    """The largest tiles the kernels take in each dtype (tile_sizes' byte bound), and a wide
+    head with a narrow state."""
     args = make_inputs(2, 150, 2, head_dim, 1, state, dtype, DEVICE, seed=3)
     dout = randn(2, 150, 2, head_dim, dtype=dtype)
     dstate = randn(2, 2, head_dim, state, seed=2)
@@ -205,6 +206,7 @@ def test_triton_launch_configs(cfg, groups, dtype):
     x, dt, A, B, C, D, z, bias, h0 = (args[k] for k in NAMES)
     dout = randn(2, 45, 6, 16, dtype=dtype)
     out, hT, states, decay = tssd.ssd_fwd(x, dt, A, B, C, D, z, bias, True, h0, cfg=cfg)
+    assert states.dtype == dtype  # saved for the backward in the dot operands' dtype
     grads = tssd.ssd_bwd(x, dt, A, B, C, D, z, bias, True, states, decay, dout, None, cfg=cfg)
     want = run(ref64, args, dout, torch.zeros_like(hT))
     assert rel_err(out, want[0]) < TOL[dtype] and rel_err(hT, want[1]) < TOL[dtype]

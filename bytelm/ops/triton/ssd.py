@@ -11,12 +11,14 @@ within a chunk (cs = running sum of dt * A, so exp(cs_t - cs_s) <= 1 for s <= t)
 where H is the state entering the chunk. Every product is a tl.dot of T x T, T x state or
 state x head_dim tiles: the state-expansion work that Mamba-1 does element by element on CUDA
 cores runs on tensor cores here. Dot operands are in the inputs' dtype (bf16 under autocast),
-accumulation in fp32; fp32 inputs use full fp32 products ("ieee").
+accumulation in fp32; fp32 inputs use "tf32x3" products (three tf32 products a dot: fp32's
+accuracy on the tensor cores; "ieee" dots compile to FMA loops that spill, 11.6x slower on the
+H200 for the same accuracy, benchmarks/NOTES.md, twenty-first session).
 
 Forward, three launches:
     _ssd_chunk_state_kernel  (batch x heads / HB, chunks): each chunk's own S and exp(cs_T)
     _ssd_state_pass_kernel   (batch x heads, state slices): H of every chunk by the recurrence
-                             above, written over S in place; the final state
+                             above, into a buffer in x's dtype; the final state
     _ssd_chunk_out_kernel    (batch x heads / HB, chunks): y
 Backward, three more (dy = dout * silu(z); dH = gradient of the state leaving a chunk):
     _ssd_chunk_dstate_kernel (batch x heads / HB, chunks): each chunk's (C * exp(cs))^T dy
@@ -146,17 +148,19 @@ def _ssd_chunk_state_kernel(
         xdt = (x.to(tl.float32) * dt[:, None]).to(x_ptr.dtype.element_ty)
         Bw = (Bm * tl.exp2(cs_last - cs)[:, None]).to(x_ptr.dtype.element_ty)
         S = _mm(tl.trans(Bw), xdt, PRECISION, DOT_F32)
-        tl.store(_state_tile(states_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P), S)
+        tl.store(_state_tile(states_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P),
+                 S.to(states_ptr.dtype.element_ty))
         tl.store(decay_ptr + (b * heads + h) * n_chunks + c, tl.exp2(cs_last))
 
 
 @triton.jit
-def _ssd_state_pass_kernel(states_ptr, decay_ptr, h0_ptr, hT_ptr, n_chunks, head_dim, dstate,
-                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr,
-                       REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
-    """Per (batch x head, slice of BLOCK state cells): carry = init; for each chunk (last first
-    if REVERSE): read its contribution, write carry there, carry = decay * carry + contribution.
-    Then write carry to hT. h0 / hT: (batch x heads, head_dim, dstate) contiguous fp32."""
+def _ssd_state_pass_kernel(states_ptr, passed_ptr, decay_ptr, h0_ptr, hT_ptr, n_chunks, head_dim,
+                           dstate, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Per (batch x head, slice of BLOCK state cells): carry = init (fp32); for each chunk (last
+    first if REVERSE): read its contribution from states, write carry to passed (the same place;
+    passed may be states itself), carry = decay * carry + contribution. Then write carry to
+    hT. h0 / hT: (batch x heads, head_dim, dstate) contiguous fp32."""
     pid, blk = tl.program_id(0), tl.program_id(1)
     cells = blk * BLOCK + tl.arange(0, BLOCK)  # index into (BLOCK_N, BLOCK_P)
     n, p = cells // BLOCK_P, cells % BLOCK_P
@@ -166,7 +170,8 @@ def _ssd_state_pass_kernel(states_ptr, decay_ptr, h0_ptr, hT_ptr, n_chunks, head
         carry = tl.load(h0_ptr + io, mask=valid, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros((BLOCK,), dtype=tl.float32)
-    base = states_ptr + pid.to(tl.int64) * n_chunks * BLOCK_N * BLOCK_P + cells
+    row = pid.to(tl.int64) * n_chunks * BLOCK_N * BLOCK_P + cells
+    base, out = states_ptr + row, passed_ptr + row
     size: tl.constexpr = BLOCK_N * BLOCK_P
     # the next chunk's contribution and decay are loaded a step ahead: the walk is a chain of
     # loads otherwise, each waiting on memory
@@ -179,8 +184,8 @@ def _ssd_state_pass_kernel(states_ptr, decay_ptr, h0_ptr, hT_ptr, n_chunks, head
         c_next = tl.maximum(c - 1, 0) if REVERSE else tl.minimum(c + 1, n_chunks - 1)
         next_contribution = tl.load(base + c_next * size)
         next_decay = tl.load(decay_ptr + pid * n_chunks + c_next)
-        tl.store(base + c * size, carry)
-        carry = decay * carry + contribution
+        tl.store(out + c * size, carry.to(passed_ptr.dtype.element_ty))
+        carry = decay * carry + contribution.to(tl.float32)
         contribution, decay = next_contribution, next_decay
     tl.store(hT_ptr + io, carry, mask=valid)
 
@@ -245,7 +250,8 @@ def _ssd_chunk_dstate_kernel(
             dy *= z * tl.sigmoid(z)
         Ce = (Cm * tl.exp2(cs)[:, None]).to(c_ptr.dtype.element_ty)
         dS = _mm(tl.trans(Ce), dy.to(c_ptr.dtype.element_ty), PRECISION, DOT_F32)
-        tl.store(_state_tile(dstates_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P), dS)
+        tl.store(_state_tile(dstates_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P),
+                 dS.to(dstates_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -284,7 +290,7 @@ def _ssd_chunk_bwd_kernel(
         # each fp32 tile is reduced as soon as it is read, so only the dot operands stay live
         H = tl.load(_state_tile(states_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P))
         dH = tl.load(_state_tile(dstates_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P))
-        last = tl.exp2(cs_last) * tl.sum(tl.sum(H * dH, axis=1), axis=0)
+        last = tl.exp2(cs_last) * tl.sum(tl.sum(H.to(tl.float32) * dH.to(tl.float32), axis=1), axis=0)
         H, dH = H.to(mm_ty), dH.to(mm_ty)
         # G * L (fp32) is all the rest needs of G and L: dGL = P * L and M = G * dGL = GL * P
         # with P = dy xdt^T, and L is made again from cs where it is needed
@@ -354,7 +360,7 @@ def ssd_config(head_dim: int, dstate: int, heads_per_group: int, backward: bool 
 # the largest (head_dim x state) tile in bytes of the dot operands' dtype: bf16 64 x 256 and
 # 128 x 128 train on the H200 (twentieth session); the backward at bf16 128 x 256 asks for
 # 272 KB of shared memory (it has 227 KB). fp32 tiles count twice: 64 x 128 and 128 x 64 pass
-# (not verified on the GPU at that size), 128 x 128 does not (~272 KB by an offline compile).
+# (on the H200, twenty-first session), 128 x 128 does not (~272 KB by an offline compile).
 MAX_TILE_BYTES = 64 * 256 * 2
 
 
@@ -368,7 +374,7 @@ def tile_sizes(head_dim: int, dstate: int, itemsize: int = 2) -> tuple[int, int]
     head_dim wide), gave wrong outputs and out-of-bounds shared-memory reads (compute-sanitizer:
     `Invalid __shared__ read`, in the dot of `_mm`). A 64-wide head tile gives every product of
     the kernel the same width; the extra columns are masked, at the cost of 2-4x the work and
-    the saved fp32 states for head_dim 32 or 16 (benchmarks/NOTES.md, twentieth session)."""
+    the saved states for head_dim 32 or 16 (benchmarks/NOTES.md, twentieth session)."""
     block_p, block_n = max(16, triton.next_power_of_2(head_dim)), max(16, triton.next_power_of_2(dstate))
     if block_n >= 64:
         block_p = max(block_p, 64)
@@ -391,7 +397,7 @@ def _launch_setup(x, B, cfg, backward=False):
         raise ValueError(f"ssd: HB {hb} does not divide the {heads // groups} heads of a group")
     BLOCK_P, BLOCK_N = tile_sizes(head_dim, dstate, x.element_size())
     k = dict(T=cfg["T"], BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, HB=hb,
-             PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+             PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32",
              DOT_F32=_INTERPRET and x.dtype != torch.float32, num_warps=cfg["num_warps"],
              num_stages=cfg.get("num_stages", 1))
     n_chunks = triton.cdiv(length, cfg["T"])
@@ -420,16 +426,25 @@ def dense_like(t: torch.Tensor) -> torch.Tensor:
     return _empty_strided(t.shape, strides, device=t.device, dtype=t.dtype)
 
 
-def _state_pass(states, decay, h0, head_dim, dstate, reverse):
+def _state_pass(states, decay, h0, head_dim, dstate, reverse, out_dtype):
+    """The pass over chunks: returns the state carried into every chunk (in out_dtype, the dot
+    operands' dtype) and the final carry (fp32).
+
+    The carried states go to a new buffer, not over the fp32 contributions: on the H200 the
+    pass written in place took 0.41 ms at 8 x 8192 x 24 heads and 1.1 ms at 2 x 32768; into a
+    separate fp32 buffer 0.21 / 0.25, in bf16 0.16 / 0.20 (benchmarks/NOTES.md, twenty-first
+    session). bf16 halves what the output and backward kernels read, which round the state
+    to bf16 for their dots anyway (mamba_ssm passes its states in C's dtype too)."""
     rows, n_chunks = decay.shape
     _, _, BLOCK_N, BLOCK_P = states.shape
     carry = _empty(rows, head_dim, dstate, device=states.device, dtype=torch.float32)
+    passed = _empty(states.shape, device=states.device, dtype=out_dtype)
     BLOCK = min(1024, BLOCK_N * BLOCK_P)
     _ssd_state_pass_kernel[(rows, triton.cdiv(BLOCK_N * BLOCK_P, BLOCK))](
-        states, decay, h0 if h0 is not None else carry, carry, n_chunks, head_dim, dstate,
+        states, passed, decay, h0 if h0 is not None else carry, carry, n_chunks, head_dim, dstate,
         BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, BLOCK=BLOCK, REVERSE=reverse, HAS_INIT=h0 is not None,
         num_warps=4)
-    return carry
+    return passed, carry
 
 
 def _strides(t, n=4):
@@ -439,7 +454,7 @@ def _strides(t, n=4):
 def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, cfg=None):
     """Launch the forward. Returns out (batch, length, heads, head_dim) contiguous, the final
     state, and what the backward reads: the state entering every chunk (batch x heads, chunks,
-    BLOCK_N, BLOCK_P) fp32 and the chunks' decays (batch x heads, chunks)."""
+    BLOCK_N, BLOCK_P) in x's dtype and the chunks' decays (batch x heads, chunks) fp32."""
     batch, length, heads, head_dim = x.shape
     dstate = B.shape[3]
     k, grid, common = _launch_setup(x, B, cfg)
@@ -449,7 +464,7 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, cfg=None):
     _ssd_chunk_state_kernel[grid](x, dt, A, dt_bias if dt_bias is not None else A, B, states, decay,
                               *common, *x.stride(), *dt.stride(), *B.stride(),
                               HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, **k)
-    hT = _state_pass(states, decay, h0, head_dim, dstate, reverse=False)
+    states, hT = _state_pass(states, decay, h0, head_dim, dstate, reverse=False, out_dtype=x.dtype)
     out = _empty(x.shape, device=dev, dtype=x.dtype)
     _ssd_chunk_out_kernel[grid](
         x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
@@ -469,13 +484,13 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, states, decay, dout, dhT, c
     k, grid, common = _launch_setup(x, B, cfg, backward=True)
     n_chunks = grid[1]
     dev = x.device
-    dstates = _empty(states.shape, device=dev, dtype=states.dtype)
+    dstates = _empty(states.shape, device=dev, dtype=torch.float32)
     _ssd_chunk_dstate_kernel[grid](
         dt, A, dt_bias if dt_bias is not None else A, C, z if z is not None else dout, dout, dstates,
         *common, *dt.stride(), *C.stride(), *_strides(z), *dout.stride(),
         HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, **k)
-    dh0 = _state_pass(dstates, decay, dhT.reshape(batch * heads, head_dim, dstate).contiguous()
-                      if dhT is not None else None, head_dim, dstate, reverse=True)
+    dstates, dh0 = _state_pass(dstates, decay, dhT.reshape(batch * heads, head_dim, dstate).contiguous()
+                      if dhT is not None else None, head_dim, dstate, reverse=True, out_dtype=x.dtype)
     dx = dense_like(x) if dx is None else dx
     dz = dense_like(z) if z is not None else None
     ddt = dense_like(dt)
