@@ -32,8 +32,8 @@ Backward, three more (dy = dout * silu(z); dH = gradient of the state leaving a 
                r_s = w_s (dt x)_s . ((B dH)_s); the last step also gets sum(r) + exp(cs_T) <H, dH>
         d(dt * A)_t = sum_{t' >= t} dcs_t'  (the running sum's adjoint)
 A program of the chunk kernels walks HB heads of one group: G is made once for them, and dB, dC
-sum over them in registers (then over a group's programs by torch; no atomics). dA, dD and dt_bias's gradient are per-(batch, chunk, head)
-partial sums, added up by torch.
+sum over them in registers, then over a group's programs by fp32 atomics. dA, dD and dt_bias's
+gradients are per-(batch, chunk, head) partial sums, added up by torch.
 """
 
 from __future__ import annotations
@@ -266,10 +266,12 @@ def _ssd_chunk_bwd_kernel(
     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr, HB: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
-    """dx, dz, ddt: any strides; dB, dC: (batch, length, heads / HB, dstate), the sums over each
-    program's HB heads (one group's gradient when HB = heads_per_group); part: (3, batch, chunks,
-    heads) fp32 <- partial sums of dA, dD and dt_bias's gradient."""
+    """dx, dz, ddt: any strides; dB, dC: (batch, length, groups, dstate), written (a program
+    walks all heads of its group) or, if ATOMIC, added in fp32 into zeros (a group's heads are
+    split over programs); part: (3, batch, chunks, heads) fp32 <- partial sums of dA, dD and
+    dt_bias's gradient."""
     b, blk, g, c, t, offs_p, offs_n, mask_t, m_tp, m_tn = _chunk_coords(
         heads, heads_per_group, head_dim, dstate, length, T, BLOCK_P, BLOCK_N, HB)
     offs_t = tl.arange(0, T)
@@ -340,10 +342,16 @@ def _ssd_chunk_bwd_kernel(
         dC += _mm(dGLc, Bm, PRECISION, DOT_F32) + e[:, None] * _mm(dyc, tl.trans(H), PRECISION, DOT_F32)
         dB += _mm(tl.trans(dGLc), Cm, PRECISION, DOT_F32) + w[:, None] * _mm(
             xdt, tl.trans(dH), PRECISION, DOT_F32)
-    tl.store(dB_ptr + b * sdb_b + blk * sdb_k + t[:, None] * sdb_l + offs_n[None, :] * sdb_n,
-             dB.to(dB_ptr.dtype.element_ty), mask=m_tn)
-    tl.store(dC_ptr + b * sdc_b + blk * sdc_k + t[:, None] * sdc_l + offs_n[None, :] * sdc_n,
-             dC.to(dC_ptr.dtype.element_ty), mask=m_tn)
+    if ATOMIC:  # relaxed: the sums' order varies from run to run (as in the Mamba-1 scan's)
+        tl.atomic_add(dB_ptr + b * sdb_b + g * sdb_k + t[:, None] * sdb_l + offs_n[None, :] * sdb_n,
+                      dB, mask=m_tn, sem="relaxed")
+        tl.atomic_add(dC_ptr + b * sdc_b + g * sdc_k + t[:, None] * sdc_l + offs_n[None, :] * sdc_n,
+                      dC, mask=m_tn, sem="relaxed")
+    else:
+        tl.store(dB_ptr + b * sdb_b + g * sdb_k + t[:, None] * sdb_l + offs_n[None, :] * sdb_n,
+                 dB.to(dB_ptr.dtype.element_ty), mask=m_tn)
+        tl.store(dC_ptr + b * sdc_b + g * sdc_k + t[:, None] * sdc_l + offs_n[None, :] * sdc_n,
+                 dC.to(dC_ptr.dtype.element_ty), mask=m_tn)
 
 
 def ssd_config(head_dim: int, dstate: int, heads_per_group: int, backward: bool = False) -> dict:
@@ -496,23 +504,27 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, states, decay, dout, dhT, c
     ddt = dense_like(dt)
     dB = dense_like(B) if dB is None else dB
     dC = dense_like(C) if dC is None else dC
-    blocks_per_group = heads // groups // k["HB"]
-    if blocks_per_group == 1:  # a program's heads are its group's: it writes dB, dC itself
-        dB_part, dC_part = dB, dC
-    else:  # fp32 sums over each program's heads, added up over a group's programs below
-        dB_part = _empty(batch, length, groups * blocks_per_group, dstate, device=dev, dtype=torch.float32)
-        dC_part = torch.empty_like(dB_part)
+    # a group's heads over several programs: their dB and dC are added up by fp32 atomics (in
+    # L2: the sums are 2 x 16 MB at 8 x 8192), not written per head and summed by torch (2 x 400
+    # MB each way; 3.99 -> 3.71 ms fwd+bwd at 8 x 8192 x 24 heads, benchmarks/NOTES.md)
+    atomic = heads // groups // k["HB"] > 1
+    if atomic:
+        dB_sum = torch.zeros(batch, length, groups, dstate, device=dev, dtype=torch.float32)
+        dC_sum = torch.zeros_like(dB_sum)
+    else:  # a program walks all its group's heads: it writes dB, dC itself
+        dB_sum, dC_sum = dB, dC
     part = _empty(3, batch, n_chunks, heads, device=dev, dtype=torch.float32)
     _ssd_chunk_bwd_kernel[grid](
         x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
-        z if z is not None else dout, dout, states, dstates, dx, ddt, dB_part, dC_part,
+        z if z is not None else dout, dout, states, dstates, dx, ddt, dB_sum, dC_sum,
         dz if dz is not None else dx, part, part[0].numel(), *common,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *_strides(z), *dout.stride(),
-        *dx.stride(), *_strides(dz), *ddt.stride(), *dB_part.stride(), *dC_part.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, **k)
-    if blocks_per_group > 1:
-        for grad, sums in ((dB, dB_part), (dC, dC_part)):
-            grad.copy_(sums.view(batch, length, groups, blocks_per_group, dstate).sum(3))
+        *dx.stride(), *_strides(dz), *ddt.stride(), *dB_sum.stride(), *dC_sum.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
+        ATOMIC=atomic, **k)
+    if atomic:
+        dB.copy_(dB_sum)
+        dC.copy_(dC_sum)
     dA, dD, dbias = part.sum((1, 2))
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0.view(batch, heads, head_dim, dstate)
 
