@@ -302,6 +302,42 @@ def test_triton_without_autograd_matches_and_refuses_double_backward():
         dx.sum().backward()
 
 
+@pytest.mark.parametrize("dtype, groups", [(torch.float32, 1), (torch.bfloat16, 2)])
+def test_mamba2_inner_matches_the_separate_ops_with_one_gradient_buffer(dtype, groups):
+    """The mixer's conv + scan node (mamba2_inner) against the conv and scan ops it replaces;
+    in_proj's gradient comes back as one buffer in in_proj's channel-major layout (every row
+    written: the buffers start as NaN)."""
+    from bytelm.ops.causal_conv1d import causal_conv1d_fn
+    from bytelm.ops.triton.mamba2_inner import mamba2_inner_triton
+    batch, length, heads, head_dim, state = 2, 70, 4, 16, 16
+    d_inner, conv_dim = heads * head_dim, heads * head_dim + 2 * groups * state
+    zxbcdt = randn(d_inner + conv_dim + heads, batch * length, seed=3, dtype=dtype)
+    w, bias = randn(conv_dim, 1, 4, seed=4) * 0.5, randn(conv_dim, seed=5)
+    A, D, dt_bias = -torch.rand(heads, device=DEVICE) - 0.5, randn(heads, seed=6), randn(heads, seed=7)
+    leaves = [t.requires_grad_() for t in (zxbcdt, w, bias, A, D, dt_bias)]
+    dout = randn(batch, length, heads, head_dim, seed=8, dtype=dtype)
+
+    def separate(zxbcdt, w, bias, A, D, dt_bias):
+        z, xbc_in, dt = (t.view(-1, batch, length).permute(1, 2, 0)
+                         for t in zxbcdt.split([d_inner, conv_dim, heads]))
+        xbc = causal_conv1d_fn(xbc_in.transpose(1, 2), w, bias, activation="silu", backend="triton")
+        return ssd.ssd_xbc_fn(xbc.transpose(1, 2), dt, A, D=D, z=z.unflatten(-1, (heads, head_dim)),
+                              dt_bias=dt_bias, dt_softplus=True, head_dim=head_dim, n_groups=groups,
+                              d_state=state, backend="triton")
+
+    def fused(zxbcdt, w, bias, A, D, dt_bias):
+        return mamba2_inner_triton(zxbcdt, w, bias, A, D, dt_bias, batch, head_dim, groups, state)
+
+    got, want = [(y := f(*leaves), torch.autograd.grad((y.float() * dout.float()).sum(), leaves))
+                 for f in (fused, separate)]
+    assert got[0].dtype == dtype and rel_err(got[0], want[0]) < TOL[dtype]
+    for name, g, r in zip(("zxbcdt", "w", "bias", "A", "D", "dt_bias"), got[1], want[1]):
+        assert torch.isfinite(g).all() and rel_err(g, r) < TOL[dtype] * SUMMED.get(name, 1), name
+    assert got[1][0].stride() == zxbcdt.stride()
+    with pytest.raises(ValueError, match="139 positions are not 2 rows"):
+        mamba2_inner_triton(zxbcdt[:, :139], w, bias, A, D, dt_bias, 2, head_dim, groups, state)
+
+
 # ---- the mixer and the model -----------------------------------------------------------------
 def _mixer_pair():
     torch.manual_seed(0)

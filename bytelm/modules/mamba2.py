@@ -13,7 +13,7 @@ from torch import nn
 from bytelm.ops.causal_conv1d import causal_conv1d_fn
 from bytelm.ops.channel_major import linear_to_cm
 from bytelm.ops.rms_norm import rms_norm_fn
-from bytelm.ops.ssd import split_xbc, ssd_state_update_ref, ssd_xbc_fn
+from bytelm.ops.ssd import resolve_backend, split_xbc, ssd_state_update_ref, ssd_xbc_fn
 
 
 @dataclass
@@ -83,6 +83,15 @@ class Mamba2Mixer(nn.Module):
         gradient comes back in the same rows, so autograd joins them by one coalesced cat."""
         batch, length, _ = hidden.shape
         zxbcdt = linear_to_cm(hidden.reshape(-1, self.d_model), self.in_proj.weight, self.in_proj.bias)
+        if not return_state and length > 0 and resolve_backend(self.scan_backend, zxbcdt.device) == "triton":
+            # conv and scan as one autograd node: their backwards write the gradients of z, xBC
+            # and dt into the rows of one buffer, no cat of autograd's (ops/triton/mamba2_inner.py)
+            from bytelm.ops.triton.mamba2_inner import mamba2_inner_triton
+            y = mamba2_inner_triton(zxbcdt, self.conv1d.weight, self.conv1d.bias,
+                                    -torch.exp(self.A_log.float()), self.D.float(),
+                                    self.dt_bias.float(), batch, self.head_dim, self.n_groups,
+                                    self.d_state)
+            return self._out(y.flatten(-2))
         z, xbc_in, dt = (t.view(-1, batch, length).permute(1, 2, 0)  # (b, l, channels) views
                          for t in self._split(zxbcdt, dim=0))
         xbc = causal_conv1d_fn(xbc_in.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
