@@ -334,8 +334,26 @@ def test_mamba2_inner_matches_the_separate_ops_with_one_gradient_buffer(dtype, g
     for name, g, r in zip(("zxbcdt", "w", "bias", "A", "D", "dt_bias"), got[1], want[1]):
         assert torch.isfinite(g).all() and rel_err(g, r) < TOL[dtype] * SUMMED.get(name, 1), name
     assert got[1][0].stride() == zxbcdt.stride()
-    with pytest.raises(ValueError, match="139 positions are not 2 rows"):
-        mamba2_inner_triton(zxbcdt[:, :139], w, bias, A, D, dt_bias, 2, head_dim, groups, state)
+
+
+def test_mamba2_inner_optional_inputs_and_errors():
+    """Without D, dt_bias or the conv bias the node returns no gradient for them; positions that
+    are not whole rows, no positions and a conv too wide for the kernels are one-line errors."""
+    from bytelm.ops.triton.mamba2_inner import mamba2_inner_triton
+    batch, length, heads, head_dim, state = 1, 20, 2, 16, 16
+    d_inner, conv_dim = heads * head_dim, heads * head_dim + 2 * state
+    zxbcdt = randn(d_inner + conv_dim + heads, batch * length, seed=3).requires_grad_()
+    w, A = randn(conv_dim, 1, 4, seed=4).requires_grad_(), -torch.rand(heads, device=DEVICE) - 0.5
+    y = mamba2_inner_triton(zxbcdt, w, None, A, None, None, batch, head_dim, 1, state)
+    dz, dw = torch.autograd.grad(y.square().sum(), (zxbcdt, w))
+    assert torch.isfinite(dz).all() and torch.isfinite(dw).all()
+    args = (w, None, A, None, None)
+    with pytest.raises(ValueError, match="19 positions are not 2 rows"):
+        mamba2_inner_triton(zxbcdt[:, :19], *args, 2, head_dim, 1, state)
+    with pytest.raises(ValueError, match="0 positions are not 1 rows"):
+        mamba2_inner_triton(zxbcdt[:, :0], *args, 1, head_dim, 1, state)
+    with pytest.raises(ValueError, match="width <= 8, got 9"):
+        mamba2_inner_triton(zxbcdt, randn(conv_dim, 1, 9), None, A, None, None, 1, head_dim, 1, state)
 
 
 # ---- the mixer and the model -----------------------------------------------------------------

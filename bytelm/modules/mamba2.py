@@ -79,11 +79,13 @@ class Mamba2Mixer(nn.Module):
 
         The in_proj writes channel-major (channels, batch x length) storage, as in the Mamba-1
         mixer: the conv reads its (x, B, C) rows with time steps adjacent and writes the same
-        layout, the scan reads x, B, C, z and dt there through strided views, and every
-        gradient comes back in the same rows, so autograd joins them by one coalesced cat."""
+        layout, the scan reads x, B, C, z and dt there through strided views. On the Triton
+        backend conv and scan are one autograd node that writes every gradient into one buffer
+        in those rows; elsewhere autograd joins the gradients by one coalesced cat."""
         batch, length, _ = hidden.shape
         zxbcdt = linear_to_cm(hidden.reshape(-1, self.d_model), self.in_proj.weight, self.in_proj.bias)
-        if not return_state and length > 0 and resolve_backend(self.scan_backend, zxbcdt.device) == "triton":
+        if (not return_state and length > 0 and zxbcdt.dtype != torch.float64
+                and resolve_backend(self.scan_backend, zxbcdt.device) == "triton"):
             # conv and scan as one autograd node: their backwards write the gradients of z, xBC
             # and dt into the rows of one buffer, no cat of autograd's (ops/triton/mamba2_inner.py)
             from bytelm.ops.triton.mamba2_inner import mamba2_inner_triton

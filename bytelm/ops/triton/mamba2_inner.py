@@ -2,8 +2,8 @@
 causal conv + SiLU over xBC -> SSD scan gated by SiLU(z), from in_proj's channel-major output.
 
 As separate autograd ops (the conv's and the scan's), the gradients of in_proj's z, xBC and dt
-rows come back as three tensors that autograd joins by a cat (a 3224 x positions copy, 0.2 ms
-a layer at 8 x 8192 on the H200, ~5 ms of a 90M model's step: benchmarks/NOTES.md,
+rows come back as three tensors that autograd joins by a cat (a 3224 x 65,536 copy for the
+90M model: 5 ms of its 2 x 32768 step on the H200, benchmarks/results/profile-h200.md,
 twenty-first session). Here the scan's backward writes dz and ddt, and the conv's backward
 dxBC, straight into the rows of one buffer laid out like in_proj's output. The kernels, the
 maths and the saved tensors are the separate ops' (in_proj's output, the conv's output, the
@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from bytelm.ops.causal_conv1d import check_conv_args
 from bytelm.ops.ssd import check_ssd_args, split_xbc
-from bytelm.ops.triton.causal_conv1d import conv_bwd, conv_fwd
+from bytelm.ops.triton.causal_conv1d import MAX_WIDTH, conv_bwd, conv_fwd
 from bytelm.ops.triton.ssd import check_offsets, dense_like, ssd_bwd, ssd_fwd
 
 
@@ -57,12 +58,12 @@ class Mamba2InnerFn(torch.autograd.Function):
         _, _, dA, _, _, dD, _, dbias, _ = ssd_bwd(
             x, dt, A, B, C, D, z, dt_bias, True, states, decay, dout, None,
             dx=dx, dB=dB, dC=dC, dz=dz, ddt=ddt)
-        del states
         width = conv_weight.shape[-1]
         _, dw, db = conv_bwd(xbc_in, conv_weight.reshape(-1, width), conv_bias,
                              dxbc.transpose(1, 2), silu=True, dx=dxbc_in)
         return (dzxbcdt, dw.view_as(conv_weight).to(conv_weight.dtype),
-                db.to(conv_bias.dtype) if conv_bias is not None else None, dA, dD, dbias,
+                db.to(conv_bias.dtype) if conv_bias is not None else None, dA,
+                dD if D is not None else None, dbias if dt_bias is not None else None,
                 None, None, None, None)
 
 
@@ -74,11 +75,15 @@ def mamba2_inner_triton(zxbcdt, conv_weight, conv_bias, A, D, dt_bias, batch: in
     heads, head_dim): the SSD scan of x, B, C = silu(conv(xBC)) with dt = softplus(dt +
     dt_bias), plus D x, gated by silu(z) (as bytelm.ops.ssd.ssd_xbc_ref after the conv)."""
     heads = A.shape[0]
-    if zxbcdt.shape[1] % batch:
-        raise ValueError(f"mamba2_inner: {zxbcdt.shape[1]} positions are not {batch} rows")
+    if zxbcdt.shape[1] == 0 or zxbcdt.shape[1] % batch:
+        raise ValueError(f"mamba2_inner: {zxbcdt.shape[1]} positions are not {batch} rows of one "
+                         f"step or more")
     z, xbc_in, dt = _rows(zxbcdt, batch, heads * head_dim, heads)
+    if check_conv_args(xbc_in, conv_weight, conv_bias, "silu") > MAX_WIDTH:
+        raise ValueError(f"mamba2_inner: the Triton conv supports width <= {MAX_WIDTH}, got "
+                         f"{conv_weight.shape[-1]}")
     x, B, C = split_xbc(xbc_in.transpose(1, 2), head_dim, n_groups, d_state)
     check_ssd_args(x, dt, A, B, C, D, z, dt_bias, None)
-    check_offsets(zxbcdt)
+    check_offsets(z, xbc_in, dt)  # the kernels index each view from its own start
     return Mamba2InnerFn.apply(zxbcdt, conv_weight, conv_bias, A, D, dt_bias, batch, head_dim,
                                n_groups, d_state)

@@ -158,9 +158,9 @@ def _ssd_state_pass_kernel(states_ptr, passed_ptr, decay_ptr, h0_ptr, hT_ptr, n_
                            dstate, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
     """Per (batch x head, slice of BLOCK state cells): carry = init (fp32); for each chunk (last
-    first if REVERSE): read its contribution from states, write carry to passed (the same place;
-    passed may be states itself), carry = decay * carry + contribution. Then write carry to
-    hT. h0 / hT: (batch x heads, head_dim, dstate) contiguous fp32."""
+    first if REVERSE): read its fp32 contribution from states, write carry to the same place of
+    passed (in passed's dtype), carry = decay * carry + contribution. Then write carry to hT.
+    h0 / hT: (batch x heads, head_dim, dstate) contiguous fp32."""
     pid, blk = tl.program_id(0), tl.program_id(1)
     cells = blk * BLOCK + tl.arange(0, BLOCK)  # index into (BLOCK_N, BLOCK_P)
     n, p = cells // BLOCK_P, cells % BLOCK_P
@@ -289,7 +289,8 @@ def _ssd_chunk_bwd_kernel(
         x32 = _load_tile(x_ptr + b * sx_b + h * sx_h, t, sx_l, offs_p, sx_p, m_tp).to(tl.float32)
         xdt32 = x32 * dt[:, None]
         xdt = xdt32.to(mm_ty)
-        # each fp32 tile is reduced as soon as it is read, so only the dot operands stay live
+        # each fp32 tile is reduced as soon as it is made or read, so only the dot operands stay
+        # live; <H, dH> takes the saved states as they are (bf16 under autocast)
         H = tl.load(_state_tile(states_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P))
         dH = tl.load(_state_tile(dstates_ptr, b, h, heads, n_chunks, c, offs_n, offs_p, BLOCK_N, BLOCK_P))
         last = tl.exp2(cs_last) * tl.sum(tl.sum(H.to(tl.float32) * dH.to(tl.float32), axis=1), axis=0)
@@ -441,8 +442,9 @@ def _state_pass(states, decay, h0, head_dim, dstate, reverse, out_dtype):
     The carried states go to a new buffer, not over the fp32 contributions: on the H200 the
     pass written in place took 0.41 ms at 8 x 8192 x 24 heads and 1.1 ms at 2 x 32768; into a
     separate fp32 buffer 0.21 / 0.25, in bf16 0.16 / 0.20 (benchmarks/NOTES.md, twenty-first
-    session). bf16 halves what the output and backward kernels read, which round the state
-    to bf16 for their dots anyway (mamba_ssm passes its states in C's dtype too)."""
+    session). bf16 halves what the output and backward kernels read; their dots round the
+    state to bf16 anyway, and only the backward's <H, dH> sum now sees bf16 values where it
+    saw fp32 (mamba_ssm passes its states in C's dtype too)."""
     rows, n_chunks = decay.shape
     _, _, BLOCK_N, BLOCK_P = states.shape
     carry = _empty(rows, head_dim, dstate, device=states.device, dtype=torch.float32)
