@@ -13,7 +13,8 @@ from torch import nn
 from bytelm.ops.causal_conv1d import causal_conv1d_fn
 from bytelm.ops.channel_major import linear_to_cm
 from bytelm.ops.rms_norm import rms_norm_fn
-from bytelm.ops.ssd import resolve_backend, split_xbc, ssd_state_update_ref, ssd_xbc_fn
+from bytelm.ops.ssd import (resolve_backend, split_xbc, split_zxbcdt, ssd_state_update_ref,
+                            ssd_xbc_fn)
 
 
 @dataclass
@@ -61,9 +62,13 @@ class Mamba2Mixer(nn.Module):
     def _norm_backend(self) -> str:
         return "ref" if self.scan_backend == "naive" else self.scan_backend
 
-    def _split(self, zxbcdt: torch.Tensor, dim: int = -1):
-        """in_proj's output, its channels along `dim` -> z (d_inner), xBC (conv_dim), dt (heads)."""
-        return zxbcdt.split([self.d_inner, self.conv_dim, self.n_heads], dim=dim)
+    def _split(self, zxbcdt: torch.Tensor):
+        """(..., in_proj width) -> z (..., d_inner), xBC (..., conv_dim), dt (..., heads)."""
+        return zxbcdt.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+
+    def _scan_params(self):
+        """A (negative decay rates), D and dt_bias as the scans take them: fp32."""
+        return -torch.exp(self.A_log.float()), self.D.float(), self.dt_bias.float()
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
         """y (..., d_inner), already gated -> RMSNorm -> out_proj. As mamba_ssm's RMSNormGated,
@@ -90,17 +95,15 @@ class Mamba2Mixer(nn.Module):
             # and dt into the rows of one buffer, no cat of autograd's (ops/triton/mamba2_inner.py)
             from bytelm.ops.triton.mamba2_inner import mamba2_inner_triton
             y = mamba2_inner_triton(zxbcdt, self.conv1d.weight, self.conv1d.bias,
-                                    -torch.exp(self.A_log.float()), self.D.float(),
-                                    self.dt_bias.float(), batch, self.head_dim, self.n_groups,
+                                    *self._scan_params(), batch, self.head_dim, self.n_groups,
                                     self.d_state)
             return self._out(y.flatten(-2))
-        z, xbc_in, dt = (t.view(-1, batch, length).permute(1, 2, 0)  # (b, l, channels) views
-                         for t in self._split(zxbcdt, dim=0))
+        z, xbc_in, dt = split_zxbcdt(zxbcdt, batch, self.d_inner, self.n_heads)
         xbc = causal_conv1d_fn(xbc_in.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
                                activation="silu", backend=self._norm_backend).transpose(1, 2)
-        y = ssd_xbc_fn(xbc, dt, -torch.exp(self.A_log.float()), D=self.D.float(),
-                       z=z.unflatten(-1, (self.n_heads, self.head_dim)), dt_bias=self.dt_bias.float(),
-                       dt_softplus=True, head_dim=self.head_dim, n_groups=self.n_groups,
+        A, D, dt_bias = self._scan_params()
+        y = ssd_xbc_fn(xbc, dt, A, D=D, z=z.unflatten(-1, (self.n_heads, self.head_dim)),
+                       dt_bias=dt_bias, dt_softplus=True, head_dim=self.head_dim, n_groups=self.n_groups,
                        d_state=self.d_state, return_final_state=return_state,
                        backend=self.scan_backend)
         if return_state:
@@ -126,9 +129,10 @@ class Mamba2Mixer(nn.Module):
         state.conv[..., -1] = xbc.to(state.conv.dtype)
         xbc = (state.conv * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
         x, B, C = split_xbc(F.silu(xbc).to(hidden.dtype), self.head_dim, self.n_groups, self.d_state)
-        y = ssd_state_update_ref(state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C,
-                                 D=self.D.float(), z=z.unflatten(-1, (self.n_heads, self.head_dim)),
-                                 dt_bias=self.dt_bias.float(), dt_softplus=True)
+        A, D, dt_bias = self._scan_params()
+        y = ssd_state_update_ref(state.ssm, x, dt, A, B, C, D=D,
+                                 z=z.unflatten(-1, (self.n_heads, self.head_dim)), dt_bias=dt_bias,
+                                 dt_softplus=True)
         return self._out(y.flatten(-2))
 
     def flops_per_token(self) -> int:

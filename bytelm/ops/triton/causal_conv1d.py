@@ -358,14 +358,20 @@ class CausalConv1dFn(torch.autograd.Function):
         return (dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else None, None)
 
 
-def causal_conv1d_triton(x, weight, bias=None, activation=None):
-    """Fused causal depthwise conv1d; arguments, shapes and result as `causal_conv1d_ref`
-    (weight (dim, width) or (dim, 1, width), width <= 8; activation None or "silu")."""
-    from bytelm.ops.causal_conv1d import check_conv_args  # the one-line argument errors
+def check_triton_conv_args(x, weight, bias, activation) -> int:
+    """check_conv_args' one-line errors, and a width the kernels take; returns the width."""
+    from bytelm.ops.causal_conv1d import check_conv_args
 
     width = check_conv_args(x, weight, bias, activation)
     if width > MAX_WIDTH:
         raise ValueError(f"causal_conv1d: the Triton kernels support width <= {MAX_WIDTH}, got {width}")
+    return width
+
+
+def causal_conv1d_triton(x, weight, bias=None, activation=None):
+    """Fused causal depthwise conv1d; arguments, shapes and result as `causal_conv1d_ref`
+    (weight (dim, width) or (dim, 1, width), width <= 8; activation None or "silu")."""
+    width = check_triton_conv_args(x, weight, bias, activation)
     if x.numel() == 0:  # nothing to launch: the reference's (empty) result
         from bytelm.ops.causal_conv1d import causal_conv1d_ref
         return causal_conv1d_ref(x, weight, bias, activation)

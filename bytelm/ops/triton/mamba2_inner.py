@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from bytelm.ops.causal_conv1d import check_conv_args
-from bytelm.ops.ssd import check_ssd_args, split_xbc
-from bytelm.ops.triton.causal_conv1d import MAX_WIDTH, conv_bwd, conv_fwd
+from bytelm.ops.ssd import check_ssd_args, split_xbc, split_zxbcdt
+from bytelm.ops.triton.causal_conv1d import check_triton_conv_args, conv_bwd, conv_fwd
 from bytelm.ops.triton.ssd import check_offsets, dense_like, ssd_bwd, ssd_fwd
 
 
 def _rows(zxbcdt: torch.Tensor, batch: int, d_inner: int, heads: int):
-    """(channels, batch * length) channel-major storage -> z (batch, length, heads, head_dim),
-    xBC (batch, conv_dim, length) and dt (batch, length, heads): views, never copies."""
-    conv_dim = zxbcdt.shape[0] - d_inner - heads
-    z, xbc, dt = (t.view(-1, batch, zxbcdt.shape[1] // batch).permute(1, 2, 0)
-                  for t in zxbcdt.split([d_inner, conv_dim, heads]))
+    """split_zxbcdt's views as the kernels take them: z (batch, length, heads, head_dim), xBC
+    (batch, conv_dim, length) and dt (batch, length, heads)."""
+    z, xbc, dt = split_zxbcdt(zxbcdt, batch, d_inner, heads)
     return z.unflatten(-1, (heads, d_inner // heads)), xbc.transpose(1, 2), dt
 
 
@@ -79,9 +76,7 @@ def mamba2_inner_triton(zxbcdt, conv_weight, conv_bias, A, D, dt_bias, batch: in
         raise ValueError(f"mamba2_inner: {zxbcdt.shape[1]} positions are not {batch} rows of one "
                          f"step or more")
     z, xbc_in, dt = _rows(zxbcdt, batch, heads * head_dim, heads)
-    if check_conv_args(xbc_in, conv_weight, conv_bias, "silu") > MAX_WIDTH:
-        raise ValueError(f"mamba2_inner: the Triton conv supports width <= {MAX_WIDTH}, got "
-                         f"{conv_weight.shape[-1]}")
+    check_triton_conv_args(xbc_in, conv_weight, conv_bias, "silu")
     x, B, C = split_xbc(xbc_in.transpose(1, 2), head_dim, n_groups, d_state)
     check_ssd_args(x, dt, A, B, C, D, z, dt_bias, None)
     check_offsets(z, xbc_in, dt)  # the kernels index each view from its own start
