@@ -30,6 +30,12 @@ the stream, plus the cast of that sum to x's dtype. fwd+bwd takes gradients of y
 residual_out (both fp32) for x, residual and weight. GB/s counts the fused op's bytes: forward
 reads x and residual, writes y and residual_out; backward reads residual_out, dy and
 d(residual_out), writes dx and dresidual.
+
+--op gated: the Mamba-2 mixer's norm, RMSNorm of y * silu(z) (`gated_rms_norm_fn`), z rows as
+the mixer's in_proj writes them (--z-cm: a channel-major view instead). "ref" is `gated_rms_norm_ref`. GB/s: the
+forward reads y and z and writes the output (3 x elements), the backward reads y, z and dout and
+writes dy and dz (5 x): fwd+bwd 8 x. Default shape: the 90M Mamba-2's 65536 x 1536.
+    python benchmarks/rms_norm.py --op gated --dtypes bf16 --tune
 """
 
 from __future__ import annotations
@@ -116,8 +122,10 @@ def main(argv=None):
     ap.add_argument("--eager", action="store_true", help="CUDA: time with do_bench, not CUDA graphs")
     ap.add_argument("--tune", action="store_true", help="also time a few tiles of the raw kernels")
     ap.add_argument("--out", type=Path, help="write the markdown table here too")
-    ap.add_argument("--op", default="norm", choices=["norm", "add-norm"],
-                    help="norm: Triton vs reference; add-norm: fused residual add + norm vs unfused")
+    ap.add_argument("--op", default="norm", choices=["norm", "add-norm", "gated"],
+                    help="norm: Triton vs reference; add-norm: fused residual add + norm vs "
+                         "unfused; gated: the Mamba-2 gated norm, Triton vs reference")
+    ap.add_argument("--z-cm", action="store_true", help="--op gated: z a channel-major view")
     args = ap.parse_args(argv)
 
     if args.device == "cpu":  # Triton kernels run through the interpreter there
@@ -133,6 +141,17 @@ def main(argv=None):
                 for name in args.dtypes.split(",")]
         return write_table(args, argv, header, rows, format_add_norm_table(rows), [],
                            "Residual add + RMSNorm: fused (Triton) vs torch add, then Triton norm")
+    if args.op == "gated":
+        rows, tune_lines = [], []
+        for i, (n, d) in enumerate(parse_shapes(args.shapes, GATED_SHAPES)):
+            for name in args.dtypes.split(","):
+                rows.append(gated_row(n, d, DTYPES[name], name, args.device, bench, eager_bench, i,
+                                      args.z_cm))
+                if args.tune and args.device == "cuda":
+                    tune_lines += [f"{rows[-1]['shape']} {name}:"] + tune_gated(n, d, DTYPES[name],
+                                                                                args.z_cm)
+        return write_table(args, argv, header, rows, format_table(rows), tune_lines,
+                           "Gated RMSNorm (Mamba-2): bytelm Triton vs the PyTorch reference (eager)")
     rows, tune_lines = [], []
     for i, (n, d) in enumerate(parse_shapes(args.shapes, SHAPES)):
         for name in args.dtypes.split(","):
@@ -226,6 +245,87 @@ def format_add_norm_table(rows):
             f"{r['check']:.1e} / {r['gcheck']:.1e}",
         ]) + " |")
     return "\n".join(lines)
+
+
+GATED_SHAPES = [(65536, 1536)]
+
+
+def gated_inputs(rows, dim, dtype, device, seed=0, z_cm=False):
+    """y (rows, dim), z (rows, dim) (z_cm: a view of channel-major (dim, rows) storage),
+    weight, dout."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(rows, dim, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    z = torch.randn(dim, rows, generator=g).to(device=device, dtype=dtype).t()
+    z = (z if z_cm else z.contiguous()).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(dim, generator=g)).to(device).requires_grad_()
+    dout = torch.randn(rows, dim, generator=g).to(device=device, dtype=dtype)
+    return y, z, weight, dout
+
+
+def gated_row(n, d, dtype, name, device, bench, eager_bench, seed, z_cm):
+    from bytelm.ops.rms_norm import gated_rms_norm_fn
+
+    y, z, weight, dout = gated_inputs(n, d, dtype, device, seed, z_cm)
+    row = dict(shape=f"{n} x {d}", dtype=name)
+    outs = {}
+    for backend in ("triton", "ref"):
+        def fwd(be=backend):
+            with torch.no_grad():
+                return gated_rms_norm_fn(y, z, weight, EPS, backend=be)
+
+        def fwd_bwd(be=backend):
+            return torch.autograd.grad(gated_rms_norm_fn(y, z, weight, EPS, backend=be),
+                                       (y, z, weight), dout)
+        outs[backend] = (fwd(), fwd_bwd())
+        key = "" if backend == "triton" else "r"
+        row[key + "fwd"], row[key + "fb"] = bench(fwd), bench(fwd_bwd)
+        if backend == "triton":
+            row["efb"] = eager_bench(fwd_bwd)
+    row["check"] = rel_err(outs["triton"][0], outs["ref"][0])
+    row["gcheck"] = max(rel_err(a, b) for a, b in zip(outs["triton"][1], outs["ref"][1]))
+    nbytes = y.numel() * y.element_size()
+    for key, mult in (("fwd", 3), ("fb", 8), ("rfwd", 3), ("rfb", 8)):
+        row[key + "_gbs"] = mult * nbytes / row[key] / 1e6
+    print(row, flush=True)
+    return row
+
+
+def tune_gated(n, d, dtype, z_cm):
+    """The raw gated-norm kernels over rows a tile, warps and backward programs an SM."""
+    from triton.testing import do_bench
+
+    from bytelm.ops.triton import gated_norm as tgn
+
+    bench = lambda fn: do_bench(fn, warmup=10, rep=50, return_mode="median")  # noqa: E731
+    y, z, w, dout = (t.detach() for t in gated_inputs(n, d, dtype, "cuda", z_cm=z_cm))
+    nbytes = y.numel() * y.element_size()
+    base_f = tgn.gated_norm_config(d, y.device, element_size=y.element_size())
+    base_b = tgn.gated_norm_config(d, y.device, backward=True, element_size=y.element_size())
+    _, rstd = tgn.gated_norm_fwd(y, z, w, EPS)
+    lines = [f"  defaults: fwd {base_f}, bwd {base_b}"]
+    for bm in (1, 2, 4, 8):
+        for nw in (4, 8, 16):
+            cfg = dict(base_f, BLOCK_M=bm, num_warps=nw)
+            try:
+                ms = bench(lambda: tgn.gated_norm_fwd(y, z, w, EPS, store_rstd=False, cfg=cfg))
+                lines.append(f"  fwd BLOCK_M={bm:2d} num_warps={nw:2d}: {ms:.4f} ms "
+                             f"{3 * nbytes / ms / 1e6:5.0f} GB/s")
+            except Exception as e:  # a tile that does not compile
+                lines.append(f"  fwd BLOCK_M={bm:2d} num_warps={nw:2d}: failed ({type(e).__name__})")
+            print(lines[-1], flush=True)
+    for bm in (1, 2, 4):
+        for nw in (2, 4, 8):
+            for pps in (4, 8, 16):
+                cfg = dict(base_b, BLOCK_M=bm, num_warps=nw, PROGRAMS_PER_SM=pps)
+                try:
+                    ms = bench(lambda: tgn.gated_norm_bwd(y, z, w, rstd, dout, cfg=cfg))
+                    lines.append(f"  bwd BLOCK_M={bm:2d} num_warps={nw:2d} programs/SM={pps}: "
+                                 f"{ms:.4f} ms {5 * nbytes / ms / 1e6:5.0f} GB/s")
+                except Exception as e:
+                    lines.append(f"  bwd BLOCK_M={bm:2d} num_warps={nw:2d} programs/SM={pps}: "
+                                 f"failed ({type(e).__name__})")
+                print(lines[-1], flush=True)
+    return lines
 
 
 def format_table(rows):

@@ -30,6 +30,7 @@ Residual add + RMSNorm in one pass (a pre-norm block's `residual + x`, then the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from bytelm.ops.backend import resolve_backend as _resolve
 
@@ -93,3 +94,41 @@ def add_rms_norm_fn(x: torch.Tensor, residual: torch.Tensor | None, weight: torc
         from bytelm.ops.triton.rms_norm import add_rms_norm_triton
         return add_rms_norm_triton(x, residual, weight, eps, out_dtype)
     return add_rms_norm_ref(x, residual, weight, eps, out_dtype)
+
+
+MAX_GATED_DIM = 8192  # widest row the Triton gated norm holds in registers; wider take the ref
+
+
+def _check_gated(y, z, weight, groups):
+    if z.shape != y.shape:
+        raise ValueError(f"gated_rms_norm: z of shape {tuple(z.shape)} for y of shape {tuple(y.shape)}")
+    if weight.shape != y.shape[-1:]:
+        raise ValueError(f"gated_rms_norm: weight of shape {tuple(weight.shape)} for rows of {y.shape[-1]}")
+    if groups < 1 or y.shape[-1] % groups:
+        raise ValueError(f"gated_rms_norm: {groups} groups do not divide rows of {y.shape[-1]}")
+
+
+def gated_rms_norm_ref(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
+                       groups: int = 1) -> torch.Tensor:
+    """The Mamba-2 mixer's norm (mamba_ssm's RMSNormGated, gate before the norm), all in fp32:
+
+        y, z   : (..., dim)   the scan's output and the gate (any strides)
+        weight : (dim,)
+        out    : (..., dim)   y.dtype
+
+        g = y32 * silu(z32), viewed as (..., groups, dim / groups);
+        out = g * rsqrt(mean(g ** 2 over each group) + eps) * weight32
+    """
+    _check_gated(y, z, weight, groups)
+    g = (y.float() * F.silu(z.float())).unflatten(-1, (groups, -1))
+    g = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + eps)).flatten(-2)
+    return (g * weight.float()).to(y.dtype)
+
+
+def gated_rms_norm_fn(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
+                      groups: int = 1, backend: str = "auto") -> torch.Tensor:
+    """The gated RMSNorm through the chosen backend; arguments and shapes as `gated_rms_norm_ref`."""
+    if _resolve("rms_norm", backend, y.device, BACKENDS) == "triton":
+        from bytelm.ops.triton.gated_norm import gated_rms_norm_triton
+        return gated_rms_norm_triton(y, z, weight, eps, groups)
+    return gated_rms_norm_ref(y, z, weight, eps, groups)
