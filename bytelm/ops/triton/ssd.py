@@ -270,8 +270,8 @@ def _ssd_chunk_bwd_kernel(
 ):
     """dx, dz, ddt: any strides; dB, dC: (batch, length, groups, dstate), written (a program
     walks all heads of its group) or, if ATOMIC, added in fp32 into zeros (a group's heads are
-    split over programs); part: (3, batch, chunks, heads) fp32 <- partial sums of dA, dD and
-    dt_bias's gradient."""
+    split over programs); part: (3, heads, batch, chunks) fp32 <- partial sums of dA, dD and
+    dt_bias's gradient (a head's partials adjacent: torch sums them over the last dim)."""
     b, blk, g, c, t, offs_p, offs_n, mask_t, m_tp, m_tn = _chunk_coords(
         heads, heads_per_group, head_dim, dstate, length, T, BLOCK_P, BLOCK_N, HB)
     offs_t = tl.arange(0, T)
@@ -335,7 +335,7 @@ def _ssd_chunk_bwd_kernel(
             ddt *= tl.sigmoid(dt_raw)
         ddt = tl.where(mask_t, ddt, 0.0)
         tl.store(ddt_ptr + b * sddt_b + h * sddt_h + t * sddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_t)
-        part = part_ptr + (b * n_chunks + c) * heads + h
+        part = part_ptr + h * (part_stride // heads) + b * n_chunks + c
         tl.store(part, tl.sum(da * dt, axis=0))
         tl.store(part + part_stride, dD_part)
         tl.store(part + 2 * part_stride, tl.sum(ddt, axis=0))
@@ -423,16 +423,17 @@ def check_offsets(*tensors):
                              f"Triton kernels index with 32 bits: split the batch")
 
 
-def dense_like(t: torch.Tensor) -> torch.Tensor:
-    """An empty dense tensor of t's shape and dtype whose dims are laid out in the order of t's
-    strides: a gradient written there is in its input's layout (e.g. rows of a channel-major
-    buffer), so the views and splits that made the input pass it back without a copy."""
+def dense_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty dense tensor of t's shape and dtype (or `dtype`) whose dims are laid out in the
+    order of t's strides: a gradient written there is in its input's layout (e.g. rows of a
+    channel-major buffer), so the views and splits that made the input pass it back without a
+    copy."""
     order = sorted(range(t.dim()), key=lambda d: t.stride(d))  # innermost first
     strides, step = [0] * t.dim(), 1
     for d in order:
         strides[d] = step
         step *= t.shape[d]
-    return _empty_strided(t.shape, strides, device=t.device, dtype=t.dtype)
+    return _empty_strided(t.shape, strides, device=t.device, dtype=dtype or t.dtype)
 
 
 def _state_pass(states, decay, h0, head_dim, dstate, reverse, out_dtype):
@@ -510,12 +511,14 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, states, decay, dout, dhT, c
     # L2: the sums are 2 x 16 MB at 8 x 8192), not written per head and summed by torch (2 x 400
     # MB each way; 3.99 -> 3.71 ms fwd+bwd at 8 x 8192 x 24 heads, benchmarks/NOTES.md)
     atomic = heads // groups // k["HB"] > 1
-    if atomic:
-        dB_sum = torch.zeros(batch, length, groups, dstate, device=dev, dtype=torch.float32)
-        dC_sum = torch.zeros_like(dB_sum)
+    if atomic:  # the sums in dB's and dC's own layouts: the casts below are plain copies (the
+        # mixer's are rows of a channel-major buffer; a transposing copy took 1.4 ms of its
+        # 2 x 32768 step on the H200, benchmarks/NOTES.md, twenty-second session)
+        dB_sum = dense_like(dB, torch.float32).zero_()
+        dC_sum = dense_like(dC, torch.float32).zero_()
     else:  # a program walks all its group's heads: it writes dB, dC itself
         dB_sum, dC_sum = dB, dC
-    part = _empty(3, batch, n_chunks, heads, device=dev, dtype=torch.float32)
+    part = _empty(3, heads, batch, n_chunks, device=dev, dtype=torch.float32)
     _ssd_chunk_bwd_kernel[grid](
         x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A,
         z if z is not None else dout, dout, states, dstates, dx, ddt, dB_sum, dC_sum,
@@ -527,7 +530,7 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, states, decay, dout, dhT, c
     if atomic:
         dB.copy_(dB_sum)
         dC.copy_(dC_sum)
-    dA, dD, dbias = part.sum((1, 2))
+    dA, dD, dbias = part.view(3, heads, -1).sum(-1)
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dh0.view(batch, heads, head_dim, dstate)
 
 
