@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bytelm.ops.channel_major import linear_from_cm, linear_to_cm, weight_grad
+from bytelm.ops.channel_major import linear_from_cm, linear_rows_and_cm, linear_to_cm, weight_grad
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -16,6 +16,27 @@ def test_gradcheck(bias):
     cm = torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: linear_to_cm(x, w, b), (rows, w, b))
     assert torch.autograd.gradcheck(lambda x, w, b: linear_from_cm(x, w, b), (cm, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: linear_rows_and_cm(x, w, b, 2), (rows, w, b))
+
+
+def test_rows_and_cm_split_one_layer_into_two_layouts():
+    """The first k outputs as rows, the rest channel-major: the values of one F.linear, and
+    gradients (x's summed over both parts, the weight's whole) equal to its gradients."""
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(6, 4, generator=g, requires_grad=True), torch.randn(6, generator=g, requires_grad=True)
+    x = torch.randn(9, 4, generator=g, requires_grad=True)
+    rows, cm = linear_rows_and_cm(x, w, b, 2)
+    assert rows.shape == (9, 2) and rows.is_contiguous() and cm.shape == (4, 9) and cm.is_contiguous()
+    want = F.linear(x, w, b)
+    torch.testing.assert_close(rows, want[:, :2])
+    torch.testing.assert_close(cm, want[:, 2:].t())
+    d_rows, d_cm = torch.randn(9, 2, generator=g), torch.randn(4, 9, generator=g)
+    got = torch.autograd.grad((rows, cm), (x, w, b), (d_rows, d_cm))
+    ref = torch.autograd.grad(want, (x, w, b), torch.cat([d_rows, d_cm.t()], 1))
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r)
+    with pytest.raises(ValueError, match="split 6 must leave rows on both sides of 6 outputs"):
+        linear_rows_and_cm(x, w, b, 6)
 
 
 def test_values_and_gradient_layouts():

@@ -12,7 +12,7 @@ import torch
 from bytelm.models.lm import LM, ModelConfig
 from bytelm.modules.mamba2 import Mamba2Mixer
 from bytelm.ops import ssd
-from bytelm.ops.triton import ssd as tssd
+from bytelm.ops.triton import gated_norm as tgated, ssd as tssd
 
 from kernel_checks import nan_empty, rel_err, round_bf16_like_the_gpu
 
@@ -33,6 +33,7 @@ def poison_outputs(monkeypatch):
     """Kernel outputs start as NaN, so an element a kernel forgot to write fails the test; bf16
     casts round to nearest even in the interpreter too, as on the GPU."""
     monkeypatch.setattr(tssd, "_empty", nan_empty)
+    monkeypatch.setattr(tgated, "_empty", nan_empty)
     monkeypatch.setattr(tssd, "_empty_strided",
                         lambda *a, **kw: torch.empty_strided(*a, **kw).fill_(float("nan")))
     if not CUDA:
@@ -304,56 +305,68 @@ def test_triton_without_autograd_matches_and_refuses_double_backward():
 
 @pytest.mark.parametrize("dtype, groups", [(torch.float32, 1), (torch.bfloat16, 2)])
 def test_mamba2_inner_matches_the_separate_ops_with_one_gradient_buffer(dtype, groups):
-    """The mixer's conv + scan node (mamba2_inner) against the conv and scan ops it replaces;
-    in_proj's gradient comes back as one buffer in in_proj's channel-major layout (every row
-    written: the buffers start as NaN)."""
+    """The mixer's conv + scan + gated norm node (mamba2_inner) against the conv, scan and norm
+    ops it replaces; the gradient of in_proj's channel-major rows comes back as one buffer in
+    their layout (every row written: the buffers start as NaN)."""
     from bytelm.ops.causal_conv1d import causal_conv1d_fn
+    from bytelm.ops.rms_norm import gated_rms_norm_fn
     from bytelm.ops.triton.mamba2_inner import mamba2_inner_triton
     batch, length, heads, head_dim, state = 2, 70, 4, 16, 16
     d_inner, conv_dim = heads * head_dim, heads * head_dim + 2 * groups * state
-    zxbcdt = randn(d_inner + conv_dim + heads, batch * length, seed=3, dtype=dtype)
+    z = randn(batch * length, d_inner, seed=2, dtype=dtype)
+    xbcdt = randn(conv_dim + heads, batch * length, seed=3, dtype=dtype)
     w, bias = randn(conv_dim, 1, 4, seed=4) * 0.5, randn(conv_dim, seed=5)
     A, D, dt_bias = -torch.rand(heads, device=DEVICE) - 0.5, randn(heads, seed=6), randn(heads, seed=7)
-    leaves = [t.requires_grad_() for t in (zxbcdt, w, bias, A, D, dt_bias)]
-    dout = randn(batch, length, heads, head_dim, seed=8, dtype=dtype)
+    norm_w = 1 + 0.3 * randn(d_inner, seed=9)
+    leaves = [t.requires_grad_() for t in (z, xbcdt, w, bias, A, D, dt_bias, norm_w)]
+    dout = randn(batch, length, d_inner, seed=8, dtype=dtype)
 
-    def separate(zxbcdt, w, bias, A, D, dt_bias):
-        z, xbc_in, dt = (t.view(-1, batch, length).permute(1, 2, 0)
-                         for t in zxbcdt.split([d_inner, conv_dim, heads]))
+    def separate(z, xbcdt, w, bias, A, D, dt_bias, norm_w):
+        xbc_in, dt = ssd.split_xbcdt(xbcdt, batch, heads)
         xbc = causal_conv1d_fn(xbc_in.transpose(1, 2), w, bias, activation="silu", backend="triton")
-        return ssd.ssd_xbc_fn(xbc.transpose(1, 2), dt, A, D=D, z=z.unflatten(-1, (heads, head_dim)),
-                              dt_bias=dt_bias, dt_softplus=True, head_dim=head_dim, n_groups=groups,
-                              d_state=state, backend="triton")
+        y = ssd.ssd_xbc_fn(xbc.transpose(1, 2), dt, A, D=D, dt_bias=dt_bias, dt_softplus=True,
+                           head_dim=head_dim, n_groups=groups, d_state=state, backend="triton")
+        return gated_rms_norm_fn(y.flatten(-2), z.view(batch, length, d_inner), norm_w, 1e-5,
+                                 groups, backend="triton")
 
-    def fused(zxbcdt, w, bias, A, D, dt_bias):
-        return mamba2_inner_triton(zxbcdt, w, bias, A, D, dt_bias, batch, head_dim, groups, state)
+    def fused(*args):
+        return mamba2_inner_triton(*args[:7], args[7], 1e-5, batch, head_dim, groups, state)
 
     got, want = [(y := f(*leaves), torch.autograd.grad((y.float() * dout.float()).sum(), leaves))
                  for f in (fused, separate)]
+    assert got[0].shape == (batch, length, d_inner)
     assert got[0].dtype == dtype and rel_err(got[0], want[0]) < TOL[dtype]
-    for name, g, r in zip(("zxbcdt", "w", "bias", "A", "D", "dt_bias"), got[1], want[1]):
+    names = ("z", "xbcdt", "w", "bias", "A", "D", "dt_bias", "norm_w")
+    for name, g, r in zip(names, got[1], want[1]):
         assert torch.isfinite(g).all() and rel_err(g, r) < TOL[dtype] * SUMMED.get(name, 1), name
-    assert got[1][0].stride() == zxbcdt.stride()
+    assert got[1][1].stride() == xbcdt.stride()
 
 
 def test_mamba2_inner_optional_inputs_and_errors():
     """Without D, dt_bias or the conv bias the node returns no gradient for them; positions that
-    are not whole rows, no positions and a conv too wide for the kernels are one-line errors."""
+    are not whole rows, no positions, z not in rows, a conv too wide for the kernels and a norm
+    weight of the wrong width are one-line errors."""
     from bytelm.ops.triton.mamba2_inner import mamba2_inner_triton
     batch, length, heads, head_dim, state = 1, 20, 2, 16, 16
     d_inner, conv_dim = heads * head_dim, heads * head_dim + 2 * state
-    zxbcdt = randn(d_inner + conv_dim + heads, batch * length, seed=3).requires_grad_()
+    z = randn(batch * length, d_inner, seed=2).requires_grad_()
+    xbcdt = randn(conv_dim + heads, batch * length, seed=3).requires_grad_()
     w, A = randn(conv_dim, 1, 4, seed=4).requires_grad_(), -torch.rand(heads, device=DEVICE) - 0.5
-    y = mamba2_inner_triton(zxbcdt, w, None, A, None, None, batch, head_dim, 1, state)
-    dz, dw = torch.autograd.grad(y.square().sum(), (zxbcdt, w))
-    assert torch.isfinite(dz).all() and torch.isfinite(dw).all()
-    args = (w, None, A, None, None)
+    norm_w = torch.ones(d_inner, device=DEVICE)
+    y = mamba2_inner_triton(z, xbcdt, w, None, A, None, None, norm_w, 1e-5, batch, head_dim, 1, state)
+    grads = torch.autograd.grad(y.square().sum(), (z, xbcdt, w))
+    assert all(torch.isfinite(g).all() for g in grads)
+    args = (None, A, None, None, norm_w, 1e-5)
     with pytest.raises(ValueError, match="19 positions are not 2 rows"):
-        mamba2_inner_triton(zxbcdt[:, :19], *args, 2, head_dim, 1, state)
+        mamba2_inner_triton(z[:19], xbcdt[:, :19], w, *args, 2, head_dim, 1, state)
     with pytest.raises(ValueError, match="0 positions are not 1 rows"):
-        mamba2_inner_triton(zxbcdt[:, :0], *args, 1, head_dim, 1, state)
+        mamba2_inner_triton(z[:0], xbcdt[:, :0], w, *args, 1, head_dim, 1, state)
+    with pytest.raises(ValueError, match=r"z must be \(20, 32\) rows with unit column stride"):
+        mamba2_inner_triton(z.t().contiguous().t(), xbcdt, w, *args, 1, head_dim, 1, state)
     with pytest.raises(ValueError, match="width <= 8, got 9"):
-        mamba2_inner_triton(zxbcdt, randn(conv_dim, 1, 9), None, A, None, None, 1, head_dim, 1, state)
+        mamba2_inner_triton(z, xbcdt, randn(conv_dim, 1, 9), *args, 1, head_dim, 1, state)
+    with pytest.raises(ValueError, match=r"gated_rms_norm: weight of shape \(31,\) for rows of 32"):
+        mamba2_inner_triton(z, xbcdt, w, None, A, None, None, norm_w[:31], 1e-5, 1, head_dim, 1, state)
 
 
 # ---- the mixer and the model -----------------------------------------------------------------
@@ -410,17 +423,19 @@ def test_mamba2_bf16_autocast_forward_matches_the_reference():
 
 def test_grouped_gated_norm_normalises_each_group():
     """With n_groups > 1 the gated RMSNorm runs over each group's channels (mamba_ssm's
-    RMSNormGated), not over all of d_inner."""
+    RMSNormGated), not over all of d_inner, and the gate comes before the norm."""
     torch.manual_seed(0)
     mixer = Mamba2Mixer(32, d_state=16, head_dim=16, n_groups=2, scan_backend="ref")
     with torch.no_grad():
         mixer.norm_weight.uniform_(0.5, 1.5)
         y = randn(3, 64, device="cpu") * torch.cat([torch.full((32,), 5.0), torch.ones(32)])
-        halves = [h * torch.rsqrt(h.square().mean(-1, keepdim=True) + mixer.norm_eps) for h in y.split(32, -1)]
+        z = randn(3, 64, seed=2, device="cpu")
+        g = y * torch.nn.functional.silu(z)
+        halves = [h * torch.rsqrt(h.square().mean(-1, keepdim=True) + mixer.norm_eps) for h in g.split(32, -1)]
         want = mixer.out_proj(torch.cat(halves, -1) * mixer.norm_weight)
-        whole = mixer.out_proj(y * torch.rsqrt(y.square().mean(-1, keepdim=True) + mixer.norm_eps)
+        whole = mixer.out_proj(g * torch.rsqrt(g.square().mean(-1, keepdim=True) + mixer.norm_eps)
                                * mixer.norm_weight)
-        got = mixer._out(y)
+        got = mixer._out(y, z)
     torch.testing.assert_close(got, want)
     assert rel_err(got, whole) > 0.1  # the whole-width norm is a different model
 

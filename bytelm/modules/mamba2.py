@@ -1,5 +1,6 @@
-"""The Mamba-2 mixer: in_proj -> causal depthwise conv + SiLU over (x, B, C) -> SSD scan gated by
-SiLU(z) -> RMSNorm -> out_proj (mamba_ssm's Mamba2 with its gated norm after the gate)."""
+"""The Mamba-2 mixer: in_proj -> causal depthwise conv + SiLU over (x, B, C) -> SSD scan -> RMSNorm
+of the scan's output gated by SiLU(z) -> out_proj (mamba_ssm's Mamba2: RMSNormGated, gate
+before the norm)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bytelm.ops.causal_conv1d import causal_conv1d_fn
-from bytelm.ops.channel_major import linear_to_cm
-from bytelm.ops.rms_norm import rms_norm_fn
-from bytelm.ops.ssd import (resolve_backend, split_xbc, split_zxbcdt, ssd_state_update_ref,
+from bytelm.ops.channel_major import linear_rows_and_cm
+from bytelm.ops.rms_norm import MAX_GATED_DIM, gated_rms_norm_fn
+from bytelm.ops.ssd import (resolve_backend, split_xbc, split_xbcdt, ssd_state_update_ref,
                             ssd_xbc_fn)
 
 
@@ -70,45 +71,43 @@ class Mamba2Mixer(nn.Module):
         """A (negative decay rates), D and dt_bias as the scans take them: fp32."""
         return -torch.exp(self.A_log.float()), self.D.float(), self.dt_bias.float()
 
-    def _out(self, y: torch.Tensor) -> torch.Tensor:
-        """y (..., d_inner), already gated -> RMSNorm -> out_proj. As mamba_ssm's RMSNormGated,
-        the norm runs over each group's channels (all of d_inner for one group)."""
-        if self.n_groups == 1:
-            return self.out_proj(rms_norm_fn(y, self.norm_weight, self.norm_eps, self._norm_backend))
-        g = y.unflatten(-1, (self.n_groups, -1)).float()
-        normed = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.norm_eps)).flatten(-2)
-        return self.out_proj((normed * self.norm_weight.float()).to(y.dtype))
+    def _out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, z (..., d_inner) -> RMSNorm of y * silu(z) -> out_proj. As mamba_ssm's
+        RMSNormGated, the norm runs over each group's channels (all of d_inner for one group)."""
+        return self.out_proj(gated_rms_norm_fn(y, z, self.norm_weight, self.norm_eps, self.n_groups,
+                                               self._norm_backend))
 
     def forward(self, hidden: torch.Tensor, return_state: bool = False):
         """hidden: (batch, length, d_model) -> (batch, length, d_model) [, Mamba2State].
 
-        The in_proj writes channel-major (channels, batch x length) storage, as in the Mamba-1
-        mixer: the conv reads its (x, B, C) rows with time steps adjacent and writes the same
-        layout, the scan reads x, B, C, z and dt there through strided views. On the Triton
-        backend conv and scan are one autograd node that writes every gradient into one buffer
-        in those rows; elsewhere autograd joins the gradients by one coalesced cat."""
+        The in_proj writes z as rows (positions, d_inner), what the gated norm reads, and x, B,
+        C and dt channel-major (channels, batch x length), as in the Mamba-1 mixer: the conv
+        reads its (x, B, C) rows with time steps adjacent and writes the same layout, the scan
+        reads x, B, C and dt there through strided views. On the Triton backend conv, scan and
+        gated norm are one autograd node that writes the gradients of x, B, C and dt into one
+        buffer in those rows; elsewhere autograd joins them by one coalesced cat."""
         batch, length, _ = hidden.shape
-        zxbcdt = linear_to_cm(hidden.reshape(-1, self.d_model), self.in_proj.weight, self.in_proj.bias)
-        if (not return_state and length > 0 and zxbcdt.dtype != torch.float64
-                and resolve_backend(self.scan_backend, zxbcdt.device) == "triton"):
-            # conv and scan as one autograd node: their backwards write the gradients of z, xBC
-            # and dt into the rows of one buffer, no cat of autograd's (ops/triton/mamba2_inner.py)
+        z, xbcdt = linear_rows_and_cm(hidden.reshape(-1, self.d_model), self.in_proj.weight,
+                                      self.in_proj.bias, self.d_inner)
+        if (not return_state and length > 0 and z.dtype != torch.float64
+                and self.d_inner <= MAX_GATED_DIM
+                and resolve_backend(self.scan_backend, z.device) == "triton"):
+            # conv, scan and gated norm as one autograd node (ops/triton/mamba2_inner.py)
             from bytelm.ops.triton.mamba2_inner import mamba2_inner_triton
-            y = mamba2_inner_triton(zxbcdt, self.conv1d.weight, self.conv1d.bias,
-                                    *self._scan_params(), batch, self.head_dim, self.n_groups,
-                                    self.d_state)
-            return self._out(y.flatten(-2))
-        z, xbc_in, dt = split_zxbcdt(zxbcdt, batch, self.d_inner, self.n_heads)
+            normed = mamba2_inner_triton(z, xbcdt, self.conv1d.weight, self.conv1d.bias,
+                                         *self._scan_params(), self.norm_weight, self.norm_eps,
+                                         batch, self.head_dim, self.n_groups, self.d_state)
+            return self.out_proj(normed)
+        xbc_in, dt = split_xbcdt(xbcdt, batch, self.n_heads)
         xbc = causal_conv1d_fn(xbc_in.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
                                activation="silu", backend=self._norm_backend).transpose(1, 2)
         A, D, dt_bias = self._scan_params()
-        y = ssd_xbc_fn(xbc, dt, A, D=D, z=z.unflatten(-1, (self.n_heads, self.head_dim)),
-                       dt_bias=dt_bias, dt_softplus=True, head_dim=self.head_dim, n_groups=self.n_groups,
-                       d_state=self.d_state, return_final_state=return_state,
-                       backend=self.scan_backend)
+        y = ssd_xbc_fn(xbc, dt, A, D=D, dt_bias=dt_bias, dt_softplus=True, head_dim=self.head_dim,
+                       n_groups=self.n_groups, d_state=self.d_state,
+                       return_final_state=return_state, backend=self.scan_backend)
         if return_state:
             y, ssm_state = y
-        out = self._out(y.flatten(-2))
+        out = self._out(y.flatten(-2), z.view(batch, length, self.d_inner))
         if not return_state:
             return out
         conv_state = F.pad(xbc_in.transpose(1, 2), (self.d_conv - length, 0))[..., -self.d_conv:]
@@ -130,10 +129,8 @@ class Mamba2Mixer(nn.Module):
         xbc = (state.conv * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
         x, B, C = split_xbc(F.silu(xbc).to(hidden.dtype), self.head_dim, self.n_groups, self.d_state)
         A, D, dt_bias = self._scan_params()
-        y = ssd_state_update_ref(state.ssm, x, dt, A, B, C, D=D,
-                                 z=z.unflatten(-1, (self.n_heads, self.head_dim)), dt_bias=dt_bias,
-                                 dt_softplus=True)
-        return self._out(y.flatten(-2))
+        y = ssd_state_update_ref(state.ssm, x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True)
+        return self._out(y.flatten(-2), z)
 
     def flops_per_token(self) -> int:
         """Forward FLOPs per token beyond the linear layers (counted by the model from params):

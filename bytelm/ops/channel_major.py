@@ -7,6 +7,8 @@ the next op would copy it; these functions return every gradient in its input's 
 
     linear_to_cm(x, W, b)   : x (positions, in) rows  -> (out, positions)   y = W x^T + b
     linear_from_cm(x, W, b) : x (in, positions) cm    -> (positions, out)   y = x^T W^T + b
+    linear_rows_and_cm(x, W, b, k): x (positions, in) -> the first k outputs as rows
+                              (positions, k) and the rest channel-major (out - k, positions)
 
 Both run their matmuls under the caller's autocast, like F.linear.
 """
@@ -81,6 +83,50 @@ class _LinearFromCM(torch.autograd.Function):
               if ctx.needs_input_grad[1] else None)
         db = grad.sum(0).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
+
+
+class _LinearRowsAndCM(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias, k):
+        ctx.weight_dtype, ctx.k = weight.dtype, k
+        x, weight = _autocast(x, weight)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        rows, cm = x @ weight[:k].t(), weight[k:] @ x.t()
+        if bias is not None:
+            rows, cm = rows + bias[:k].to(rows.dtype), cm + bias[k:, None].to(cm.dtype)
+        return rows, cm
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, d_rows, d_cm):  # (positions, k), (out - k, positions)
+        x, weight = ctx.saved_tensors
+        k, dtype = ctx.k, d_rows.dtype
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:  # the second product added in place by the matmul itself
+            # (an out-of-place addmm first copies its input: 47 us a layer at 65536 x 768)
+            dx = (d_rows @ weight[:k].to(dtype)).addmm_(d_cm.t(), weight[k:].to(dtype))
+        if ctx.needs_input_grad[1]:
+            xg = x.to(dtype)
+            dw = torch.cat([weight_grad(d_rows.t(), xg, ctx.weight_dtype),
+                            weight_grad(d_cm, xg, ctx.weight_dtype)])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = torch.cat([d_rows.sum(0), d_cm.sum(1)]).to(ctx.bias_dtype)
+        return dx, dw, db, None
+
+
+def linear_rows_and_cm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int):
+    """x: (positions, in); weight: (out, in); bias: (out,) or None -> (x W[:k]^T + b[:k]
+    (positions, k) contiguous, W[k:] x^T + b[k:] (out - k, positions) contiguous): one layer's
+    outputs for two consumers, each in the layout it reads (the Mamba-2 mixer: z as rows for
+    its norm, x, B, C and dt channel-major for the conv and scan). The backward sums both
+    products into x's gradient by one addmm and returns the weight's gradient whole."""
+    if not 0 < k < weight.shape[0]:
+        raise ValueError(f"linear_rows_and_cm: split {k} must leave rows on both sides of "
+                         f"{weight.shape[0]} outputs")
+    return _LinearRowsAndCM.apply(x, weight, bias, k)
 
 
 def linear_to_cm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):

@@ -197,13 +197,12 @@ def split_xbc(xbc, head_dim, n_groups, d_state):
             C.unflatten(-1, (n_groups, d_state)))
 
 
-def split_zxbcdt(zxbcdt, batch, d_inner, heads):
-    """The Mamba-2 in_proj's channel-major output (d_inner + conv_dim + heads, batch * length):
-    z rows, then x, B, C, then dt -> views z (batch, length, d_inner), xBC (batch, length,
-    conv_dim) and dt (batch, length, heads); never copies."""
-    conv_dim = zxbcdt.shape[0] - d_inner - heads
-    return tuple(t.view(-1, batch, zxbcdt.shape[1] // batch).permute(1, 2, 0)
-                 for t in zxbcdt.split([d_inner, conv_dim, heads]))
+def split_xbcdt(xbcdt, batch, heads):
+    """The Mamba-2 in_proj's channel-major rows of x, B, C, then dt (conv_dim + heads, batch *
+    length) -> views xBC (batch, length, conv_dim) and dt (batch, length, heads); never copies."""
+    conv_dim = xbcdt.shape[0] - heads
+    return tuple(t.view(-1, batch, xbcdt.shape[1] // batch).permute(1, 2, 0)
+                 for t in xbcdt.split([conv_dim, heads]))
 
 
 def ssd_xbc_ref(xbc, dt, A, D=None, z=None, dt_bias=None, dt_softplus=False, head_dim=64,
