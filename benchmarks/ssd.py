@@ -31,11 +31,13 @@ from common import environment, fmt, parse_shapes, rel_err, table_head, timer, w
 
 # batch x length x heads x head_dim x state: the 90M Mamba-2 (d_inner 1536) at 2K / 8K / 32K
 # with states 64 and 128, and PERF.md's SSD peer shape
+GATE = True  # z given (--no-gate: None)
 SHAPES = [(32, 2048, 24, 64, 64), (8, 8192, 24, 64, 64), (2, 32768, 24, 64, 64),
           (8, 8192, 24, 64, 128), (4, 8192, 32, 64, 128)]
 
 
-def inputs(shape, device, dtype, g):
+def inputs(shape, device, dtype, g, gate=True):
+    """x, dt, A, B, C, D, z, dt_bias; z None unless gate (the mixer gates in its norm now)."""
     b, length, h, p, n = shape
     rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     x, z = rnd(b, length, h, p), rnd(b, length, h, p)
@@ -43,18 +45,18 @@ def inputs(shape, device, dtype, g):
     A = -torch.rand(h, generator=g).to(device) * 4 - 0.5
     B, C = rnd(b, length, 1, n), rnd(b, length, 1, n)
     D, bias = torch.ones(h, device=device), torch.zeros(h, device=device)
-    return [x, dt, A, B, C, D, z, bias]
+    return [x, dt, A, B, C, D, z if gate else None, bias]
 
 
 def fns(op, args, dout):
-    leaves = [a.detach().requires_grad_() for a in args]
+    leaves = [a.detach().requires_grad_() if a is not None else None for a in args]
 
     def fwd():
         with torch.no_grad():
             return op(*args)
 
     def fwd_bwd():
-        return torch.autograd.grad(op(*leaves), leaves, dout)
+        return torch.autograd.grad(op(*leaves), [a for a in leaves if a is not None], dout)
     return fwd, fwd_bwd
 
 
@@ -85,8 +87,7 @@ def peer(shape, device, g, bench):
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception:
         return None, None
-    args = inputs(shape, device, torch.bfloat16, g)
-    x, dt, A, B, C, D, z, bias = args
+    x, dt, A, B, C, D, z, bias = inputs(shape, device, torch.bfloat16, g, GATE)
     f, fb = fns(lambda x_, dt_, B_, C_, z_: mamba_chunk_scan_combined(
         x_, dt_, A, B_, C_, 256, D=D, z=z_, dt_bias=bias, dt_softplus=True),
         [x, dt, B, C, z], torch.randn_like(x))
@@ -96,7 +97,7 @@ def peer(shape, device, g, bench):
 def tune(shape, device, g, bench):
     """The raw kernels over chunk lengths, warps and heads a program (HB); a line each."""
     from bytelm.ops.triton.ssd import ssd_bwd, ssd_fwd
-    x, dt, A, B, C, D, z, bias = inputs(shape, device, torch.bfloat16, g)
+    x, dt, A, B, C, D, z, bias = inputs(shape, device, torch.bfloat16, g, GATE)
     dout = torch.randn_like(x)
     lines = []
     for T, nw, hb in [(T, nw, hb) for T in (32, 64) for nw in (4, 8) for hb in (1, 2, 4)]:
@@ -117,7 +118,7 @@ def tune(shape, device, g, bench):
 def kernel_times(shape, device, g) -> list[str]:
     """torch.profiler's CUDA time per kernel over 5 forward + backward calls; a line each."""
     from torch.profiler import ProfilerActivity, profile
-    ins = inputs(shape, device, torch.bfloat16, g)
+    ins = inputs(shape, device, torch.bfloat16, g, GATE)
     _, fb = fns(lambda *a: ssd_fn(*a, dt_softplus=True, backend="triton"), ins, torch.randn_like(ins[0]))
     fb()
     torch.cuda.synchronize()
@@ -141,7 +142,11 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="also print each kernel's time in a forward + backward (CUDA)")
     ap.add_argument("--out", type=Path, help="write the markdown table here too")
+    ap.add_argument("--no-gate", action="store_true",
+                    help="no z: the scan ungated, as the Mamba-2 mixer calls it when its norm gates")
     args = ap.parse_args(argv)
+    global GATE
+    GATE = not args.no_gate
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     bench = timer(args.device, args.reps)
@@ -150,7 +155,7 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     rows, tune_lines = [], []
     for shape in parse_shapes(args.shapes, SHAPES):
-        ins = inputs(shape, args.device, torch.bfloat16, g)
+        ins = inputs(shape, args.device, torch.bfloat16, g, GATE)
         dout = torch.randn_like(ins[0])
         row = dict(shape=" x ".join(map(str, shape)))
         ours = {}
