@@ -1,13 +1,14 @@
 """Offline register and spill statistics of the SSD (Mamba-2) kernels for sm_90 (no GPU).
 
 The launches that one forward + backward of `ssd_xbc_fn` makes in the Mamba-2 mixer's layout
-(x, B, C read channel-major from the conv output) are captured with stub kernels, compiled for
+(x, B, C read channel-major from the conv output; ungated, as the mixer calls it since its norm
+gates; --gate passes z) are captured with stub kernels, compiled for
 GPUTarget("cuda", 90, 32) as Triton's launcher would specialise them, and read with the
 wheel's cuobjdump (sass_bwd.py does the same for the Mamba-1 scan). Spilled registers show as
 stack bytes; the twentieth session halved the backward's spills this way and the H200 then
 ran that kernel 35% faster (benchmarks/NOTES.md).
 
-    PYTHONPATH=. python benchmarks/ssd_sass.py [--shape 2x256x4x64x64] [--dtype bf16] [--dump DIR]
+    PYTHONPATH=. python benchmarks/ssd_sass.py [--shape 2x256x4x64x64] [--dtype bf16] [--gate] [--dump DIR]
 
 Results are for the installed Triton; the H200 runs 3.6 (`pip install --target DIR triton==3.6.0`
 and put DIR first on PYTHONPATH to match it).
@@ -32,7 +33,7 @@ KERNELS = ["_ssd_chunk_state_kernel", "_ssd_state_pass_kernel", "_ssd_chunk_out_
            "_ssd_chunk_dstate_kernel", "_ssd_chunk_bwd_kernel"]
 
 
-def capture(batch, length, heads, head_dim, state, dtype):
+def capture(batch, length, heads, head_dim, state, dtype, gate=False):
     """The kernels' launches (grid, args, kwargs) in one forward + backward, in launch order."""
     stubs = {name: _Capture(getattr(tssd, name)) for name in KERNELS}
     saved = {name: getattr(tssd, name) for name in KERNELS + ["_INTERPRET"]}
@@ -46,8 +47,8 @@ def capture(batch, length, heads, head_dim, state, dtype):
         xbc_rows, z_rows, dt_rows = (t.requires_grad_() for t in rows.split([width, heads * head_dim, heads]))
         xbc, z, dt = (t.permute(1, 2, 0) for t in (xbc_rows, z_rows, dt_rows))
         A, D, bias = -torch.rand(heads), torch.randn(heads), torch.randn(heads)
-        y = ssd_xbc_fn(xbc, dt, A, D, z.unflatten(-1, (heads, head_dim)), bias, True, head_dim, 1,
-                       state, backend="triton")
+        y = ssd_xbc_fn(xbc, dt, A, D, z.unflatten(-1, (heads, head_dim)) if gate else None, bias,
+                       True, head_dim, 1, state, backend="triton")
         y.float().sum().backward()
     finally:
         for name, fn in saved.items():
@@ -55,10 +56,10 @@ def capture(batch, length, heads, head_dim, state, dtype):
     return [(name, stub.fn, call) for name, stub in stubs.items() for call in stub.calls]
 
 
-def kernel_table(shape, dtype, dump=None) -> list[str]:
+def kernel_table(shape, dtype, dump=None, gate=False) -> list[str]:
     """One markdown row a distinct launch: registers, stack (spills), shared memory, instructions."""
     rows, seen = [], set()
-    for name, fn, (grid, a, kw) in capture(*shape, dtype):
+    for name, fn, (grid, a, kw) in capture(*shape, dtype, gate):
         key = (name, tuple(sorted((k, v) for k, v in kw.items() if not k.startswith("num_"))))
         if key in seen:  # e.g. a launch repeated with the same constants
             continue
@@ -79,6 +80,7 @@ def main(argv=None):
     ap.add_argument("--shape", default="2x256x4x64x64", help="batch x length x heads x head_dim x state")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--dump", help="write each kernel's SASS and TTGIR here")
+    ap.add_argument("--gate", action="store_true", help="pass z (the scan gated, as before)")
     args = ap.parse_args(argv)
     try:
         shape = tuple(int(v) for v in args.shape.split("x"))
@@ -87,10 +89,11 @@ def main(argv=None):
     if len(shape) != 5 or min(shape) < 1:
         ap.error(f"--shape {args.shape!r}: want batch x length x heads x head_dim x state, e.g. 2x256x4x64x64")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    print(f"triton {triton.__version__}, sm_90, {args.dtype}, shape {args.shape}")
+    print(f"triton {triton.__version__}, sm_90, {args.dtype}, shape {args.shape}"
+          f"{', gated' if args.gate else ', ungated'}")
     print("| kernel | registers | stack (spill) bytes a thread | shared memory bytes | instructions |")
     print("| --- | --- | --- | --- | --- |")
-    print("\n".join(kernel_table(shape, dtype, args.dump)))
+    print("\n".join(kernel_table(shape, dtype, args.dump, args.gate)))
 
 
 if __name__ == "__main__":
