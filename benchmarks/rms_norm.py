@@ -314,8 +314,8 @@ def tune_gated(n, d, dtype, z_cm):
                 lines.append(f"  fwd BLOCK_M={bm:2d} num_warps={nw:2d}: failed ({type(e).__name__})")
             print(lines[-1], flush=True)
     for bm in (1, 2, 4):
-        for nw in (2, 4, 8):
-            for pps in (4, 8, 16):
+        for nw in (2, 4, 8, 16):
+            for pps in (2, 4, 8, 16):
                 cfg = dict(base_b, BLOCK_M=bm, num_warps=nw, PROGRAMS_PER_SM=pps)
                 try:
                     ms = bench(lambda: tgn.gated_norm_bwd(y, z, w, rstd, dout, cfg=cfg))

@@ -31,7 +31,6 @@ from common import environment, fmt, parse_shapes, rel_err, table_head, timer, w
 
 # batch x length x heads x head_dim x state: the 90M Mamba-2 (d_inner 1536) at 2K / 8K / 32K
 # with states 64 and 128, and PERF.md's SSD peer shape
-GATE = True  # z given (--no-gate: None)
 SHAPES = [(32, 2048, 24, 64, 64), (8, 8192, 24, 64, 64), (2, 32768, 24, 64, 64),
           (8, 8192, 24, 64, 128), (4, 8192, 32, 64, 128)]
 
@@ -81,23 +80,23 @@ def mamba1_row(shape, device, g, bench):
     return bench(f), bench(fb)
 
 
-def peer(shape, device, g, bench):
+def peer(shape, device, g, bench, gate=True):
     """mamba_ssm's Triton SSD (chunk 256) when importable, else (None, None)."""
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception:
         return None, None
-    x, dt, A, B, C, D, z, bias = inputs(shape, device, torch.bfloat16, g, GATE)
+    x, dt, A, B, C, D, z, bias = inputs(shape, device, torch.bfloat16, g, gate)
     f, fb = fns(lambda x_, dt_, B_, C_, z_: mamba_chunk_scan_combined(
         x_, dt_, A, B_, C_, 256, D=D, z=z_, dt_bias=bias, dt_softplus=True),
         [x, dt, B, C, z], torch.randn_like(x))
     return bench(f), bench(fb)
 
 
-def tune(shape, device, g, bench):
+def tune(shape, device, g, bench, gate=True):
     """The raw kernels over chunk lengths, warps and heads a program (HB); a line each."""
     from bytelm.ops.triton.ssd import ssd_bwd, ssd_fwd
-    x, dt, A, B, C, D, z, bias = inputs(shape, device, torch.bfloat16, g, GATE)
+    x, dt, A, B, C, D, z, bias = inputs(shape, device, torch.bfloat16, g, gate)
     dout = torch.randn_like(x)
     lines = []
     for T, nw, hb in [(T, nw, hb) for T in (32, 64) for nw in (4, 8) for hb in (1, 2, 4)]:
@@ -115,10 +114,10 @@ def tune(shape, device, g, bench):
     return lines
 
 
-def kernel_times(shape, device, g) -> list[str]:
+def kernel_times(shape, device, g, gate=True) -> list[str]:
     """torch.profiler's CUDA time per kernel over 5 forward + backward calls; a line each."""
     from torch.profiler import ProfilerActivity, profile
-    ins = inputs(shape, device, torch.bfloat16, g, GATE)
+    ins = inputs(shape, device, torch.bfloat16, g, gate)
     _, fb = fns(lambda *a: ssd_fn(*a, dt_softplus=True, backend="triton"), ins, torch.randn_like(ins[0]))
     fb()
     torch.cuda.synchronize()
@@ -145,8 +144,7 @@ def main(argv=None):
     ap.add_argument("--no-gate", action="store_true",
                     help="no z: the scan ungated, as the Mamba-2 mixer calls it when its norm gates")
     args = ap.parse_args(argv)
-    global GATE
-    GATE = not args.no_gate
+    gate = not args.no_gate
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     bench = timer(args.device, args.reps)
@@ -155,7 +153,7 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     rows, tune_lines = [], []
     for shape in parse_shapes(args.shapes, SHAPES):
-        ins = inputs(shape, args.device, torch.bfloat16, g, GATE)
+        ins = inputs(shape, args.device, torch.bfloat16, g, gate)
         dout = torch.randn_like(ins[0])
         row = dict(shape=" x ".join(map(str, shape)))
         ours = {}
@@ -169,15 +167,15 @@ def main(argv=None):
             row["diff"] = max(rel_err(a, b) for a, b in zip(ours["triton"], ours["ref"]))
             del ours
         row["mamba1"] = mamba1_row(shape, args.device, g, bench)
-        row["peer"] = peer(shape, args.device, g, bench) if args.device == "cuda" else (None, None)
+        row["peer"] = peer(shape, args.device, g, bench, gate) if args.device == "cuda" else (None, None)
         row["tflops"] = 3 * ssd_flops(shape) / row["triton"][1] / 1e9
         print(row, flush=True)
         rows.append(row)
         if args.tune and args.device == "cuda":
-            tune_lines += [f"{row['shape']}:"] + tune(shape, args.device, g, bench)
+            tune_lines += [f"{row['shape']}:"] + tune(shape, args.device, g, bench, gate)
         if args.profile and args.device == "cuda":
             tune_lines += [f"{row['shape']}, kernels of one forward + backward:"]
-            tune_lines += kernel_times(shape, args.device, g)
+            tune_lines += kernel_times(shape, args.device, g, gate)
             print("\n".join(tune_lines[-13:]), flush=True)
     table = table_head("| batch x length x heads x head_dim x state | fwd ms | fwd+bwd ms | TFLOP/s | "
                        "ref fwd+bwd ms | max rel diff | mamba-1 fwd / fwd+bwd ms | "

@@ -35,8 +35,32 @@ def test_rows_and_cm_split_one_layer_into_two_layouts():
     ref = torch.autograd.grad(want, (x, w, b), torch.cat([d_rows, d_cm.t()], 1))
     for a, r in zip(got, ref):
         torch.testing.assert_close(a, r)
-    with pytest.raises(ValueError, match="split 6 must leave rows on both sides of 6 outputs"):
-        linear_rows_and_cm(x, w, b, 6)
+    for k in (0, 6):
+        with pytest.raises(ValueError, match=f"split {k} must leave outputs on both sides of 6"):
+            linear_rows_and_cm(x, w, b, k)
+    with pytest.raises(ValueError, match=r"x must be \(positions, 4\) for a weight of shape "
+                                         r"\(6, 4\), got \(9, 3\)"):
+        linear_rows_and_cm(x[:, :3], w, b, 2)
+    with pytest.raises(ValueError, match=r"x must be \(positions, 4\).*got \(1, 9, 4\)"):
+        linear_rows_and_cm(x[None], w, b, 2)
+    with pytest.raises(ValueError, match=r"bias of shape \(5,\) for 6 outputs"):
+        linear_rows_and_cm(x, w, b[:5], 2)
+
+
+def test_rows_and_cm_under_autocast():
+    """Outputs in the autocast dtype, as F.linear's; the weight's and bias's gradients in their
+    own dtype (fp32)."""
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(6, 4, generator=g, requires_grad=True), torch.randn(6, generator=g, requires_grad=True)
+    x = torch.randn(9, 4, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows, cm = linear_rows_and_cm(x, w, b, 2)
+        want = F.linear(x, w, b)
+    assert rows.dtype == cm.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(rows, want[:, :2], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(cm, want[:, 2:].t(), atol=2e-2, rtol=2e-2)
+    (rows.float().sum() + cm.float().square().sum()).backward()
+    assert w.grad.dtype == b.grad.dtype == torch.float32 and x.grad.shape == x.shape
 
 
 def test_values_and_gradient_layouts():

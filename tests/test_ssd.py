@@ -322,7 +322,7 @@ def test_mamba2_inner_matches_the_separate_ops_with_one_gradient_buffer(dtype, g
     dout = randn(batch, length, d_inner, seed=8, dtype=dtype)
 
     def separate(z, xbcdt, w, bias, A, D, dt_bias, norm_w):
-        xbc_in, dt = ssd.split_xbcdt(xbcdt, batch, heads)
+        xbc_in, dt = ssd.split_xbcdt(xbcdt, batch, length, heads)
         xbc = causal_conv1d_fn(xbc_in.transpose(1, 2), w, bias, activation="silu", backend="triton")
         y = ssd.ssd_xbc_fn(xbc.transpose(1, 2), dt, A, D=D, dt_bias=dt_bias, dt_softplus=True,
                            head_dim=head_dim, n_groups=groups, d_state=state, backend="triton")
@@ -370,16 +370,18 @@ def test_mamba2_inner_optional_inputs_and_errors():
 
 
 # ---- the mixer and the model -----------------------------------------------------------------
-def _mixer_pair():
+def _mixer_pair(n_groups=1):
     torch.manual_seed(0)
-    ref = Mamba2Mixer(32, d_state=16, head_dim=16, scan_backend="ref").to(DEVICE)
-    fused = Mamba2Mixer(32, d_state=16, head_dim=16, scan_backend="triton").to(DEVICE)
+    ref = Mamba2Mixer(32, d_state=16, head_dim=16, n_groups=n_groups, scan_backend="ref").to(DEVICE)
+    fused = Mamba2Mixer(32, d_state=16, head_dim=16, n_groups=n_groups,
+                        scan_backend="triton").to(DEVICE)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
 
-def test_mixer_triton_matches_reference_with_gradients():
-    ref, fused = _mixer_pair()
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_mixer_triton_matches_reference_with_gradients(n_groups):
+    ref, fused = _mixer_pair(n_groups)
     hidden = randn(2, 67, 32)
     outs = []
     for m in (ref, fused):
@@ -390,6 +392,17 @@ def test_mixer_triton_matches_reference_with_gradients():
     assert rel_err(outs[1][0], outs[0][0]) < TOL[torch.float32]
     for k, g in outs[0][1].items():
         assert rel_err(outs[1][1][k], g) < TOL[torch.float32], k
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("batch, length", [(2, 0), (0, 5)])
+def test_mixer_takes_an_empty_batch_or_length(backend, batch, length):
+    _, fused = _mixer_pair()
+    mixer = fused if backend == "triton" else _mixer_pair()[0]
+    hidden = randn(batch, length, 32).requires_grad_()
+    out = mixer(hidden)
+    out.sum().backward()
+    assert out.shape == (batch, length, 32) and hidden.grad.shape == hidden.shape
 
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])

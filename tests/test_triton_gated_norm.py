@@ -1,5 +1,6 @@
 """The fused Triton gated RMSNorm (the Mamba-2 mixer's norm) against its reference: outputs and
-the gradients of y, z and weight, with z in the mixer's channel-major layout too.
+the gradients of y, z and weight, with z as rows (the mixer's layout) and as a channel-major
+view (any strides are correct, if slower).
 
 Without a GPU, conftest.py sets TRITON_INTERPRET=1 and the kernels run in Triton's interpreter.
 The reference is checked against an independent float64 computation.
@@ -73,8 +74,8 @@ def test_triton_matches_reference(rows, dim, groups, dtype, channel_major):
 
 
 def test_backward_writes_into_given_strided_buffers():
-    """The mixer passes dz as rows of a channel-major gradient buffer: every element lands there
-    (the buffer starts as NaN), nothing outside it is touched."""
+    """dz given as a strided view into a larger buffer: every element lands there (the buffer
+    starts as NaN), nothing outside it is touched."""
     rows, dim = 37, 48
     y, z, w, dout = make_inputs(rows, dim, torch.float32, 1, channel_major=True)
     out, rstd = tgn.gated_norm_fwd(y, z, w, EPS)
@@ -120,3 +121,22 @@ def test_bad_shapes_are_one_line_errors(backend):
         gated_rms_norm_fn(y, z, w[:10], backend=backend)
     with pytest.raises(ValueError, match="5 groups do not divide rows of 12"):
         gated_rms_norm_fn(y, z, w, groups=5, backend=backend)
+
+
+def test_errors_name_the_bad_input():
+    y, z, w, _ = make_inputs(4, 12, torch.float32, 5)
+    with pytest.raises(ValueError, match="0 groups do not divide rows of 12"):
+        gated_rms_norm_fn(y, z, w, groups=0, backend="triton")
+    with pytest.raises(ValueError, match="got a 0-d tensor"):
+        gated_rms_norm_fn(y[0, 0], z[0, 0], w, backend="ref")
+    with pytest.raises(ValueError, match=r"gated_norm: y must be \(rows, dim\), got shape \(2, 2, 12\)"):
+        tgn.gated_norm_fwd(y.view(2, 2, 12), z.reshape(2, 2, 12), w, EPS)
+
+
+def test_backward_is_once_differentiable():
+    y, z, w, _ = make_inputs(3, 16, torch.float32, 6)
+    yl = y.detach().requires_grad_()
+    out = gated_rms_norm_fn(yl, z, w, EPS, backend="triton")
+    (dy,) = torch.autograd.grad(out.square().sum(), yl, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dy.sum().backward()

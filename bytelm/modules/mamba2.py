@@ -89,7 +89,7 @@ class Mamba2Mixer(nn.Module):
         batch, length, _ = hidden.shape
         z, xbcdt = linear_rows_and_cm(hidden.reshape(-1, self.d_model), self.in_proj.weight,
                                       self.in_proj.bias, self.d_inner)
-        if (not return_state and length > 0 and z.dtype != torch.float64
+        if (not return_state and z.shape[0] > 0 and z.dtype != torch.float64
                 and self.d_inner <= MAX_GATED_DIM
                 and resolve_backend(self.scan_backend, z.device) == "triton"):
             # conv, scan and gated norm as one autograd node (ops/triton/mamba2_inner.py)
@@ -98,7 +98,7 @@ class Mamba2Mixer(nn.Module):
                                          *self._scan_params(), self.norm_weight, self.norm_eps,
                                          batch, self.head_dim, self.n_groups, self.d_state)
             return self.out_proj(normed)
-        xbc_in, dt = split_xbcdt(xbcdt, batch, self.n_heads)
+        xbc_in, dt = split_xbcdt(xbcdt, batch, length, self.n_heads)
         xbc = causal_conv1d_fn(xbc_in.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
                                activation="silu", backend=self._norm_backend).transpose(1, 2)
         A, D, dt_bias = self._scan_params()

@@ -10,7 +10,7 @@ the next op would copy it; these functions return every gradient in its input's 
     linear_rows_and_cm(x, W, b, k): x (positions, in) -> the first k outputs as rows
                               (positions, k) and the rest channel-major (out - k, positions)
 
-Both run their matmuls under the caller's autocast, like F.linear.
+All run their matmuls under the caller's autocast, like F.linear.
 """
 
 from __future__ import annotations
@@ -123,9 +123,14 @@ def linear_rows_and_cm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     outputs for two consumers, each in the layout it reads (the Mamba-2 mixer: z as rows for
     its norm, x, B, C and dt channel-major for the conv and scan). The backward sums both
     products into x's gradient by one addmm and returns the weight's gradient whole."""
-    if not 0 < k < weight.shape[0]:
-        raise ValueError(f"linear_rows_and_cm: split {k} must leave rows on both sides of "
-                         f"{weight.shape[0]} outputs")
+    out, width = weight.shape
+    if x.dim() != 2 or x.shape[1] != width:
+        raise ValueError(f"linear_rows_and_cm: x must be (positions, {width}) for a weight of shape "
+                         f"{tuple(weight.shape)}, got {tuple(x.shape)}")
+    if bias is not None and bias.shape != (out,):
+        raise ValueError(f"linear_rows_and_cm: bias of shape {tuple(bias.shape)} for {out} outputs")
+    if not 0 < k < out:
+        raise ValueError(f"linear_rows_and_cm: split {k} must leave outputs on both sides of {out}")
     return _LinearRowsAndCM.apply(x, weight, bias, k)
 
 

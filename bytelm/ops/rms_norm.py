@@ -25,6 +25,11 @@ Residual add + RMSNorm in one pass (a pre-norm block's `residual + x`, then the 
                                 deep stacks.
 
     y = rms_norm(residual_out) * weight, cast to out_dtype
+
+Gated RMSNorm (the Mamba-2 mixer's, mamba_ssm's RMSNormGated with the gate before the norm):
+`gated_rms_norm_ref(y, z, weight, eps, groups)` normalises g = y32 * silu(z32) over each of
+`groups` equal slices of a row; `gated_rms_norm_fn` picks the reference or the fused Triton
+kernels (bytelm/ops/triton/gated_norm.py).
 """
 
 from __future__ import annotations
@@ -99,13 +104,17 @@ def add_rms_norm_fn(x: torch.Tensor, residual: torch.Tensor | None, weight: torc
 MAX_GATED_DIM = 8192  # widest row the Triton gated norm holds in registers; wider take the ref
 
 
-def _check_gated(y, z, weight, groups):
-    if z.shape != y.shape:
+def check_gated_args(z, weight, groups, y=None):
+    """One-line errors for the gated norm's inputs: z (..., dim) and y of z's shape (None: not
+    made yet, as in the Mamba-2 node's entry checks), weight (dim,), groups dividing dim."""
+    if z.dim() < 1:
+        raise ValueError("gated_rms_norm: z must have a channel dim, got a 0-d tensor")
+    if y is not None and z.shape != y.shape:
         raise ValueError(f"gated_rms_norm: z of shape {tuple(z.shape)} for y of shape {tuple(y.shape)}")
-    if weight.shape != y.shape[-1:]:
-        raise ValueError(f"gated_rms_norm: weight of shape {tuple(weight.shape)} for rows of {y.shape[-1]}")
-    if groups < 1 or y.shape[-1] % groups:
-        raise ValueError(f"gated_rms_norm: {groups} groups do not divide rows of {y.shape[-1]}")
+    if weight.shape != z.shape[-1:]:
+        raise ValueError(f"gated_rms_norm: weight of shape {tuple(weight.shape)} for rows of {z.shape[-1]}")
+    if groups < 1 or z.shape[-1] % groups:
+        raise ValueError(f"gated_rms_norm: {groups} groups do not divide rows of {z.shape[-1]}")
 
 
 def gated_rms_norm_ref(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
@@ -119,7 +128,7 @@ def gated_rms_norm_ref(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, e
         g = y32 * silu(z32), viewed as (..., groups, dim / groups);
         out = g * rsqrt(mean(g ** 2 over each group) + eps) * weight32
     """
-    _check_gated(y, z, weight, groups)
+    check_gated_args(z, weight, groups, y)
     g = (y.float() * F.silu(z.float())).unflatten(-1, (groups, -1))
     g = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + eps)).flatten(-2)
     return (g * weight.float()).to(y.dtype)

@@ -197,11 +197,12 @@ def split_xbc(xbc, head_dim, n_groups, d_state):
             C.unflatten(-1, (n_groups, d_state)))
 
 
-def split_xbcdt(xbcdt, batch, heads):
+def split_xbcdt(xbcdt, batch, length, heads):
     """The Mamba-2 in_proj's channel-major rows of x, B, C, then dt (conv_dim + heads, batch *
-    length) -> views xBC (batch, length, conv_dim) and dt (batch, length, heads); never copies."""
+    length) -> views xBC (batch, length, conv_dim) and dt (batch, length, heads); never copies
+    (sizes given, so an empty batch or length splits too)."""
     conv_dim = xbcdt.shape[0] - heads
-    return tuple(t.view(-1, batch, xbcdt.shape[1] // batch).permute(1, 2, 0)
+    return tuple(t.view(t.shape[0], batch, length).permute(1, 2, 0)
                  for t in xbcdt.split([conv_dim, heads]))
 
 

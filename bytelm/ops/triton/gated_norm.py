@@ -1,7 +1,7 @@
 """Fused Triton gated RMSNorm, the Mamba-2 mixer's norm: forward and backward kernels and the
 autograd op. Maths and shapes as `bytelm.ops.rms_norm.gated_rms_norm_ref` (the reference):
 
-    y, z   : (rows, dim)        any strides (the mixer's z is a channel-major view: rows adjacent)
+    y, z   : (rows, dim)        any strides (fast for rows with adjacent columns: the mixer's)
     weight : (dim,)
     out    : (rows, dim)        y.dtype, contiguous
     rstd   : (rows, groups)     fp32: all the forward saves beside y and z
@@ -13,7 +13,7 @@ autograd op. Maths and shapes as `bytelm.ops.rms_norm.gated_rms_norm_ref` (the r
 
 Why the gate is here and not in the scan: gating inside the SSD kernels made their backward
 recompute the scan's output (a dot, a tile and the sigmoid) for dz in a kernel that is short of
-registers; ungated, the SSD's fwd + bwd takes 2.48 ms where it took 3.73 at 8 x 8192 x 24 heads
+registers; ungated, the SSD's fwd + bwd takes 2.47 ms where it took 3.73 at 8 x 8192 x 24 heads
 on the H200 (benchmarks/NOTES.md, twenty-second session). Here the gate costs an extra read of
 z in each pass and the write of dz, at bandwidth. mamba_ssm's Mamba2 gates in its norm too.
 
@@ -21,7 +21,7 @@ A program takes BLOCK_M whole rows (BLOCK_N = next power of two >= dim columns, 
 registers. Every tensor is addressed through its own strides, so any layout is correct, but
 the kernels are fast for rows with adjacent columns (the mixer's z is such rows): a
 channel-major z (rows adjacent) made Triton move each tile between layouts, and the backward
-took 0.64 ms at best for 65536 x 1536 in bf16, against ~0.2 for rows (benchmarks/NOTES.md,
+took 0.64 ms at best for 65536 x 1536 in bf16, against 0.39 for rows (benchmarks/NOTES.md,
 twenty-second session). The backward is persistent (a fixed number of programs
 walk the row tiles) and keeps its share of dw as a (BLOCK_N,) fp32 vector; each program writes
 one row of a (programs, dim) buffer that torch sums, so dw is deterministic.
@@ -37,9 +37,9 @@ import triton
 import triton.language as tl
 
 from bytelm.ops.backend import needs_autograd
-from bytelm.ops.triton.layout import cdiv, empty_output as _empty, sm_count, unit_last_stride
-from bytelm.ops.triton.rms_norm import rms_norm_config
-
+from bytelm.ops.rms_norm import MAX_GATED_DIM, check_gated_args, gated_rms_norm_ref
+from bytelm.ops.triton.layout import cdiv, empty_output as _empty, unit_last_stride
+from bytelm.ops.triton.rms_norm import _n_programs, rms_norm_config
 
 
 @triton.jit
@@ -160,15 +160,14 @@ def gated_norm_fwd(y, z, weight, eps, groups=1, store_rstd=True, cfg=None):
 
 def gated_norm_bwd(y, z, weight, rstd, dout, need_dw=True, dy=None, dz=None, cfg=None):
     """y, z: (rows, dim), any strides; dout (rows, dim) with unit column stride; rstd (rows,
-    groups) fp32. Returns dy (y.dtype) and dz (z.dtype), written where given (any strides: dz
-    may be rows of one gradient buffer) else new contiguous tensors, and dweight (fp32 sum; None
+    groups) fp32. Returns dy (y.dtype) and dz (z.dtype), written where given (any strides)
+    else new contiguous tensors, and dweight (fp32 sum; None
     unless need_dw)."""
     n_rows, dim = y.shape
     groups = rstd.shape[1]
     cfg = cfg or gated_norm_config(dim, y.device, backward=True, element_size=y.element_size())
     n_tiles = cdiv(n_rows, cfg["BLOCK_M"])
-    n_prog = cfg.get("programs") or cfg["PROGRAMS_PER_SM"] * sm_count(y.device)
-    n_prog = max(1, min(n_prog, n_tiles))
+    n_prog = _n_programs(cfg, n_tiles, y.device)
     dy = _empty(n_rows, dim, device=y.device, dtype=y.dtype) if dy is None else dy
     dz = _empty(n_rows, dim, device=z.device, dtype=z.dtype) if dz is None else dz
     partial = _empty(n_prog, dim, device=y.device, dtype=torch.float32) if need_dw else None
@@ -193,6 +192,7 @@ class GatedRMSNormFn(torch.autograd.Function):
         return out.view(shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         y2, z2, w, rstd = ctx.saved_tensors
         need_dw = ctx.needs_input_grad[2]
@@ -205,9 +205,7 @@ class GatedRMSNormFn(torch.autograd.Function):
 def gated_rms_norm_triton(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
                           eps: float = 1e-5, groups: int = 1) -> torch.Tensor:
     """Fused gated RMSNorm; arguments, shapes and result as `gated_rms_norm_ref`."""
-    from bytelm.ops.rms_norm import MAX_GATED_DIM, _check_gated, gated_rms_norm_ref
-
-    _check_gated(y, z, weight, groups)
+    check_gated_args(z, weight, groups, y)
     if y.numel() == 0 or y.shape[-1] > MAX_GATED_DIM or y.dtype == torch.float64:
         return gated_rms_norm_ref(y, z, weight, eps, groups)
     if needs_autograd(y, z, weight):

@@ -3,23 +3,25 @@ causal conv + SiLU over xBC -> SSD scan -> RMSNorm gated by SiLU(z), from in_pro
 (`linear_rows_and_cm`: z as rows, x, B, C and dt channel-major) to out_proj's input.
 
 As separate autograd ops (the conv's and the scan's), the gradients of in_proj's xBC and dt rows
-come back as separate tensors that autograd joins by a cat (a 3224 x 65,536 copy for the 90M
-model: 5 ms of its 2 x 32768 step on the H200, benchmarks/results/profile-h200.md,
-twenty-first session). Here the scan's backward writes ddt, and the conv's backward dxBC,
-straight into the rows of one buffer laid out like in_proj's channel-major output. The kernels,
-the maths and the saved tensors are the separate ops' (z, in_proj's channel-major output, the
-conv's output, the chunk states, the scan's output and the norm's rstd).
+come back as separate tensors that autograd joins by a cat (with z's rows then, a 3224 x
+65,536 copy for the 90M model: 5 ms of its 2 x 32768 step on the H200,
+benchmarks/results/profile-h200.md, twenty-first session). Here the scan's backward writes
+ddt, and the conv's backward dxBC, straight into the rows of one buffer laid out like
+in_proj's channel-major output. The kernels, the maths and the saved tensors are the
+separate ops' (z, in_proj's channel-major output, the conv's output, the chunk states, the
+scan's output and the norm's rstd).
 
 The gate is the norm's, not the scan's (ops/triton/gated_norm.py says why), and z comes as rows
 (positions, d_inner), not channel-major: the norm reads and writes whole rows, and a
-channel-major z made its backward 10x slower (benchmarks/NOTES.md, twenty-second session).
+channel-major z made its backward take 4.8 ms a layer in the 90M step, against 0.39 ms for
+rows (benchmarks/NOTES.md, twenty-second session).
 """
 
 from __future__ import annotations
 
 import torch
 
-from bytelm.ops.rms_norm import _check_gated
+from bytelm.ops.rms_norm import check_gated_args
 from bytelm.ops.ssd import check_ssd_args, split_xbc, split_xbcdt
 from bytelm.ops.triton.causal_conv1d import check_triton_conv_args, conv_bwd, conv_fwd
 from bytelm.ops.triton.gated_norm import gated_norm_bwd, gated_norm_fwd
@@ -30,7 +32,7 @@ from bytelm.ops.triton.ssd import check_offsets, dense_like, ssd_bwd, ssd_fwd
 def _views(xbcdt: torch.Tensor, batch: int, heads: int):
     """split_xbcdt's views as the kernels take them: xBC (batch, conv_dim, length) and dt
     (batch, length, heads)."""
-    xbc, dt = split_xbcdt(xbcdt, batch, heads)
+    xbc, dt = split_xbcdt(xbcdt, batch, xbcdt.shape[1] // batch, heads)
     return xbc.transpose(1, 2), dt
 
 
@@ -102,7 +104,7 @@ def mamba2_inner_triton(z, xbcdt, conv_weight, conv_bias, A, D, dt_bias, norm_we
     check_triton_conv_args(xbc_in, conv_weight, conv_bias, "silu")
     x, B, C = split_xbc(xbc_in.transpose(1, 2), head_dim, n_groups, d_state)
     check_ssd_args(x, dt, A, B, C, D, None, dt_bias, None)
-    _check_gated(z, z, norm_weight, n_groups)
+    check_gated_args(z, norm_weight, n_groups)
     check_offsets(z, xbc_in, dt)  # the kernels index each view from its own start
     return Mamba2InnerFn.apply(z, xbcdt, conv_weight, conv_bias, A, D, dt_bias, norm_weight, eps,
                                batch, head_dim, n_groups, d_state)

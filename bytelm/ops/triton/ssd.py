@@ -5,7 +5,8 @@ within a chunk (cs = running sum of dt * A, so exp(cs_t - cs_s) <= 1 for s <= t)
 
     G   = C B^T                                    (T x T, tensor cores; one a group, not a head)
     y   = (G * exp(cs_t - cs_s) [s <= t]) (dt x)   (T x head_dim)
-        + exp(cs_t) C H  + D x,   then * silu(z)
+        + exp(cs_t) C H  + D x,   then * silu(z) if z is given (the Mamba-2 mixer gates in
+                                                        its norm and passes none)
     H'  = exp(cs_T) H + S,   S = (B * exp(cs_T - cs_s))^T (dt x)     (state x head_dim)
 
 where H is the state entering the chunk. Every product is a tl.dot of T x T, T x state or
@@ -20,7 +21,7 @@ Forward, three launches:
     _ssd_state_pass_kernel   (batch x heads, state slices): H of every chunk by the recurrence
                              above, into a buffer in x's dtype; the final state
     _ssd_chunk_out_kernel    (batch x heads / HB, chunks): y
-Backward, three more (dy = dout * silu(z); dH = gradient of the state leaving a chunk):
+Backward, three more (dy = dout * silu(z), or dout without z; dH = gradient of the state leaving a chunk):
     _ssd_chunk_dstate_kernel (batch x heads / HB, chunks): each chunk's (C * exp(cs))^T dy
     _ssd_state_pass_kernel   reversed: dH of every chunk, dH <- exp(cs_T) dH + (C exp(cs))^T dy;
                              what is left at the start is the initial state's gradient
