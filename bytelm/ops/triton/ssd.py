@@ -487,9 +487,9 @@ def ssd_fwd(x, dt, A, B, C, D, z, dt_bias, softplus, h0, cfg=None):
 
 
 def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, states, decay, dout, dhT, cfg=None,
-            dx=None, dB=None, dC=None, dz=None, ddt=None):
-    """Launch the backward. Returns dx, ddt, dA, dB, dC, dD, dz, dbias, dh0; dx, dB, dC, dz and
-    ddt are written where given (views of one buffer, any strides), else into new tensors laid
+            dx=None, dB=None, dC=None, ddt=None):
+    """Launch the backward. Returns dx, ddt, dA, dB, dC, dD, dz, dbias, dh0; dx, dB, dC and ddt
+    are written where given (views of one buffer, any strides), else into new tensors laid
     out like their inputs (dense_like)."""
     batch, length, heads, head_dim = x.shape
     groups, dstate = B.shape[2], B.shape[3]
@@ -504,7 +504,7 @@ def ssd_bwd(x, dt, A, B, C, D, z, dt_bias, softplus, states, decay, dout, dhT, c
     dstates, dh0 = _state_pass(dstates, decay, dhT.reshape(batch * heads, head_dim, dstate).contiguous()
                       if dhT is not None else None, head_dim, dstate, reverse=True, out_dtype=x.dtype)
     dx = dense_like(x) if dx is None else dx
-    dz = dense_like(z) if z is not None and dz is None else dz
+    dz = dense_like(z) if z is not None else None
     ddt = dense_like(dt) if ddt is None else ddt
     dB = dense_like(B) if dB is None else dB
     dC = dense_like(C) if dC is None else dC
